@@ -1,0 +1,299 @@
+"""The ``cachebuild`` command line: parse options, build one config, call one library function.
+
+Exit codes: 0 all items done; 3 the run finished but some items failed (see ``cachebuild status``);
+2 bad arguments or configuration (nothing was done); 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
+
+
+class UsageError(click.ClickException):
+    """A library error shown as ``Error: ...`` with the usage exit code."""
+
+    exit_code = EXIT_USAGE
+
+
+def _library_errors(fn):
+    """Turn the library's errors into messages with exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cachebuild.errors import CachebuildError
+
+        try:
+            return fn(*args, **kwargs)
+        except CachebuildError as exc:
+            raise UsageError(str(exc)) from exc
+
+    return wrapper
+
+
+def _output_options(fn):
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar; errors and the summary only.")(fn)
+    return fn
+
+
+def _model_options(fn):
+    for opt in reversed(
+        [
+            click.option(
+                "--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder."
+            ),
+            click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
+            click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
+            click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cachebuild")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Build VAE-latent and text-encoder caches for diffusion training.
+
+    \b
+    Example:
+      cachebuild latents ./dataset --model sdxl --out ./cache
+      cachebuild status ./cache
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created).")
+@_model_options
+@click.option("--resolution", default="1024", show_default=True, help="Bucket area as one side (1024) or W,H.")
+@click.option("--min-bucket-reso", default=256, show_default=True, help="Smallest bucket side, pixels.")
+@click.option("--max-bucket-reso", default=2048, show_default=True, help="Largest bucket side, pixels.")
+@click.option("--bucket-reso-steps", default=64, show_default=True, help="Bucket sides are multiples of this.")
+@click.option("--bucket-no-upscale", is_flag=True, help="Buckets follow each image's size; never enlarge.")
+@click.option("--random-crop", is_flag=True, help="Crop at a random offset (seeded per item) instead of the centre.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random crops and sampled latents.")
+@click.option("--flip-aug", is_flag=True, help="Also store latents of the mirrored image.")
+@click.option(
+    "--latents",
+    "latents_mode",
+    type=click.Choice(["sample", "mean", "moments"]),
+    default="sample",
+    show_default=True,
+    help="Posterior sample (seeded per item), its mean, or mean and std.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32.",
+)
+@click.option(
+    "--dtype-out", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Stored dtype."
+)
+@click.option("--batch-size", default=4, show_default=True, help="Images per encoder call (halved on OOM).")
+@click.option("--workers", type=int, default=None, help="Decode processes (default: cores - 1, at most 8; 0: none).")
+@click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "hdf5"]),
+    default="safetensors",
+    show_default=True,
+    help="Shard file format.",
+)
+@click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB.")
+@click.option("--max-pixels", default=178_956_970, show_default=True, help="Larger images fail as decompression bombs.")
+@click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan).")
+@click.option("--retry-failed", is_flag=True, help="Encode items that failed before again.")
+@click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again.")
+@_output_options
+@_library_errors
+def latents(
+    dataset,
+    out,
+    model,
+    vae,
+    vae_config,
+    revision,
+    resolution,
+    min_bucket_reso,
+    max_bucket_reso,
+    bucket_reso_steps,
+    bucket_no_upscale,
+    random_crop,
+    seed,
+    flip_aug,
+    latents_mode,
+    dtype,
+    dtype_out,
+    batch_size,
+    workers,
+    device,
+    fmt,
+    shard_mb,
+    max_pixels,
+    hash_files,
+    retry_failed,
+    rebuild,
+    quiet,
+    as_json,
+):
+    """Encode every image under DATASET into VAE latents in --out.
+
+    Killed or crashed? Run the same command again: it continues where it stopped.
+
+    \b
+    Example:
+      cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
+    """
+    from cachebuild.config import (
+        BucketConfig,
+        CropMode,
+        DType,
+        LatentsConfig,
+        LatentsMode,
+        ModelSpec,
+        StoreFormat,
+        default_workers,
+    )
+    from cachebuild.pipeline import build_latents
+
+    cfg = LatentsConfig(
+        dataset=dataset,
+        out=out,
+        model=ModelSpec(model=model, vae=vae, vae_config=vae_config, revision=revision),
+        buckets=BucketConfig(
+            _parse_resolution(resolution), min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale
+        ),
+        crop=CropMode.RANDOM if random_crop else CropMode.CENTER,
+        seed=seed,
+        flip=flip_aug,
+        latents=LatentsMode(latents_mode),
+        dtype=DType(dtype),
+        dtype_out=DType(dtype_out),
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+        device=device,
+        format=StoreFormat(fmt),
+        shard_mb=shard_mb,
+        max_pixels=max_pixels,
+        hash_files=hash_files,
+        retry_failed=retry_failed,
+        rebuild=rebuild,
+    )
+    with _progress_bar(quiet or as_json) as on_progress:
+        summary = build_latents(cfg, on_progress)
+    _print_summary(summary, as_json)
+    sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_library_errors
+def status(cache, as_json):
+    """Show what the cache at CACHE holds: counts, failures with reasons, shards, bytes, buckets.
+
+    \b
+    Example:
+      cachebuild status ./cache --json
+    """
+    from cachebuild.status import cache_status
+
+    info = cache_status(cache)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for label, store in [("latents", info)] + ([("textenc", info["textenc"])] if "textenc" in info else []):
+        items = store["items"]
+        click.echo(
+            f"{label}: {items['done']} done, {items['failed']} failed, {items['pending']} pending; "
+            f"{store['shards']} shards, {_human_bytes(store['bytes'])}"
+        )
+        if store.get("buckets"):
+            click.echo("  buckets: " + ", ".join(f"{b} ({n})" for b, n in store["buckets"].items()))
+        for f in store["failures"]:
+            click.echo(f"  failed {f['path'] or f['key']}: {f['reason']}")
+        if store["fingerprint"]:
+            click.echo("  fingerprint: " + json.dumps(store["fingerprint"], sort_keys=True))
+
+
+def _parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise click.BadParameter(f"{text!r}: give one side (1024) or W,H (1024,768)", param_hint="--resolution")
+
+
+class _progress_bar:
+    """tqdm on stderr with images/s, ETA, host RSS and device memory; a no-op when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __enter__(self):
+        return None if self.quiet else self.update
+
+    def update(self, p) -> None:
+        import psutil
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=p.total, unit="img", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(p.processed - self.bar.n)
+        post = {"failed": p.failed, "rss": _human_bytes(psutil.Process().memory_info().rss)}
+        if p.device_bytes is not None:
+            post["dev"] = _human_bytes(p.device_bytes)
+        self.bar.set_postfix(post, refresh=False)
+
+    def __exit__(self, *_):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_summary(summary, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(asdict(summary), indent=2))
+        return
+    if summary.nothing_to_do:
+        click.echo(
+            f"nothing left to do: {summary.done} items done, {summary.failed} failed ({summary.seconds:.1f} s)",
+            err=True,
+        )
+        return
+    click.echo(
+        f"{summary.store}: encoded {summary.encoded}, failed {summary.failed_now} this run; cache has "
+        f"{summary.done} done, {summary.failed} failed, {summary.pending} pending; "
+        f"{summary.shards_written} shards, {_human_bytes(summary.bytes_written)} written in {summary.seconds:.1f} s",
+        err=True,
+    )
+    if summary.failed:
+        click.echo(f"see why with: cachebuild status {summary.out}", err=True)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

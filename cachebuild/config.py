@@ -1,0 +1,171 @@
+"""Frozen configuration objects for a cache build.
+
+Every option a user can pass lands in one of these dataclasses. Invalid values and combinations fail in
+``__post_init__`` with a message that names the fix, before any file is read or model loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from cachebuild.errors import ConfigError
+
+
+class LatentsMode(str, Enum):
+    """What is stored per image."""
+
+    SAMPLE = "sample"  # one draw of the posterior, seeded per item key (what kohya and diffusers scripts cache)
+    MEAN = "mean"  # the posterior mean: deterministic, no noise
+    MOMENTS = "moments"  # mean and std, so a reader can draw a fresh sample every epoch (2x the bytes)
+
+
+class DType(str, Enum):
+    AUTO = "auto"  # compute only: bf16 on a CUDA device that supports it, else fp32
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def torch(self):
+        import torch
+
+        if self is DType.AUTO:
+            raise ConfigError("internal: resolve DType.AUTO for a device before asking for a torch dtype")
+        return {DType.FP32: torch.float32, DType.FP16: torch.float16, DType.BF16: torch.bfloat16}[self]
+
+
+class CropMode(str, Enum):
+    CENTER = "center"
+    RANDOM = "random"  # deterministic per item key and --seed, never per batch
+
+
+class StoreFormat(str, Enum):
+    SAFETENSORS = "safetensors"
+    HDF5 = "hdf5"
+
+
+PRESETS: dict[str, str] = {
+    # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "flux": "black-forest-labs/FLUX.1-dev",
+}
+
+
+def default_workers() -> int:
+    """Decode processes: leave one core for the main process, and more than 8 rarely helps one GPU."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+@dataclass(frozen=True)
+class BucketConfig:
+    """kohya-compatible aspect-ratio buckets. All sizes are pixels."""
+
+    resolution: tuple[int, int] = (1024, 1024)  # (W, H); bucket area is about W * H
+    min_reso: int = 256  # smallest bucket side
+    max_reso: int = 2048  # largest bucket side
+    steps: int = 64  # every bucket side is a multiple of this
+    no_upscale: bool = False  # buckets follow each image's own size; images are never enlarged
+
+    def __post_init__(self) -> None:
+        w, h = self.resolution
+        if w <= 0 or h <= 0:
+            raise ConfigError(f"--resolution must be positive, got {w},{h}; for example --resolution 1024")
+        if self.steps <= 0:
+            raise ConfigError(f"--bucket-reso-steps must be positive, got {self.steps}; 64 is the usual value")
+        if self.min_reso % self.steps or self.max_reso % self.steps:
+            raise ConfigError(
+                f"--min-bucket-reso ({self.min_reso}) and --max-bucket-reso ({self.max_reso}) must be multiples "
+                f"of --bucket-reso-steps ({self.steps})"
+            )
+        if not 0 < self.min_reso <= self.max_reso:
+            raise ConfigError(
+                f"--min-bucket-reso ({self.min_reso}) must be positive and at most --max-bucket-reso ({self.max_reso})"
+            )
+        if min(w, h) < self.min_reso:
+            raise ConfigError(
+                f"--resolution {w},{h} is below --min-bucket-reso {self.min_reso}; lower --min-bucket-reso"
+            )
+
+    @property
+    def max_area(self) -> int:
+        return self.resolution[0] * self.resolution[1]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the VAE comes from. Exactly one of ``vae`` and ``model`` is needed; both may be given."""
+
+    model: str | None = None  # preset name, hub id or local folder of a whole pipeline (its `vae` subfolder)
+    vae: str | None = None  # hub id, local diffusers folder, or a single .safetensors file
+    vae_config: str | None = None  # config folder/hub id for a single-file VAE (default: the preset's)
+    revision: str | None = None  # hub revision (branch, tag or commit) for hub ids
+
+    def __post_init__(self) -> None:
+        if not self.model and not self.vae:
+            raise ConfigError(
+                "no model given: pass --model sd15|sdxl|sd3|flux (or a pipeline hub id / folder), or --vae "
+                "<hub id | folder | file.safetensors>"
+            )
+
+    @property
+    def preset(self) -> str | None:
+        return self.model if self.model in PRESETS else None
+
+    @property
+    def pipeline(self) -> str | None:
+        """The pipeline repository or folder that ``--model`` names, presets expanded."""
+        if self.model is None:
+            return None
+        return PRESETS.get(self.model, self.model)
+
+
+@dataclass(frozen=True)
+class LatentsConfig:
+    """Everything one ``cachebuild latents`` run needs."""
+
+    dataset: Path
+    out: Path
+    model: ModelSpec
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    crop: CropMode = CropMode.CENTER
+    seed: int = 0  # seeds random crops and `sample` draws, per item key
+    flip: bool = False  # also store latents of the horizontally mirrored image
+    latents: LatentsMode = LatentsMode.SAMPLE
+    dtype: DType = DType.AUTO  # compute dtype on the device
+    dtype_out: DType = DType.FP16  # stored dtype: raw latents stay within a few hundred, where fp16 is exact
+    # to 11 bits (bf16 only to 8); an overflow is caught by the non-finite guard, never written
+    batch_size: int = 4  # images per encoder call; halved automatically on out-of-memory
+    workers: int = field(default_factory=default_workers)  # decode processes; 0 decodes in this process
+    device: str | None = None  # None: cuda, then mps, then cpu
+    format: StoreFormat = StoreFormat.SAFETENSORS
+    shard_mb: float = 64.0  # shard size on disk; also bounds host memory (about 2 shards' worth at the write)
+    max_pixels: int = 178_956_970  # larger images fail as decompression bombs (Pillow's own hard limit)
+    hash_files: bool = False  # add a content hash to each file's fingerprint (size + mtime_ns otherwise)
+    retry_failed: bool = False  # encode items that failed in an earlier run again
+    rebuild: bool = False  # discard entries made with other settings instead of refusing
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
+        if self.shard_mb <= 0:
+            raise ConfigError(f"--shard-mb must be positive, got {self.shard_mb}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.dtype_out is DType.AUTO:
+            raise ConfigError("--dtype-out takes fp16, bf16 or fp32, not auto")
+        if not self.dataset.is_dir():
+            raise ConfigError(f"dataset folder {self.dataset} does not exist or is not a folder")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} exists and is not a folder; pass a folder path")
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 1024 * 1024)

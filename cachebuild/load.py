@@ -1,0 +1,211 @@
+"""Load: read headers, decode, EXIF-rotate, convert to RGB, resize and crop. No torch in here.
+
+Decoding runs in worker processes (spawned, so they never inherit a CUDA context), a bounded number of
+batches ahead of the encoder. Each image becomes a (H, W, 3) uint8 array exactly the size of its bucket.
+
+Colour rules, applied in this order:
+  * the first frame of an animated file;
+  * EXIF orientation applied (the stored original size is the upright size);
+  * an embedded ICC profile converted to sRGB when Pillow has LittleCMS;
+  * 16-bit and 32-bit greyscale scaled to 8 bits by value range (I;16: v / 257; I: clipped to 0..65535 first);
+  * transparency (RGBA, LA, P with tRNS, PA) composited over white, ``ALPHA_BACKGROUND``;
+  * every other mode (CMYK, L, 1, P, YCbCr, LAB, HSV) through Pillow's convert("RGB").
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps
+
+from cachebuild.errors import ItemError
+from cachebuild.plan import ItemPlan
+
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, the usual dataset-viewer background
+PREFETCH_BATCHES = 2  # decoded batches waiting for the encoder, beyond one per worker: keeps the device
+# fed through slow files while host memory stays at a few batches of pixels
+DRAFT_MIN_REDUCTION = 2  # use JPEG draft decoding when the source is at least this many times the target
+LOADER_VERSION = 1  # bump when decoding changes the pixels handed to the encoder; part of the fingerprint
+
+_SRGB = None
+
+
+@dataclass(frozen=True)
+class LoadedBatch:
+    """Pixels for the items that decoded, and reasons for those that did not."""
+
+    items: list[ItemPlan]  # items whose pixels are in ``pixels``, in order
+    pixels: np.ndarray | None  # (B, H, W, 3) uint8, H x W the bucket; None when no item decoded
+    failures: list[tuple[ItemPlan, str]]  # (item, reason)
+
+
+def read_size(path: str, max_pixels: int) -> tuple[int, int]:
+    """(W, H) after EXIF rotation, from the header only.
+
+    Raises:
+        ItemError: the file is not a readable image, is empty, or is over ``max_pixels``.
+    """
+    with _open(path, max_pixels) as img:
+        w, h = img.size
+        if w <= 0 or h <= 0:
+            raise ItemError(f"image has zero size ({w}x{h})")
+        if w * h > max_pixels:
+            raise ItemError(_bomb_reason(w * h, max_pixels))
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ItemError(_decode_reason(exc)) from exc
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
+    """The bucket-sized (H, W, 3) uint8 pixels for one planned item.
+
+    Raises:
+        ItemError: with a reason a person can act on.
+    """
+    with _open(item.path, max_pixels) as img:
+        try:
+            img.seek(0)
+            _maybe_draft(img, item)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+            img = _resize(img, item.resized)
+        except ItemError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ItemError(_decode_reason(exc)) from exc
+    left, top = item.crop
+    bw, bh = item.bucket
+    pixels = np.asarray(img, dtype=np.uint8)[top : top + bh, left : left + bw]
+    if pixels.shape != (bh, bw, 3):  # geometry bug guard: never hand the encoder a wrong-sized image
+        raise ItemError(f"internal: cropped to {pixels.shape}, expected {(bh, bw, 3)}")
+    return pixels
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit sRGB-ish RGB, by the rules in this module's docstring."""
+    img = _apply_icc(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I") else 1.0
+        img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def iter_batches(batches: list[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
+    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight."""
+    if workers == 0:
+        for batch in batches:
+            yield load_batch(batch, max_pixels)
+        return
+    import multiprocessing
+
+    in_flight: deque[Future] = deque()
+    limit = workers + PREFETCH_BATCHES
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        todo = iter(batches)
+        try:
+            for batch in todo:
+                in_flight.append(pool.submit(load_batch, batch, max_pixels))
+                if len(in_flight) >= limit:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for fut in in_flight:
+                fut.cancel()
+
+
+def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
+    """Decode one bucket-homogeneous batch; a bad file fails alone."""
+    ok, arrays, failures = [], [], []
+    for item in batch:
+        try:
+            arrays.append(decode(item, max_pixels))
+            ok.append(item)
+        except ItemError as exc:
+            failures.append((item, str(exc)))
+        except Exception as exc:  # per-item boundary: any decoder surprise fails this item only
+            failures.append((item, f"could not decode: {type(exc).__name__}: {exc}"))
+    return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)
+
+
+def _open(path: str, max_pixels: int) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = max_pixels // 2  # Pillow errors at twice this; warnings below that, silenced
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ItemError(f"decompression bomb refused: {str(exc).rstrip('.')}; raise --max-pixels if trusted") from exc
+    except FileNotFoundError as exc:
+        raise ItemError("file vanished after the scan; run again to drop it from the index") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ItemError(_unidentified_reason(path)) from exc
+    except OSError as exc:
+        raise ItemError(_decode_reason(exc)) from exc
+
+
+def _maybe_draft(img: Image.Image, item: ItemPlan) -> None:
+    """JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the resize target."""
+    if img.format != "JPEG":
+        return
+    tw, th = item.resized
+    if item.original[0] != img.size[0]:  # EXIF rotation swaps sides; draft works on the stored orientation
+        tw, th = th, tw
+    if img.size[0] >= DRAFT_MIN_REDUCTION * tw and img.size[1] >= DRAFT_MIN_REDUCTION * th:
+        img.draft(img.mode, (tw, th))
+
+
+def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    if img.size == size:
+        return img
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def _apply_icc(img: Image.Image) -> Image.Image:
+    global _SRGB
+    profile = img.info.get("icc_profile")
+    if not profile or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    try:
+        if _SRGB is None:
+            _SRGB = ImageCms.createProfile("sRGB")
+        src = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(img, src, _SRGB, outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):  # a broken profile: fall back to plain conversion
+        return img
+
+
+def _bomb_reason(pixels: int, max_pixels: int) -> str:
+    return f"decompression bomb refused: {pixels} pixels exceeds --max-pixels {max_pixels}; raise it if trusted"
+
+
+def _unidentified_reason(path: str) -> str:
+    import os
+
+    if os.path.getsize(path) == 0:
+        return "file is empty (0 bytes); re-copy it or delete it"
+    return "not an image Pillow can read (unknown or unsupported format); convert it or remove it"
+
+
+def _decode_reason(exc: BaseException) -> str:
+    text = str(exc)
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
+        return f"file is truncated ({text}); re-copy it from the original"
+    return f"image data is damaged ({type(exc).__name__}: {text}); re-save it or remove it"
