@@ -157,7 +157,7 @@ class VaeEncoder:
     def _raw(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the CPU (moments, or latents for Tiny)."""
         with torch.inference_mode():
-            x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # (B, 3, H, W)
+            x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
             x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
             enc = self.vae.encode(x)
             out = enc.latent_dist.parameters if self.family.has_posterior else enc.latents

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight models saved to disk, and images of awkward sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cachebuild.testing import make_tiny_vae
+
+ODD_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "odd-images"
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A diffusers AutoencoderKL folder (config.json + safetensors), downsampling 2, 4 latent channels."""
+    return make_tiny_vae(tmp_path_factory.mktemp("models") / "tiny-vae")
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RGB", **save_kwargs) -> Path:
+    """A noise image of ``size`` (W, H), saved in the format its suffix names."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """Eight images of mixed aspect ratios, one in a subfolder, JPEG and PNG."""
+    root = tmp_path / "dataset"
+    sizes = [(160, 96), (96, 160), (128, 128), (200, 120), (130, 70), (64, 64), (90, 150), (128, 128)]
+    for i, size in enumerate(sizes):
+        suffix = ".png" if i % 3 == 0 else ".jpg"
+        sub = "sub/" if i == 7 else ""
+        write_image(root / f"{sub}img{i:03d}{suffix}", size, seed=i)
+    return root
