@@ -216,13 +216,17 @@ class ShardSink:
         self._opened = 0.0
         self._next = _next_shard_index(manifest, store, self.folder)
 
-    def add(self, key: str, tensors: dict[str, torch.Tensor], meta: dict, bucket: str | None) -> None:
+    def add(
+        self, name: str, tensors: dict[str, torch.Tensor], meta: dict, rows: list[tuple[str, str | None, dict]]
+    ) -> None:
+        """Put ``tensors`` under ``name`` in the open shard; ``rows`` (item key, bucket, info) are the
+        manifest items that become done with this shard's commit."""
         if self._writer is None:
             self._writer = open_writer(self.fmt, self.folder, self._next, self.header)
             self._next += 1
             self._opened = time.monotonic()
-        self._writer.write(key, tensors, meta)
-        self._rows.append((key, bucket, meta))
+        self._writer.write(name, tensors, meta)
+        self._rows += rows
         if self._writer.nbytes >= self.shard_bytes or time.monotonic() - self._opened > SHARD_MAX_SECONDS:
             self.flush()
 
@@ -278,7 +282,8 @@ def _encode_all(
                 if not all(torch.isfinite(t).all() for t in tensors.values()):
                     failures.append((item.key, f"latents overflow --dtype-out {cfg.dtype_out.value}; use fp32"))
                     continue
-                sink.add(item.key, tensors, _item_meta(item, cfg), f"{item.bucket[0]}x{item.bucket[1]}")
+                meta = _item_meta(item, cfg)
+                sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
         sink.fail(failures)
         processed += len(loaded.items) + len(loaded.failures)
         if progress:
