@@ -72,6 +72,63 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+class GuardedForward:
+    """Runs batches through a module with the out-of-memory split and the non-finite fp32 redo.
+
+    ``forward(inputs, dtype)`` takes a tuple of tensors whose first dimension is the batch and returns one
+    output per item (a tensor or a dict of tensors, float32 on the CPU). Calling the guard returns, per
+    item, that output or a failure reason (a str).
+    """
+
+    def __init__(self, module, device: torch.device, dtype: torch.dtype, forward: Callable, what: str):
+        self.module, self.device, self.dtype, self.forward, self.what = module, device, dtype, forward, what
+        self.oom_splits = 0  # how often a batch was split after an out-of-memory error
+        self.upcasts = 0  # how many items needed the fp32 redo
+
+    def __call__(self, inputs: tuple[torch.Tensor, ...]) -> list:
+        return self._run(inputs, self.dtype)
+
+    def _run(self, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list:
+        n = len(inputs[0])
+        try:
+            results = self.forward(inputs, dtype)
+        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
+            free_device_memory(self.device)
+            if n == 1:
+                return [
+                    f"out of device memory even for this item alone in the {self.what}; lower --resolution, "
+                    "--max-bucket-reso or the max length, or use --dtype bf16"
+                ]
+            self.oom_splits += 1
+            half = n // 2
+            log.warning("out of memory at batch size %d; retrying as %d + %d", n, half, n - half)
+            return self._run(tuple(t[:half] for t in inputs), dtype) + self._run(tuple(t[half:] for t in inputs), dtype)
+        bad = [i for i, out in enumerate(results) if not _all_finite(out)]
+        if bad and dtype != torch.float32:
+            self.upcasts += len(bad)
+            redo = self._in_fp32(lambda: self._run(tuple(t[bad] for t in inputs), torch.float32))
+            for i, r in zip(bad, redo, strict=True):
+                results[i] = r
+        elif bad:
+            for i in bad:
+                results[i] = f"the {self.what} produced non-finite values (NaN/Inf) even in fp32; check the input"
+        return results
+
+    def _in_fp32(self, fn: Callable[[], list]) -> list:
+        """Run ``fn`` with the module temporarily in fp32, then put it back in the run's dtype."""
+        self.module.to(torch.float32)
+        try:
+            return fn()
+        finally:
+            self.module.to(self.dtype)
+            free_device_memory(self.device)
+
+
+def _all_finite(out) -> bool:
+    tensors = out.values() if isinstance(out, dict) else [out]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 class VaeEncoder:
     """Turns bucket-sized uint8 pixel batches into latents, with the OOM and non-finite guards.
 
@@ -92,14 +149,21 @@ class VaeEncoder:
         self.mode = mode
         self.flip = flip
         self.seed = seed
-        self.oom_splits = 0  # how often a batch was split after an out-of-memory error
-        self.upcasts = 0  # how many images needed the fp32 redo
+        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(self._raw(inputs[0], dt)), "VAE")
+
+    @property
+    def oom_splits(self) -> int:
+        return self.guard.oom_splits
+
+    @property
+    def upcasts(self) -> int:
+        return self.guard.upcasts
 
     def encode(self, keys: list[str], pixels: torch.Tensor) -> list[EncodedItem]:
         """Encode a batch of (B, H, W, 3) uint8 pixels; one result per key, in order."""
-        raw = self._raw_guarded(pixels, self.dtype)  # list of (2C or C, h, w) float32 or reason strings
+        raw = self.guard((pixels,))  # per image: (2C or C, h, w) float32, or a failure reason
         if self.flip:
-            raw_flipped = self._raw_guarded(pixels.flip(2), self.dtype)
+            raw_flipped = self.guard((pixels.flip(2),))
         results = []
         for i, key in enumerate(keys):
             parts = {"": raw[i]} | ({"_flipped": raw_flipped[i]} if self.flip else {})
@@ -127,33 +191,6 @@ class VaeEncoder:
         noise = torch.randn(mean.shape, generator=gen, dtype=torch.float32)
         return {f"latents{suffix}": mean + std * noise}
 
-    def _raw_guarded(self, pixels: torch.Tensor, dtype: torch.dtype) -> list:
-        """Per image: raw encoder output (float32, CPU) or a failure reason. Splits on OOM."""
-        try:
-            out = self._raw(pixels, dtype)
-        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
-            free_device_memory(self.device)
-            if len(pixels) == 1:
-                return [
-                    "out of device memory even for this image alone; lower --max-bucket-reso or --resolution, "
-                    "or use --dtype bf16"
-                ]
-            self.oom_splits += 1
-            half = len(pixels) // 2
-            log.warning("out of memory at batch size %d; retrying as %d + %d", len(pixels), half, len(pixels) - half)
-            return self._raw_guarded(pixels[:half], dtype) + self._raw_guarded(pixels[half:], dtype)
-        results: list = list(out)
-        bad = [i for i, t in enumerate(out) if not torch.isfinite(t).all()]
-        if bad and dtype != torch.float32:
-            self.upcasts += len(bad)
-            redo = self._with_fp32(lambda: self._raw_guarded(pixels[bad], torch.float32))
-            for i, r in zip(bad, redo, strict=True):
-                results[i] = r
-        elif bad:
-            for i in bad:
-                results[i] = "the VAE produced non-finite latents (NaN/Inf) even in fp32; check the image and model"
-        return results
-
     def _raw(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the CPU (moments, or latents for Tiny)."""
         with torch.inference_mode():
@@ -164,12 +201,3 @@ class VaeEncoder:
             result = out.float().cpu()
             del x, enc, out
         return result
-
-    def _with_fp32(self, fn: Callable[[], list]) -> list:
-        """Run ``fn`` with the VAE temporarily in fp32, then put it back in the run's dtype."""
-        self.vae.to(torch.float32)
-        try:
-            return fn()
-        finally:
-            self.vae.to(self.dtype)
-            free_device_memory(self.device)

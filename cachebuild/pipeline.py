@@ -107,7 +107,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
                 header = _shard_header(cfg, family)
                 with ShardSink(manifest, LATENTS, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
                     _encode_all(cfg, plans, encoder, sink, summary, progress)
-                summary.oom_splits, summary.fp32_redos = encoder.oom_splits, encoder.upcasts
+                summary.oom_splits, summary.fp32_redos = encoder.guard.oom_splits, encoder.guard.upcasts
                 del model, encoder
                 free_device_memory(device)
         else:
