@@ -1,0 +1,298 @@
+"""Read a cache from Python: keyed records, a PyTorch dataset and a bucket-aware batch sampler.
+
+Opening reads the index from the manifest in one query per store and touches no shard, so a cache of 100k
+items opens in a fraction of a second. Shards (safetensors, memory-mapped; or HDF5) are opened on first use,
+one handle per shard per process: handles are keyed by the process id, so a reader built before a
+DataLoader forks its workers opens fresh handles in each worker instead of sharing the parent's.
+
+    cache = open_cache("./cache")
+    loader = DataLoader(cache.dataset(scale=True), batch_sampler=cache.bucket_sampler(batch_size=8), num_workers=2)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from cachebuild.errors import CacheError
+from cachebuild.sampler import BucketBatchSampler
+
+log = logging.getLogger(__name__)
+
+LATENTS = "latents"
+MANIFEST_NAME = "manifest.sqlite"
+MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
+
+__all__ = ["BucketBatchSampler", "CacheReader", "LatentDataset", "open_cache"]
+
+
+def open_cache(path: str | os.PathLike, seed: int | None = None) -> CacheReader:
+    """Open the cache folder at ``path`` (safetensors or HDF5 shards) for reading.
+
+    Args:
+        path: the ``--out`` folder of ``cachebuild latents``.
+        seed: seeds the fresh latent drawn per read from a ``--latents moments`` cache; None follows torch's
+            own seeding (``torch.manual_seed``, and the per-worker seeds a DataLoader sets).
+
+    Raises:
+        CacheError: no manifest there, or no finished latents in it.
+
+    Example:
+        >>> cache = open_cache("./cache")
+        >>> rec = cache["sub/img001"]
+        >>> rec["latents"].shape, rec["bucket"]
+        (torch.Size([4, 128, 96]), (768, 1024))
+    """
+    return CacheReader(Path(path), seed)
+
+
+class CacheReader:
+    """The items of one cache, by key. Build it with :func:`open_cache`.
+
+    A record (``cache[key]``) is a dict: ``key``; ``latents`` (C, H/f, W/f), raw as stored; ``original_size``
+    (W, H) after EXIF rotation; ``crop`` (left, top) of the bucket in the resized image; ``bucket`` (W, H);
+    ``flip``; and ``latents_flipped`` when the cache was built with ``--flip-aug``.
+    """
+
+    def __init__(self, root: Path, seed: int | None = None):
+        self.root = root
+        self.seed = seed
+        conn = _connect_readonly(root)
+        try:
+            self.fingerprint = _fingerprint(conn, LATENTS)
+            if self.fingerprint is None:
+                raise CacheError(f"{root} holds no latents; build them with: cachebuild latents DATASET --out {root}")
+            # one query; info stays JSON text until a record asks for it
+            rows = conn.execute(
+                "SELECT key, shard, bucket, info FROM items WHERE store=? AND status='done' ORDER BY key", (LATENTS,)
+            ).fetchall()
+        finally:
+            conn.close()
+        self._keys: list[str] = [r[0] for r in rows]
+        self._index: dict[str, tuple[str, str, str]] = {r[0]: (r[1], r[2], r[3]) for r in rows}
+        vae = self.fingerprint.get("vae", {})
+        self.scaling_factor: float = float(vae.get("scaling_factor", 1.0))
+        self.shift_factor: float = float(vae.get("shift_factor") or 0.0)
+        self.latents_mode: str = self.fingerprint.get("latents", "sample")
+        self._handles = _ShardHandles(root / LATENTS)
+        self._rng: tuple[int, torch.Generator] | None = None
+
+    # -- mapping ---------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Every done item's key, sorted."""
+        return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __getitem__(self, key: str) -> dict:
+        info = self.info(key)
+        tensors = self.tensors(key)
+        record = {
+            "key": key,
+            "original_size": tuple(info["original_size"]),
+            "crop": tuple(info["crop"]),
+            "bucket": tuple(info["bucket"]),
+            "flip": bool(info.get("flip", False)),
+        }
+        for suffix in ("", "_flipped"):
+            z = self._latents(tensors, suffix)
+            if z is not None:
+                record["latents" + suffix] = z
+        return record
+
+    def info(self, key: str) -> dict:
+        """The item's stored metadata: ``original_size``, ``bucket``, ``resized``, ``crop``, ``flip``."""
+        return json.loads(self._entry(key)[2])
+
+    def bucket(self, key: str) -> tuple[int, int]:
+        """The item's bucket (W, H), from the index alone."""
+        w, h = self._entry(key)[1].split("x")
+        return int(w), int(h)
+
+    def shard_of(self, key: str) -> str:
+        """The file name of the shard that holds the item's tensors."""
+        return self._entry(key)[0]
+
+    def tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """The item's stored tensors by name (``latents``, or ``mean``/``std`` for moments; ``*_flipped``)."""
+        shard, _, info = self._entry(key)
+        flip = json.loads(info).get("flip", False)
+        names = ["mean", "std"] if self.latents_mode == "moments" else ["latents"]
+        names += [n + "_flipped" for n in names] if flip else []
+        return self._handles.get(shard).read(key, names)
+
+    # -- torch -----------------------------------------------------------------------------------------
+    def dataset(self, scale: bool = False, dtype: torch.dtype = torch.float32) -> LatentDataset:
+        """A map-style torch Dataset over :meth:`keys`; index ``i`` is ``keys()[i]``.
+
+        Args:
+            scale: apply ``(z - shift_factor) * scaling_factor``, what the diffusion model is trained on.
+            dtype: dtype of the latents handed out.
+        """
+        return LatentDataset(self, scale, dtype)
+
+    def bucket_sampler(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> BucketBatchSampler:
+        """Batches of dataset indices that share one bucket; see :class:`BucketBatchSampler`."""
+        shapes: dict[str, tuple[int, int]] = {}
+        buckets = [shapes.setdefault(b, self.bucket(k)) for k in self._keys for b in (self._index[k][1],)]
+        return BucketBatchSampler(buckets, batch_size, shuffle, seed, drop_last, rank, world_size)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _entry(self, key: str) -> tuple[str, str, str]:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a done item of {self.root}; see `cachebuild status {self.root}`") from None
+
+    def _latents(self, tensors: dict[str, torch.Tensor], suffix: str) -> torch.Tensor | None:
+        if "latents" + suffix in tensors:
+            return tensors["latents" + suffix]
+        if "mean" + suffix not in tensors:
+            return None
+        mean, std = tensors["mean" + suffix], tensors["std" + suffix]
+        eps = torch.randn(mean.shape, generator=self._generator(), dtype=torch.float32)
+        return (mean.float() + std.float() * eps).to(mean.dtype)  # a fresh draw on every read
+
+    def _generator(self) -> torch.Generator:
+        """This process's generator for moments draws; workers get their own streams."""
+        pid = os.getpid()
+        if self._rng is None or self._rng[0] != pid:
+            info = torch.utils.data.get_worker_info()
+            base = torch.initial_seed() if self.seed is None else self.seed
+            # in a DataLoader worker, mix in the worker's seed: it differs per worker and per epoch
+            parts = f"{base}:{info.seed if info is not None else ''}"
+            seed = int.from_bytes(hashlib.sha256(parts.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+            self._rng = (pid, torch.Generator().manual_seed(seed))
+        return self._rng[1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = _ShardHandles(self._handles.folder)  # open handles never cross processes
+        state["_rng"] = None
+        return state
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Records as tensors, ready for the default collate: ``original_size``, ``crop``, ``bucket`` become
+    int64 tensors of shape (2,), so a batch has them as (B, 2); ``key`` stays a string."""
+
+    def __init__(self, cache: CacheReader, scale: bool, dtype: torch.dtype):
+        self.cache, self.scale, self.dtype = cache, scale, dtype
+        self._keys = cache.keys()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.cache[self._keys[index]]
+        for name in ("latents", "latents_flipped"):
+            if name in rec:
+                z = rec[name].to(self.dtype)
+                # raw -> scaled: (z - shift) * scale
+                rec[name] = (z - self.cache.shift_factor) * self.cache.scaling_factor if self.scale else z
+        for name in ("original_size", "crop", "bucket"):
+            rec[name] = torch.tensor(rec[name], dtype=torch.long)
+        return rec
+
+
+class _ShardHandles:
+    """Open shard files of one store for the current process, least recently used closed first."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._pid = os.getpid()
+        self._open: OrderedDict[str, _Shard] = OrderedDict()
+
+    def get(self, name: str) -> _Shard:
+        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
+            self._pid, self._open = os.getpid(), OrderedDict()
+        shard = self._open.get(name)
+        if shard is None:
+            shard = _Shard.open(self.folder / name)
+            self._open[name] = shard
+            if len(self._open) > MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(name)
+        return shard
+
+
+class _Shard:
+    """One shard file, read by tensor name ``<entry>/<name>``."""
+
+    def __init__(self, path: Path, handle, hdf5: bool):
+        self.path, self.handle, self.hdf5 = path, handle, hdf5
+
+    @classmethod
+    def open(cls, path: Path) -> _Shard:
+        if not path.is_file():
+            raise CacheError(
+                f"shard {path} is missing; run `cachebuild verify {path.parent.parent} --repair`, then the build "
+                "command again to re-encode its items"
+            )
+        if path.suffix == ".h5":
+            from cachebuild.store_hdf5 import require_h5py
+
+            return cls(path, require_h5py().File(path, "r"), True)
+        from safetensors import safe_open
+
+        return cls(path, safe_open(str(path), framework="pt"), False)  # memory-mapped
+
+    def read(self, entry: str, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+
+        try:
+            if self.hdf5:
+                from cachebuild.store_hdf5 import read_tensor
+
+                return {n: read_tensor(self.handle[f"{entry}/{n}"]) for n in names}
+            return {n: self.handle.get_tensor(f"{entry}/{n}") for n in names}
+        except (KeyError, SafetensorError) as exc:
+            raise CacheError(
+                f"{self.path.name} does not hold {entry}/{names[0]} as the manifest says ({exc}); run "
+                f"`cachebuild verify {self.path.parent.parent}`"
+            ) from exc
+
+    def close(self) -> None:
+        if self.hdf5:
+            self.handle.close()
+
+
+def _connect_readonly(root: Path) -> sqlite3.Connection:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise CacheError(f"{root} is not a cachebuild cache (no {MANIFEST_NAME}); check the path")
+    try:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise CacheError(f"cannot open {path} for reading ({exc}); check its permissions") from exc
+
+
+def _fingerprint(conn: sqlite3.Connection, store: str) -> dict | None:
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (f"fingerprint:{store}",)).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise CacheError(f"the manifest of this cache cannot be read ({exc}); it may be damaged") from exc
+    return json.loads(row[0]) if row else None
