@@ -6,6 +6,7 @@ Every option a user can pass lands in one of these dataclasses. Invalid values a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -55,6 +56,12 @@ PRESETS: dict[str, str] = {
     "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
     "flux": "black-forest-labs/FLUX.1-dev",
 }
+
+
+def require_format(fmt: StoreFormat) -> None:
+    """Fail before any work when the shard format's optional package is not installed."""
+    if fmt is StoreFormat.HDF5 and importlib.util.find_spec("h5py") is None:
+        raise ConfigError("--format hdf5 needs the h5py package; install it with: pip install 'cachebuild[hdf5]'")
 
 
 def default_workers() -> int:
@@ -165,6 +172,7 @@ class LatentsConfig:
             raise ConfigError(f"dataset folder {self.dataset} does not exist or is not a folder")
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} exists and is not a folder; pass a folder path")
+        require_format(self.format)
 
     @property
     def shard_bytes(self) -> int:

@@ -127,7 +127,13 @@ class SafetensorsShardWriter:
             self.close()
 
 
-WRITERS = {"safetensors": (".safetensors", SafetensorsShardWriter)}
+def _hdf5_writer(path: Path, header: dict) -> ShardWriter:
+    from cachebuild.store_hdf5 import HDF5ShardWriter  # imported on use: h5py is the optional [hdf5] extra
+
+    return HDF5ShardWriter(path, header)
+
+
+WRITERS = {"safetensors": (".safetensors", SafetensorsShardWriter), "hdf5": (".h5", _hdf5_writer)}
 
 
 def open_writer(fmt: str, folder: Path, index: int, header: dict) -> ShardWriter:
