@@ -233,6 +233,44 @@ def status(cache, as_json):
             click.echo("  fingerprint: " + json.dumps(store["fingerprint"], sort_keys=True))
 
 
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--repair", is_flag=True, help="Mark damaged items pending and delete bad or stray shard files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@_library_errors
+def verify(cache, repair, as_json):
+    """Check every shard's checksum, every tensor's shape, dtype and values against the manifest.
+
+    Exits 0 when all is well and 3 when anything is wrong (the damaged items are named). With --repair the
+    damaged items are marked pending, so the next build command with the same settings re-encodes only them.
+
+    \b
+    Example:
+      cachebuild verify ./cache --repair && cachebuild latents ./dataset --model sdxl --out ./cache
+    """
+    from cachebuild.verify import verify_cache
+
+    report = verify_cache(cache, repair=repair)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            where = p.key if p.key is not None else p.shard
+            click.echo(f"{p.store}: {where}: {p.message}")
+        click.echo(
+            f"checked {report.items_checked} items in {report.shards_checked} shards "
+            f"({_human_bytes(report.bytes_checked)}) in {report.seconds:.1f} s: "
+            + ("ok" if report.ok else f"{len(report.problems)} problem(s)"),
+            err=True,
+        )
+        if repair and report.repaired_items:
+            stores = " / ".join(f"cachebuild {s}" for s in report.damaged_keys)
+            click.echo(f"{report.repaired_items} item(s) marked pending: run `{stores}` again to re-encode them")
+        elif not report.ok and not repair:
+            click.echo(f"to re-queue the damaged items: cachebuild verify {cache} --repair")
+    sys.exit(EXIT_OK if report.ok else EXIT_ITEMS_FAILED)
+
+
 def _parse_resolution(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",")]

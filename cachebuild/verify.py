@@ -1,0 +1,268 @@
+"""Verify a cache against its manifest, and optionally repair it so the next build re-encodes what is damaged.
+
+Checks, for every store in the cache (``latents``, ``textenc``):
+  * every registered shard exists, has the recorded size and SHA-256;
+  * every done item names a registered shard, and that shard holds the item's tensors with the shape and
+    dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, in ``dtype_out``);
+  * no tensor holds NaN or Inf;
+  * no shard file lies in the store folder that the manifest does not name.
+
+``repair=True`` takes the cache's writer lock, marks every damaged item pending (its shard link cleared),
+forgets and deletes shards no done item needs any more, and deletes unreferenced shard files; the next
+``cachebuild latents`` (or ``textenc``) run with the same settings then encodes exactly those items.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cachebuild.manifest import DONE, PENDING, Manifest
+from cachebuild.models import sha256_file
+from cachebuild.store import TMP_SUFFIX, shard_index
+
+log = logging.getLogger(__name__)
+
+STORES = ("latents", "textenc")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a cache, for a person to read."""
+
+    store: str
+    message: str
+    key: str | None = None  # the damaged item, when the problem is an item's
+    shard: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_cache` checked and found; ``ok`` when nothing is wrong."""
+
+    cache: str
+    stores: list[str] = field(default_factory=list)
+    items_checked: int = 0
+    shards_checked: int = 0
+    bytes_checked: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    repaired_items: int = 0  # items marked pending by --repair
+    removed_files: list[str] = field(default_factory=list)  # shard files deleted by --repair
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def damaged_keys(self) -> dict[str, list[str]]:
+        """Damaged item keys per store, sorted."""
+        out: dict[str, set[str]] = {}
+        for p in self.problems:
+            if p.key is not None:
+                out.setdefault(p.store, set()).add(p.key)
+        return {s: sorted(k) for s, k in out.items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok, "damaged_keys": self.damaged_keys}
+
+
+def verify_cache(path: str | os.PathLike, repair: bool = False) -> VerifyReport:
+    """Check every shard and item of the cache at ``path``; with ``repair``, queue damaged items again.
+
+    Raises:
+        CacheError: ``path`` is not a cache, or (with ``repair``) a build is writing to it.
+
+    Example:
+        >>> report = verify_cache("./cache")
+        >>> report.ok, report.damaged_keys
+        (False, {'latents': ['sub/img001']})
+    """
+    start = time.monotonic()
+    root = Path(path)
+    report = VerifyReport(str(root))
+    with Manifest.open(root, create=False) as manifest:
+        if repair:
+            manifest.lock()  # no build may commit while items are re-queued
+        for store in STORES:
+            fingerprint = manifest.fingerprint(store)
+            if fingerprint is None:
+                continue
+            report.stores.append(store)
+            _verify_store(manifest, store, fingerprint, report)
+            if repair:
+                _repair_store(manifest, store, report)
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def _verify_store(manifest: Manifest, store: str, fingerprint: dict, report: VerifyReport) -> None:
+    folder = manifest.root / store
+    shards = {s["name"]: s for s in manifest.shards(store)}
+    items = manifest.items(store, DONE)
+    report.items_checked += len(items)
+    by_shard: dict[str, list] = {}
+    for row in items:
+        if row.shard not in shards:
+            report.problems.append(Problem(store, f"done, but its shard {row.shard!r} is not registered", row.key))
+        else:
+            by_shard.setdefault(row.shard, []).append(row)
+    for name, shard in shards.items():
+        rows = by_shard.get(name, [])
+        report.shards_checked += 1
+        trouble = _check_file(folder / name, shard)
+        if trouble:
+            report.problems.append(Problem(store, trouble, shard=name))
+            report.problems += [Problem(store, f"in damaged shard {name}", r.key, name) for r in rows]
+            continue
+        report.bytes_checked += shard["bytes"]
+        report.problems += _check_tensors(folder / name, store, fingerprint, rows)
+    if folder.is_dir():
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name not in shards and (entry.name.endswith(TMP_SUFFIX) or shard_index(entry.name) is not None):
+                msg = "file not in the manifest (left by an interrupted run, or a run is writing it now)"
+                report.problems.append(Problem(store, msg, shard=entry.name))
+
+
+def _check_file(path: Path, shard: dict) -> str | None:
+    if not path.is_file():
+        return "shard file is missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"shard file is {size} bytes, the manifest recorded {shard['bytes']} (truncated or overwritten)"
+    if sha256_file(path) != shard["sha256"]:
+        return "shard checksum (SHA-256) differs from the manifest: the file was altered or corrupted"
+    return None
+
+
+def _check_tensors(path: Path, store: str, fingerprint: dict, rows: list) -> list[Problem]:
+    problems = []
+    try:
+        shard = _ShardTensors(path)
+    except Exception as exc:  # an unreadable file with the right checksum: a writer bug, still reported per item
+        return [Problem(store, f"shard cannot be read: {exc}", r.key, path.name) for r in rows]
+    with shard:
+        for row in rows:
+            entry = row.info.get("text_id", row.key)  # text items point at a shared caption entry
+            for name, shape in _expected(store, fingerprint, row.info).items():
+                full = f"{entry}/{name}"
+                if not shard.has(full):
+                    problems.append(Problem(store, f"tensor {full} is missing from the shard", row.key, path.name))
+                    continue
+                problems += _check_one(shard.get(full), full, shape, fingerprint, store, row.key, path.name)
+    return problems
+
+
+def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str, key: str, shard: str):
+    found = []
+    want_dtype = _DTYPES.get(fingerprint.get("dtype_out", ""))
+    if want_dtype is not None and t.dtype != want_dtype:
+        found.append(Problem(store, f"{name} is {t.dtype}, expected {want_dtype}", key, shard))
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        found.append(Problem(store, f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}", key, shard))
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        found.append(Problem(store, f"{name} holds NaN or Inf", key, shard))
+    return found
+
+
+def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | None]:
+    """Tensor name -> expected shape (None: any) for one item's record."""
+    if store == "latents":
+        vae = fingerprint.get("vae", {})
+        c, f = vae.get("latent_channels"), vae.get("downsample")
+        w, h = info["bucket"]
+        shape = (c, h // f, w // f) if c and f else None
+        if fingerprint.get("latents") == "moments" and vae.get("class", "AutoencoderKL") == "AutoencoderKL":
+            names = ["mean", "std"]
+        else:
+            names = ["latents"]
+        names += [n + "_flipped" for n in names] if info.get("flip") else []
+        return dict.fromkeys(names, shape)
+    out: dict[str, tuple | None] = {}
+    for enc in fingerprint.get("encoders", []):
+        if enc.get("hidden"):
+            rows = info.get("tokens", {}).get(enc["name"]) if enc.get("trim") else enc.get("max_length")
+            out[enc["name"]] = None if rows is None else (rows, _ANY)
+        if enc.get("pooled"):
+            out[f"{enc['name']}_pooled"] = None
+    return out
+
+
+class _AnyDim:
+    """Matches any size in an expected shape (a hidden width the fingerprint does not record)."""
+
+    def __eq__(self, other) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "*"
+
+
+_ANY = _AnyDim()
+
+
+class _ShardTensors:
+    """Read-only access to one shard by full tensor name, safetensors or HDF5."""
+
+    def __init__(self, path: Path):
+        self.hdf5 = path.suffix == ".h5"
+        if self.hdf5:
+            from cachebuild.store_hdf5 import require_h5py
+
+            self.f = require_h5py().File(path, "r")
+        else:
+            from safetensors import safe_open
+
+            self.f = safe_open(str(path), framework="pt")
+            self._names = set(self.f.keys())  # noqa: SIM118 (safe_open is not a dict)
+
+    def has(self, name: str) -> bool:
+        if self.hdf5:
+            return name in self.f and hasattr(self.f[name], "shape")
+        return name in self._names
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.hdf5:
+            from cachebuild.store_hdf5 import read_tensor
+
+            return read_tensor(self.f[name])
+        return self.f.get_tensor(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        if self.hdf5:
+            self.f.close()
+
+
+def _repair_store(manifest: Manifest, store: str, report: VerifyReport) -> None:
+    damaged = report.damaged_keys.get(store, [])
+    if damaged:
+        now = time.time()
+        with manifest.transaction() as c:
+            c.executemany(
+                "UPDATE items SET status=?, reason=NULL, shard=NULL, bucket=NULL, info=NULL, updated=? "
+                "WHERE store=? AND key=?",
+                [(PENDING, now, store, key) for key in damaged],
+            )
+        report.repaired_items += len(damaged)
+    folder = manifest.root / store
+    doomed = manifest.drop_dead_shards(store)  # shards no done item needs any more, damaged ones included
+    doomed += [p.shard for p in report.problems if p.store == store and p.key is None and p.shard not in doomed]
+    known = {s["name"] for s in manifest.shards(store)}
+    for name in dict.fromkeys(doomed):
+        if name and name not in known and (folder / name).exists():
+            (folder / name).unlink()
+            report.removed_files.append(f"{store}/{name}")
+    if damaged:
+        log.info("%d %s item(s) marked pending; run the build command again to re-encode them", len(damaged), store)
