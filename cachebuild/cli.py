@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
+TEXT_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "generic")  # mirrors config.TextFamily, without importing
 
 
 class UsageError(click.ClickException):
@@ -203,6 +204,132 @@ def latents(
 
 
 @cli.command()
+@click.argument("captions", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created).")
+@click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder.")
+@click.option(
+    "--family",
+    type=click.Choice(TEXT_FAMILIES),
+    help="Family of a --model that is not a preset (default: from its model_index.json).",
+)
+@click.option("--text-encoder", help="Generic: encoder folder or hub id (instead of --model).")
+@click.option("--tokenizer", help="Generic: tokenizer folder or hub id (default: the encoder's).")
+@click.option(
+    "--layer", default=-1, show_default=True, help="Generic: hidden-state layer; -1 is the last, -2 the penultimate."
+)
+@click.option("--max-length", type=int, help="Generic: token limit (default 77 for CLIP, 512 otherwise).")
+@click.option("--clip-skip", default=1, show_default=True, help="sd15: 2 stores the penultimate CLIP layer.")
+@click.option("--t5-max-length", type=int, help="T5 token limit (default: sd3 256, flux 512).")
+@click.option("--caption-ext", default=".txt", show_default=True, help="Caption file extension.")
+@click.option("--caption-column", default="text", show_default=True, help="Text column of a metadata file.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype of the encoders; auto is bf16 on CUDA with bf16 support, else fp32.",
+)
+@click.option(
+    "--t5-dtype",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    help="Compute dtype of T5 (default: --dtype). fp16 T5 overflows; such captions are redone in fp32.",
+)
+@click.option(
+    "--dtype-out", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Stored dtype."
+)
+@click.option("--batch-size", default=16, show_default=True, help="Captions per encoder call (halved on OOM).")
+@click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "hdf5"]),
+    default="safetensors",
+    show_default=True,
+    help="Shard file format.",
+)
+@click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB.")
+@click.option(
+    "--chunk-mb",
+    default=2048.0,
+    show_default=True,
+    help="Encoder outputs held in host memory while the encoders take turns on the device, MiB.",
+)
+@click.option("--retry-failed", is_flag=True, help="Encode items that failed before again.")
+@click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again.")
+@_output_options
+@_library_errors
+def textenc(
+    captions,
+    out,
+    model,
+    family,
+    text_encoder,
+    tokenizer,
+    layer,
+    max_length,
+    clip_skip,
+    t5_max_length,
+    caption_ext,
+    caption_column,
+    revision,
+    dtype,
+    t5_dtype,
+    dtype_out,
+    batch_size,
+    device,
+    fmt,
+    shard_mb,
+    chunk_mb,
+    retry_failed,
+    rebuild,
+    quiet,
+    as_json,
+):
+    """Encode every caption under CAPTIONS (a folder of .txt files or a metadata.jsonl/.csv) into --out.
+
+    Keys match `cachebuild latents` keys, so latents and text join by key. Identical captions are stored
+    once. Killed or crashed? Run the same command again.
+
+    \b
+    Example:
+      cachebuild textenc ./dataset --model flux --out ./cache --t5-max-length 512
+    """
+    from cachebuild.config import DType, StoreFormat, TextencConfig, TextFamily
+    from cachebuild.textenc import build_textenc
+
+    cfg = TextencConfig(
+        source=captions,
+        out=out,
+        model=model,
+        family=TextFamily(family) if family else None,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        layer=layer,
+        max_length=max_length,
+        clip_skip=clip_skip,
+        t5_max_length=t5_max_length,
+        caption_ext=caption_ext,
+        caption_column=caption_column,
+        revision=revision,
+        dtype=DType(dtype),
+        t5_dtype=DType(t5_dtype) if t5_dtype else None,
+        dtype_out=DType(dtype_out),
+        batch_size=batch_size,
+        device=device,
+        format=StoreFormat(fmt),
+        shard_mb=shard_mb,
+        chunk_mb=chunk_mb,
+        retry_failed=retry_failed,
+        rebuild=rebuild,
+    )
+    with _progress_bar(quiet or as_json, unit="caption") as on_progress:
+        summary = build_textenc(cfg, on_progress)
+    _print_summary(summary, as_json)
+    sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+
+
+@cli.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_library_errors
@@ -224,6 +351,7 @@ def status(cache, as_json):
         click.echo(
             f"{label}: {items['done']} done, {items['failed']} failed, {items['pending']} pending; "
             f"{store['shards']} shards, {_human_bytes(store['bytes'])}"
+            + (f", {store['unique']} unique captions" if "unique" in store else "")
         )
         if store.get("buckets"):
             click.echo("  buckets: " + ", ".join(f"{b} ({n})" for b, n in store["buckets"].items()))
@@ -286,8 +414,8 @@ def _parse_resolution(text: str) -> tuple[int, int]:
 class _progress_bar:
     """tqdm on stderr with images/s, ETA, host RSS and device memory; a no-op when quiet."""
 
-    def __init__(self, quiet: bool):
-        self.quiet, self.bar = quiet, None
+    def __init__(self, quiet: bool, unit: str = "img"):
+        self.quiet, self.unit, self.bar = quiet, unit, None
 
     def __enter__(self):
         return None if self.quiet else self.update
@@ -297,7 +425,7 @@ class _progress_bar:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=p.total, unit="img", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=p.total, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
         self.bar.update(p.processed - self.bar.n)
         post = {"failed": p.failed, "rss": _human_bytes(psutil.Process().memory_info().rss)}
         if p.device_bytes is not None:
@@ -325,6 +453,8 @@ def _print_summary(summary, as_json: bool) -> None:
         f"{summary.shards_written} shards, {_human_bytes(summary.bytes_written)} written in {summary.seconds:.1f} s",
         err=True,
     )
+    if summary.truncated:
+        click.echo(f"{summary.truncated} caption(s) were longer than an encoder's limit and were truncated", err=True)
     if summary.failed:
         click.echo(f"see why with: cachebuild status {summary.out}", err=True)
 

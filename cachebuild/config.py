@@ -177,3 +177,81 @@ class LatentsConfig:
     @property
     def shard_bytes(self) -> int:
         return int(self.shard_mb * 1024 * 1024)
+
+
+class TextFamily(str, Enum):
+    """Which encoders run and which of their outputs are stored (see docs/format.md)."""
+
+    SD15 = "sd15"  # CLIP-L hidden states (last layer, or penultimate with --clip-skip 2)
+    SD2 = "sd2"  # OpenCLIP-H: the diffusers text_encoder's last layer (OpenCLIP's penultimate)
+    SDXL = "sdxl"  # CLIP-L penultimate + OpenCLIP-bigG penultimate and pooled projection
+    SD3 = "sd3"  # CLIP-L and CLIP-G penultimate + pooled projections, and T5-XXL
+    FLUX = "flux"  # CLIP-L pooled output and T5-XXL last hidden state
+    GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
+
+
+@dataclass(frozen=True)
+class TextencConfig:
+    """Everything one ``cachebuild textenc`` run needs."""
+
+    source: Path  # a folder of caption files, or a metadata.jsonl / metadata.csv file
+    out: Path
+    model: str | None = None  # preset, pipeline hub id or local pipeline folder
+    family: TextFamily | None = None  # None: from the preset or the pipeline's model_index.json
+    text_encoder: str | None = None  # generic: encoder folder or hub id
+    tokenizer: str | None = None  # generic: tokenizer folder or hub id (default: the encoder's)
+    layer: int = -1  # generic: hidden-state index; -1 is the last layer's output (final norm included)
+    max_length: int | None = None  # generic: token limit (default: the tokenizer's model_max_length)
+    clip_skip: int = 1  # sd15: 2 stores the penultimate layer (with the final layer norm, as trainers do)
+    t5_max_length: int | None = None  # sd3: 256, flux: 512 unless set
+    caption_ext: str = ".txt"
+    caption_column: str = "text"  # the text column of a metadata file
+    revision: str | None = None
+    dtype: DType = DType.AUTO  # compute dtype of the CLIP encoders
+    t5_dtype: DType | None = None  # compute dtype of T5 (None: as --dtype); fp16 T5 overflows, bf16 does not
+    dtype_out: DType = DType.FP16
+    batch_size: int = 16  # captions per encoder call; halved automatically on out-of-memory
+    device: str | None = None
+    format: StoreFormat = StoreFormat.SAFETENSORS
+    shard_mb: float = 64.0
+    chunk_mb: float = 2048.0  # encoder outputs held in host memory while encoders take turns on the device
+    retry_failed: bool = False
+    rebuild: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.source.exists():
+            raise ConfigError(f"caption source {self.source} does not exist; pass a folder or a metadata file")
+        if self.source.is_file() and self.source.suffix.lower() not in (".jsonl", ".csv"):
+            raise ConfigError(f"{self.source} is a file but not .jsonl or .csv; pass a caption folder or metadata file")
+        if self.model is None and self.text_encoder is None:
+            raise ConfigError(
+                "no encoder given: pass --model sd15|sd2|sdxl|sd3|flux (or a pipeline), or --text-encoder"
+            )
+        if self.text_encoder is not None and self.family not in (None, TextFamily.GENERIC):
+            raise ConfigError("--text-encoder is for generic encoders; drop --family or use --model for a family")
+        if self.clip_skip not in (1, 2):
+            raise ConfigError(f"--clip-skip takes 1 (last layer) or 2 (penultimate), got {self.clip_skip}")
+        for name, value in (
+            ("--batch-size", self.batch_size),
+            ("--shard-mb", self.shard_mb),
+            ("--chunk-mb", self.chunk_mb),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name, value in (("--t5-max-length", self.t5_max_length), ("--max-length", self.max_length)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.dtype_out is DType.AUTO:
+            raise ConfigError("--dtype-out takes fp16, bf16 or fp32, not auto")
+        if not self.caption_ext.startswith("."):
+            raise ConfigError(f"--caption-ext must start with a dot, e.g. .txt (got {self.caption_ext!r})")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out} exists and is not a folder; pass a folder path")
+
+    @property
+    def shard_bytes(self) -> int:
+        return int(self.shard_mb * 1024 * 1024)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return int(self.chunk_mb * 1024 * 1024)

@@ -8,7 +8,8 @@ Colour rules, applied in this order:
   * EXIF orientation applied (the stored original size is the upright size);
   * an embedded ICC profile converted to sRGB when Pillow has LittleCMS;
   * 16-bit and 32-bit greyscale scaled to 8 bits by value range (I;16: v / 257; I: clipped to 0..65535 first);
-  * transparency (RGBA, LA, P with tRNS, PA) composited over white, ``ALPHA_BACKGROUND``;
+  * transparency (RGBA, LA, PA, and P/L/RGB/1 with a tRNS colour key) composited over white,
+    ``ALPHA_BACKGROUND``;
   * every other mode (CMYK, L, 1, P, YCbCr, LAB, HSV) through Pillow's convert("RGB").
 """
 
@@ -55,8 +56,6 @@ def read_size(path: str, max_pixels: int) -> tuple[int, int]:
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ItemError(f"image has zero size ({w}x{h})")
-        if w * h > max_pixels:
-            raise ItemError(_bomb_reason(w * h, max_pixels))
         try:
             orientation = img.getexif().get(0x0112, 1)
         except (OSError, SyntaxError, ValueError) as exc:
@@ -97,7 +96,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         scale = 257.0 if img.mode.startswith("I") else 1.0
         img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB", "1"):  # palette or colour-key (tRNS)
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
@@ -145,11 +144,12 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
 
 
 def _open(path: str, max_pixels: int) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = max_pixels // 2  # Pillow errors at twice this; warnings below that, silenced
+    # Pillow refuses images over twice this limit itself (before reading pixel data); the exact check is ours
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            img = Image.open(path)
     except Image.DecompressionBombError as exc:
         raise ItemError(f"decompression bomb refused: {str(exc).rstrip('.')}; raise --max-pixels if trusted") from exc
     except FileNotFoundError as exc:
@@ -158,6 +158,11 @@ def _open(path: str, max_pixels: int) -> Image.Image:
         raise ItemError(_unidentified_reason(path)) from exc
     except OSError as exc:
         raise ItemError(_decode_reason(exc)) from exc
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ItemError(_bomb_reason(w * h, max_pixels))
+    return img
 
 
 def _maybe_draft(img: Image.Image, item: ItemPlan) -> None:

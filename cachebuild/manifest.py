@@ -203,10 +203,11 @@ class Manifest:
                 old = known.get(f.key)
                 if clash:
                     reason = f"several files share the key {f.key!r}: {', '.join(clash)}; rename all but one"
+                    # no source fingerprint: once the clash is resolved the item counts as changed
                     c.execute(
                         "INSERT OR REPLACE INTO items (store, key, path, source_fp, status, reason, updated) "
                         "VALUES (?,?,?,?,?,?,?)",
-                        (store, f.key, f.path, f.fingerprint, FAILED, reason, now),
+                        (store, f.key, f.path, None, FAILED, reason, now),
                     )
                     continue
                 if old is None:
@@ -273,6 +274,15 @@ class Manifest:
                 ],
             )
 
+    def point_items(self, store: str, rows: list[tuple[str, str, dict]]) -> None:
+        """Mark items done with tensors already committed in ``shard`` (dedup); ``rows`` is (key, shard, info)."""
+        now = time.time()
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE items SET status=?, reason=NULL, shard=?, info=?, updated=? WHERE store=? AND key=?",
+                [(DONE, shard, json.dumps(info, sort_keys=True), now, store, key) for key, shard, info in rows],
+            )
+
     # -- shards ---------------------------------------------------------------------------------------
     def shards(self, store: str) -> list[dict]:
         cur = self.conn.execute("SELECT name, items, bytes, sha256 FROM shards WHERE store=? ORDER BY name", (store,))
@@ -300,6 +310,14 @@ class Manifest:
         ):
             counts[status] = n
         return {k: counts[k] for k in (DONE, FAILED, PENDING)}
+
+    def distinct_done(self, store: str, field: str) -> int:
+        """How many distinct values of ``info.<field>`` done items have (stored embeddings, for text)."""
+        row = self.conn.execute(
+            "SELECT COUNT(DISTINCT json_extract(info, ?)) FROM items WHERE store=? AND status=?",
+            (f"$.{field}", store, DONE),
+        ).fetchone()
+        return row[0]
 
     def bucket_counts(self, store: str) -> dict[str, int]:
         cur = self.conn.execute(

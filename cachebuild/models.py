@@ -120,6 +120,7 @@ def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     """Build the VAE from local files, in eval mode on ``device`` with parameters in ``dtype``."""
     import diffusers
 
+    diffusers.utils.logging.disable_progress_bar()  # the CLI owns the terminal
     cls = getattr(diffusers, family.cls, None)
     if cls is None:
         raise ModelLoadError(f"unsupported VAE class {family.cls}; cachebuild reads AutoencoderKL and AutoencoderTiny")
@@ -141,7 +142,7 @@ def _resolve_folder(source: str, folder: Path) -> ResolvedVae:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"{folder} has no config.json; pass a diffusers VAE folder or a .safetensors file")
-    weights = _weight_files(folder)
+    weights = weight_files(folder)
     if not weights:
         raise ModelLoadError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors or .bin)")
     return ResolvedVae(source, folder, None, _read_json(config_path), weights)
@@ -163,22 +164,31 @@ def _resolve_single_file(spec: ModelSpec, path: Path) -> ResolvedVae:
     return ResolvedVae(str(path), folder, path, _read_json(folder / "config.json"), (path,))
 
 
-def _fetch_hub_folder(repo_id: str, subfolder: str, revision: str | None, configs_only: bool = False) -> Path:
+def fetch_hub_folder(repo_id: str, patterns: list[str], revision: str | None) -> Path:
+    """The local snapshot of ``repo_id`` holding the files that match ``patterns`` (fetched if missing).
+
+    Raises:
+        ModelLoadError: not a local path and not a reachable hub repository.
+    """
     from huggingface_hub import snapshot_download
 
-    prefix = f"{subfolder}/" if subfolder else ""
-    patterns = [f"{prefix}*.json"] if configs_only else [f"{prefix}*.json", f"{prefix}*.safetensors"]
     try:
-        root = Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
     except Exception as exc:  # network, auth, missing repo: one message with the ways out
         raise ModelLoadError(
             f"{repo_id!r} is neither a local path nor a reachable hub repository ({type(exc).__name__}: {exc}). "
-            "Check the spelling, run `huggingface-cli login` for gated models, or pass a local folder."
+            "Check the spelling, run `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) for "
+            "gated models, or pass a local folder."
         ) from exc
-    return root
 
 
-def _weight_files(folder: Path) -> tuple[Path, ...]:
+def _fetch_hub_folder(repo_id: str, subfolder: str, revision: str | None, configs_only: bool = False) -> Path:
+    prefix = f"{subfolder}/" if subfolder else ""
+    patterns = [f"{prefix}*.json"] if configs_only else [f"{prefix}*.json", f"{prefix}*.safetensors"]
+    return fetch_hub_folder(repo_id, patterns, revision)
+
+
+def weight_files(folder: Path) -> tuple[Path, ...]:
     found = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
     if not found:
         found = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)

@@ -22,7 +22,7 @@ from cachebuild.encode import VaeEncoder, free_device_memory, pick_device, resol
 from cachebuild.errors import ConfigError, FingerprintMismatch, ItemError
 from cachebuild.load import LOADER_VERSION, iter_batches, read_size
 from cachebuild.manifest import DONE, FAILED, PENDING, Manifest, SyncResult
-from cachebuild.models import ResolvedVae, VaeFamily, family_of, load_vae, resolve_vae, sha256_file
+from cachebuild.models import VaeFamily, family_of, load_vae, resolve_vae, sha256_file
 from cachebuild.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.scan import ScanResult, scan_files
 from cachebuild.store import TMP_SUFFIX, ShardWriter, open_writer, shard_index
@@ -55,6 +55,7 @@ class RunSummary:
     nothing_to_do: bool = False
     oom_splits: int = 0
     fp32_redos: int = 0
+    truncated: int = 0  # text only: captions cut at an encoder's max length
     failures: list[dict] = field(default_factory=list)  # [{"key", "reason"}] for this run's failures
 
 
@@ -93,7 +94,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
     summary = RunSummary(LATENTS, str(cfg.out))
     with Manifest.open(cfg.out) as manifest:
         manifest.lock()
-        fingerprint = latents_fingerprint(cfg, family, dtype.value, weights_sha256(vae, manifest))
+        fingerprint = latents_fingerprint(cfg, family, dtype.value, weights_sha256(vae.weight_files, manifest))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
@@ -112,7 +113,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
                 free_device_memory(device)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
-        _drop_dead_shards(manifest, LATENTS)
+        drop_dead_shards(manifest, LATENTS)
         counts = manifest.counts(LATENTS)
     summary.done, summary.failed, summary.pending = counts[DONE], counts[FAILED], counts[PENDING]
     summary.seconds = time.monotonic() - start
@@ -151,10 +152,10 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
     return fp
 
 
-def weights_sha256(vae: ResolvedVae, manifest: Manifest) -> str:
-    """Hash of the VAE weight files, remembered by (path, size, mtime) so a re-run does not re-read them."""
+def weights_sha256(files: tuple[Path, ...], manifest: Manifest) -> str:
+    """Hash of model files, each remembered by (path, size, mtime) so a re-run does not re-read them."""
     parts = []
-    for f in vae.weight_files:
+    for f in files:
         digest = manifest.remembered_hash(f)
         if digest is None:
             digest = sha256_file(f)
@@ -366,7 +367,7 @@ def _clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
                 c.execute("DELETE FROM shards WHERE store=? AND name=?", (store, name))
 
 
-def _drop_dead_shards(manifest: Manifest, store: str) -> None:
+def drop_dead_shards(manifest: Manifest, store: str) -> None:
     for name in manifest.drop_dead_shards(store):
         (manifest.root / store / name).unlink(missing_ok=True)
 

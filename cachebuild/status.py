@@ -33,4 +33,5 @@ def cache_status(out: Path) -> dict:
         status["cache"] = str(out)
         if m.fingerprint("textenc") is not None:
             status["textenc"] = store_status(m, "textenc")
+            status["textenc"]["unique"] = m.distinct_done("textenc", "text_id")  # embeddings stored
     return status

@@ -42,6 +42,15 @@ class ShardWriter(Protocol):
     def nbytes(self) -> int: ...
 
 
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous tensor owning exactly its bytes: a view into a batch's output would keep the
+    whole batch alive in host memory until the shard is written."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def shard_name(index: int, suffix: str) -> str:
     return f"shard-{index:0{SHARD_DIGITS}d}{suffix}"
 
@@ -100,7 +109,7 @@ class SafetensorsShardWriter:
         if key in self._items:
             raise ValueError(f"key {key!r} written twice to {self.path.name}")
         for name, t in tensors.items():
-            self._tensors[f"{key}/{name}"] = t.contiguous()
+            self._tensors[f"{key}/{name}"] = own_storage(t)
             self._nbytes += t.numel() * t.element_size()
         self._items[key] = meta
 

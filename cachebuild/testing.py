@@ -12,8 +12,13 @@ import sys
 from pathlib import Path
 
 
-def make_tiny_vae(path: Path, latent_channels: int = 4, scaling_factor: float = 0.13025,
-                  shift_factor: float | None = None, seed: int = 0) -> Path:
+def make_tiny_vae(
+    path: Path,
+    latent_channels: int = 4,
+    scaling_factor: float = 0.13025,
+    shift_factor: float | None = None,
+    seed: int = 0,
+) -> Path:
     """Save a ~60k-parameter AutoencoderKL (downsampling 2: two blocks) to ``path``."""
     import torch
     from diffusers import AutoencoderKL
@@ -54,8 +59,167 @@ def make_tiny_taesd(path: Path, seed: int = 0) -> Path:
     return path
 
 
+WORDS = (
+    "a",
+    "photo",
+    "of",
+    "the",
+    "cat",
+    "dog",
+    "on",
+    "in",
+    "with",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "tree",
+    "house",
+    "car",
+    "person",
+    "sky",
+    "sunset",
+    "river",
+    "mountain",
+    "portrait",
+    "painting",
+    "style",
+    "old",
+    "young",
+    "man",
+    "woman",
+    "sitting",
+    "standing",
+    "near",
+    "under",
+    "beautiful",
+    "dark",
+    "light",
+    "night",
+    "day",
+)  # the tiny tokenizers' vocabulary; other words map to <unk>
+
+
+def make_tiny_tokenizer(path: Path, kind: str = "clip", max_length: int | None = None) -> Path:
+    """A word-level tokenizer saved like a real one. ``clip``: BOS/EOS around the text, padded with EOS,
+    77 tokens; ``t5``: EOS after the text, padded with <pad>, 512 tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "clip":
+        specials = ["<unk>"]
+        vocab = {t: i for i, t in enumerate(specials + list(WORDS) + ["<|startoftext|>", "<|endoftext|>"])}
+        bos, eos, pad, unk = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<unk>"
+        template = f"{bos} $A {eos}"
+        specials_used = [(bos, vocab[bos]), (eos, vocab[eos])]
+    else:
+        vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>"] + list(WORDS))}
+        bos, eos, pad, unk = None, "</s>", "<pad>", "<unk>"
+        template = f"$A {eos}"
+        specials_used = [(eos, vocab[eos])]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials_used)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        model_max_length=max_length or (77 if kind == "clip" else 512),
+    )
+    fast.save_pretrained(path)
+    return path
+
+
+def make_tiny_clip(path: Path, projection: bool = False, hidden_size: int = 32, seed: int = 0) -> Path:
+    """A 3-layer CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    n = len(WORDS) + 3
+    config = CLIPTextConfig(
+        vocab_size=n,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=24,
+        bos_token_id=n - 2,
+        eos_token_id=n - 1,
+        pad_token_id=n - 1,
+    )
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    model.save_pretrained(path)
+    return path
+
+
+def make_tiny_t5(path: Path, seed: int = 0) -> Path:
+    """A 2-layer T5 encoder for the tiny ``t5`` tokenizer."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(WORDS) + 3,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    T5EncoderModel(config).save_pretrained(path)
+    return path
+
+
+TEXT_PIPELINES = {
+    # family: (pipeline class, [(encoder folder, tokenizer folder, kind)]); kind: clip, clip_proj, t5
+    "sd15": ("StableDiffusionPipeline", [("text_encoder", "tokenizer", "clip")]),
+    "sd2": ("StableDiffusionPipeline", [("text_encoder", "tokenizer", "clip_h")]),
+    "sdxl": (
+        "StableDiffusionXLPipeline",
+        [("text_encoder", "tokenizer", "clip"), ("text_encoder_2", "tokenizer_2", "clip_proj")],
+    ),
+    "sd3": (
+        "StableDiffusion3Pipeline",
+        [
+            ("text_encoder", "tokenizer", "clip_proj"),
+            ("text_encoder_2", "tokenizer_2", "clip_proj"),
+            ("text_encoder_3", "tokenizer_3", "t5"),
+        ],
+    ),
+    "flux": ("FluxPipeline", [("text_encoder", "tokenizer", "clip"), ("text_encoder_2", "tokenizer_2", "t5")]),
+}
+
+
+def make_tiny_text_pipeline(path: Path, family: str) -> Path:
+    """A pipeline folder with the text encoders and tokenizers of ``family`` (no UNet, no VAE)."""
+    import json
+
+    cls, parts = TEXT_PIPELINES[family]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    for i, (enc, tok, kind) in enumerate(parts):
+        if kind == "t5":
+            make_tiny_t5(path / enc, seed=i)
+            make_tiny_tokenizer(path / tok, "t5")
+        else:
+            hidden = 40 if kind == "clip_h" or enc == "text_encoder_2" else 32
+            make_tiny_clip(path / enc, projection=kind == "clip_proj", hidden_size=hidden, seed=i)
+            make_tiny_tokenizer(path / tok, "clip")
+    return path
+
+
 def main(argv: list[str]) -> int:
     makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
+    makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)
         return 2

@@ -183,11 +183,6 @@ def test_la_and_palette_transparency_become_white(tmp_path):
     assert (decode(plan_for(pal_path), MAX_PIXELS) == 255).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load.to_rgb composites only RGBA/LA/PA and P-with-tRNS; a colour-key tRNS on an RGB or L (or 1-bit) PNG "
-    "is dropped and transparent pixels keep their stored colour instead of becoming white",
-)
 @pytest.mark.parametrize("mode,key", [("RGB", (0, 0, 0)), ("L", 0)])
 def test_colour_key_transparency_becomes_white(tmp_path, mode, key):
     path = tmp_path / f"trns-{mode}.png"
@@ -287,11 +282,6 @@ def test_image_at_the_pixel_limit_is_accepted(tmp_path):
     assert decode(plan_for(path, max_pixels=5000), 5000).shape == (50, 100, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load._open sets Image.MAX_IMAGE_PIXELS = max_pixels // 2 and Pillow refuses pixels > 2 * that, so "
-    "with an odd --max-pixels an image of exactly --max-pixels pixels is refused as a bomb",
-)
 def test_image_at_an_odd_pixel_limit_is_accepted(tmp_path):
     path = write_image(tmp_path / "edge.png", (71, 69))  # 4899 pixels
     assert read_size(str(path), 4899) == (71, 69)

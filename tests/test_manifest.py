@@ -137,12 +137,6 @@ def test_clash_on_a_done_item_fails_it(m):
     assert row.status == FAILED and row.shard is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="manifest.sync_items writes a clash row with the kept file's real fingerprint, so once the other "
-    "file is renamed away the key matches that fingerprint and stays failed with a stale clash reason "
-    "(only --retry-failed recovers it)",
-)
 def test_resolved_clash_is_encoded_again(m):
     m.sync_items(STORE, [sf("a")], {"a": ["a.jpg", "a.png"]}, False, FP)
     assert statuses(m) == {"a": FAILED}

@@ -219,11 +219,6 @@ def _hub_major() -> int:
 
 
 @pytest.mark.skipif(_hub_major() < 1, reason="huggingface_hub < 1.0 still ships huggingface-cli")
-@pytest.mark.xfail(
-    strict=True,
-    reason="models._fetch_hub_folder tells the user to run `huggingface-cli login`, a command huggingface_hub "
-    ">= 1.0 no longer installs; the current one is `hf auth login`",
-)
 def test_hub_error_names_a_login_command_that_exists(offline):
     with pytest.raises(ModelLoadError) as info:
         resolve_vae(ModelSpec(vae="nobody-here/no-such-vae-xyz"))

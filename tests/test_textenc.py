@@ -1,0 +1,324 @@
+"""Text-encoder caches: per-family parity with direct transformers calls, dedup, trimming, resume."""
+
+from __future__ import annotations
+
+import gc
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cachebuild import textenc
+from cachebuild.config import DType, TextencConfig, TextFamily
+from cachebuild.errors import ConfigError, FingerprintMismatch
+from cachebuild.manifest import Manifest
+from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
+from cachebuild.textenc import build_textenc, pad_tokens
+
+CAPTIONS = {
+    "img000": "a photo of a cat",
+    "img001": "a photo of a cat",  # the same text: stored once
+    "sub/img002": "red car near the river at sunset in the old mountain house",
+    "img003": "portrait of a young woman sitting under a tree",
+    "img004": "",
+}
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("text-pipelines")
+    return {f: make_tiny_text_pipeline(root / f, f) for f in ("sd15", "sd2", "sdxl", "sd3", "flux")}
+
+
+@pytest.fixture
+def captions(tmp_path) -> Path:
+    root = tmp_path / "captions"
+    for key, text in CAPTIONS.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{key}.txt").write_text(text + "\n", encoding="utf-8")
+    return root
+
+
+def cfg_for(source: Path, out: Path, model: Path, **kw) -> TextencConfig:
+    base = dict(model=str(model), device="cpu", dtype=DType.FP32, dtype_out=DType.FP32, batch_size=2)
+    if model.name == "sd2":  # the tiny OpenCLIP-H is not 1024 wide, so name the family (others are detected)
+        base["family"] = TextFamily.SD2
+    return TextencConfig(source=source, out=out, **(base | kw))
+
+
+def read_text_cache(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{item key: {tensor name: tensor}} following each item's text id to its shard."""
+    with Manifest.open(out, create=False) as m:
+        rows = m.items("textenc", "done")
+    result = {}
+    for row in rows:
+        tid = row.info["text_id"]
+        with safe_open(str(out / "textenc" / row.shard), framework="pt") as f:
+            names = [n for n in f.keys() if n.startswith(tid + "/")]  # noqa: SIM118
+            result[row.key] = {n.split("/", 1)[1]: f.get_tensor(n) for n in names}
+    return result
+
+
+def direct(folder: Path, cls: str, text: str, max_length: int, mask: bool = False, output: str = "last"):
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder.parent / folder.name.replace("text_encoder", "tokenizer"))
+    enc = tok([text], padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    model = getattr(transformers, cls).from_pretrained(folder).eval()
+    with torch.no_grad():
+        out = model(enc["input_ids"], attention_mask=enc["attention_mask"] if mask else None, output_hidden_states=True)
+    return out, enc["attention_mask"][0], model
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_sd15_last_or_penultimate_layer(tmp_path, captions, pipelines, clip_skip):
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd15"], clip_skip=clip_skip))
+    got = read_text_cache(tmp_path / "c")["img003"]
+    out, _, model = direct(pipelines["sd15"] / "text_encoder", "CLIPTextModel", CAPTIONS["img003"], 77)
+    expected = out.last_hidden_state[0]
+    if clip_skip == 2:  # penultimate layer through the final layer norm, as trainers feed SD1.5
+        norm = getattr(model, "text_model", model).final_layer_norm  # moved in transformers 5
+        expected = norm(out.hidden_states[-2])[0]
+    assert set(got) == {"clip_l"} and got["clip_l"].shape == (77, 32)
+    torch.testing.assert_close(got["clip_l"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sd2_uses_the_diffusers_encoders_last_layer(tmp_path, captions, pipelines):
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd2"]))
+    got = read_text_cache(tmp_path / "c")["img000"]
+    out, _, _ = direct(pipelines["sd2"] / "text_encoder", "CLIPTextModel", CAPTIONS["img000"], 77)
+    torch.testing.assert_close(got["clip_h"], out.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_penultimate_layers_and_pooled_projection(tmp_path, captions, pipelines):
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sdxl"]))
+    got = read_text_cache(tmp_path / "c")["sub/img002"]
+    text = CAPTIONS["sub/img002"]
+    out_l, _, _ = direct(pipelines["sdxl"] / "text_encoder", "CLIPTextModel", text, 77)
+    out_g, _, _ = direct(pipelines["sdxl"] / "text_encoder_2", "CLIPTextModelWithProjection", text, 77)
+    assert set(got) == {"clip_l", "clip_g", "clip_g_pooled"}
+    torch.testing.assert_close(got["clip_l"], out_l.hidden_states[-2][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["clip_g"], out_g.hidden_states[-2][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["clip_g_pooled"], out_g.text_embeds[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_clips_and_trimmed_t5(tmp_path, captions, pipelines):
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd3"], t5_max_length=32))
+    got = read_text_cache(tmp_path / "c")["img003"]
+    text = CAPTIONS["img003"]
+    assert set(got) == {"clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5"}
+    out_l, _, _ = direct(pipelines["sd3"] / "text_encoder", "CLIPTextModelWithProjection", text, 77)
+    torch.testing.assert_close(got["clip_l"], out_l.hidden_states[-2][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["clip_l_pooled"], out_l.text_embeds[0], rtol=1e-5, atol=1e-5)
+    out_t5, mask, _ = direct(pipelines["sd3"] / "text_encoder_3", "T5EncoderModel", text, 32, mask=True)
+    n = int(mask.sum())
+    assert got["t5"].shape == (n, 32)  # trimmed to the real tokens (words + EOS)
+    torch.testing.assert_close(got["t5"], out_t5.last_hidden_state[0, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_length", [16, 64])
+def test_flux_pooled_clip_and_t5_padded_back_to_any_length(tmp_path, captions, pipelines, max_length):
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["flux"], t5_max_length=64))
+    got = read_text_cache(tmp_path / "c")["sub/img002"]
+    text = CAPTIONS["sub/img002"]
+    out_l, _, _ = direct(pipelines["flux"] / "text_encoder", "CLIPTextModel", text, 77)
+    assert set(got) == {"clip_l_pooled", "t5"}
+    torch.testing.assert_close(got["clip_l_pooled"], out_l.pooler_output[0], rtol=1e-5, atol=1e-5)
+    padded, mask = pad_tokens(got["t5"], max_length)
+    out_t5, direct_mask, _ = direct(pipelines["flux"] / "text_encoder_2", "T5EncoderModel", text, max_length, mask=True)
+    assert torch.equal(mask, direct_mask)
+    keep = mask.bool()
+    torch.testing.assert_close(padded[keep], out_t5.last_hidden_state[0][keep], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(padded[~keep]) == 0
+
+
+def test_identical_captions_are_stored_once(tmp_path, captions, pipelines):
+    out = tmp_path / "c"
+    summary = build_textenc(cfg_for(captions, out, pipelines["sdxl"]))
+    assert summary.done == 5
+    with Manifest.open(out, create=False) as m:
+        assert m.distinct_done("textenc", "text_id") == 4
+        rows = {r.key: r for r in m.items("textenc")}
+    assert rows["img000"].info["text_id"] == rows["img001"].info["text_id"]
+    with safe_open(str(out / "textenc" / rows["img000"].shard), framework="pt") as f:
+        assert sum(1 for n in f.keys() if n.endswith("/clip_l")) == 4  # noqa: SIM118
+    # a later caption with the same text points at the stored tensors without encoding
+    (captions / "img009.txt").write_text("a photo of a cat")
+    again = build_textenc(cfg_for(captions, out, pipelines["sdxl"]))
+    assert again.encoded == 1 and again.shards_written == 0 and not again.model_loaded
+
+
+def test_dreambooth_set_stores_one_embedding(tmp_path, pipelines):
+    root = tmp_path / "db"
+    root.mkdir()
+    for i in range(50):
+        (root / f"img{i:03d}.txt").write_text("a photo of the dog")
+    build_textenc(cfg_for(root, tmp_path / "c", pipelines["flux"]))
+    with Manifest.open(tmp_path / "c", create=False) as m:
+        assert m.counts("textenc")["done"] == 50 and m.distinct_done("textenc", "text_id") == 1
+
+
+def test_edited_caption_alone_is_reencoded_and_touching_changes_nothing(tmp_path, captions, pipelines):
+    out = tmp_path / "c"
+    build_textenc(cfg_for(captions, out, pipelines["sdxl"]))
+    before = read_text_cache(out)
+    (captions / "img003.txt").write_text("a photo of a big green tree")
+    (captions / "img000.txt").write_text(CAPTIONS["img000"] + "\n")  # rewritten, same text
+    summary = build_textenc(cfg_for(captions, out, pipelines["sdxl"]))
+    assert (summary.changed, summary.encoded) == (1, 1)
+    after = read_text_cache(out)
+    assert not torch.equal(after["img003"]["clip_l"], before["img003"]["clip_l"])
+    for key in set(before) - {"img003"}:
+        assert torch.equal(after[key]["clip_l"], before[key]["clip_l"])
+    rerun = build_textenc(cfg_for(captions, out, pipelines["sdxl"]))
+    assert rerun.nothing_to_do and not rerun.model_loaded
+
+
+def test_changed_encoder_settings_are_refused(tmp_path, captions, pipelines):
+    out = tmp_path / "c"
+    build_textenc(cfg_for(captions, out, pipelines["flux"], t5_max_length=64))
+    with pytest.raises(FingerprintMismatch, match="max_length"):
+        build_textenc(cfg_for(captions, out, pipelines["flux"], t5_max_length=128))
+
+
+def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, monkeypatch):
+    live: weakref.WeakSet = weakref.WeakSet()
+    loads = []
+    real = textenc.load_encoder
+
+    def probe(spec, device):
+        gc.collect()
+        loads.append((spec.name, len(live)))  # how many encoders are still alive when this one loads
+        model = real(spec, device)
+        live.add(model)
+        return model
+
+    monkeypatch.setattr(textenc, "load_encoder", probe)
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd3"], chunk_mb=0.03))  # a few chunks
+    assert [name for name, _ in loads[:3]] == ["clip_l", "clip_g", "t5"]
+    assert len(loads) > 3  # the small chunk budget made it take turns more than once
+    assert all(alive == 0 for _, alive in loads), loads
+
+
+def test_long_captions_are_truncated_and_counted(tmp_path, pipelines):
+    root = tmp_path / "long"
+    root.mkdir()
+    (root / "long.txt").write_text(" ".join(["cat"] * 100))
+    (root / "short.txt").write_text("a cat")
+    summary = build_textenc(cfg_for(root, tmp_path / "c", pipelines["flux"], t5_max_length=32))
+    assert summary.truncated == 1
+    with Manifest.open(tmp_path / "c", create=False) as m:
+        info = {r.key: r.info for r in m.items("textenc")}
+    assert set(info["long"]["truncated"]) == {"clip_l", "t5"} and info["long"]["tokens"]["t5"] == 32
+    assert info["short"]["truncated"] == []
+
+
+def test_metadata_jsonl_and_bad_rows(tmp_path, pipelines):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "metadata.jsonl").write_text(
+        '{"file_name": "a.jpg", "text": "a red car"}\n'
+        '{"file_name": "sub/b.png", "text": "a blue car"}\n'
+        "not json\n"
+        '{"file_name": "c.jpg"}\n',
+        encoding="utf-8",
+    )
+    summary = build_textenc(cfg_for(root, tmp_path / "c", pipelines["sd15"]))
+    assert (summary.done, summary.failed) == (2, 2)
+    with Manifest.open(tmp_path / "c", create=False) as m:
+        rows = {r.key: r for r in m.items("textenc")}
+    assert rows["a"].status == rows["sub/b"].status == "done"
+    assert "'text'" in rows["c"].reason and "file_name" in rows["metadata.jsonl#3"].reason
+
+
+def test_generic_encoder_with_layer_and_length(tmp_path, captions):
+    enc = make_tiny_clip(tmp_path / "enc", projection=True)
+    tok = make_tiny_tokenizer(tmp_path / "tok", "clip")
+    cfg = TextencConfig(
+        source=captions,
+        out=tmp_path / "c",
+        text_encoder=str(enc),
+        tokenizer=str(tok),
+        layer=-2,
+        device="cpu",
+        dtype=DType.FP32,
+        dtype_out=DType.FP32,
+    )
+    build_textenc(cfg)
+    got = read_text_cache(tmp_path / "c")["img000"]
+    assert set(got) == {"te", "te_pooled"} and got["te"].shape == (77, 32)
+
+
+def test_bad_arguments(tmp_path, captions, pipelines):
+    with pytest.raises(ConfigError, match="--clip-skip"):
+        cfg_for(captions, tmp_path / "c", pipelines["sd15"], clip_skip=3)
+    with pytest.raises(ConfigError, match="--model"):
+        TextencConfig(source=captions, out=tmp_path / "c")
+    with pytest.raises(ConfigError, match="does not exist"):
+        cfg_for(tmp_path / "missing", tmp_path / "c", pipelines["sd15"])
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, pipelines):
+    root = tmp_path / "caps"
+    root.mkdir()
+    words = ["cat", "dog", "red", "blue", "tree", "house", "car", "sky", "river", "night"]
+    for i in range(100):
+        text = " ".join(words[(i * k) % len(words)] for k in range(1, 2 + i % 9)) + f" {words[i % 10]}"
+        (root / f"c{i:03d}.txt").write_text(text)
+    args = [
+        "-m",
+        "cachebuild",
+        "textenc",
+        str(root),
+        "--model",
+        str(pipelines["flux"]),
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--batch-size",
+        "4",
+        "--shard-mb",
+        "0.002",
+        "--chunk-mb",
+        "0.05",
+        "-q",
+    ]
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    kills = 0
+    for target in (8, 40):
+        proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], stderr=subprocess.DEVNULL)
+        while proc.poll() is None and _done(out) < target:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1 and _done(out) < 100
+    subprocess.run([sys.executable, *args, "--out", str(out)], check=True, capture_output=True)
+    whole, resumed = read_text_cache(tmp_path / "whole"), read_text_cache(out)
+    assert sorted(whole) == sorted(resumed) and len(whole) == 100
+    for key in whole:
+        for name in whole[key]:
+            assert torch.equal(whole[key][name], resumed[key][name]), (key, name)
+
+
+def _done(out: Path) -> int:
+    db = out / "manifest.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
