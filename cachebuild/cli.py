@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
+_LISTED = 20  # skipped items and conflicts printed by name; --json has them all
 TEXT_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "generic")  # mirrors config.TextFamily, without importing
 
 
@@ -397,6 +398,49 @@ def verify(cache, repair, as_json):
         elif not report.ok and not repair:
             click.echo(f"to re-queue the damaged items: cachebuild verify {cache} --repair")
     sys.exit(EXIT_OK if report.ok else EXIT_ITEMS_FAILED)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=click.Path(path_type=Path), required=True, help="Dataset folder the trainer reads.")
+@click.option("--format", "fmt", type=click.Choice(["kohya"]), default="kohya", show_default=True, help="Layout.")
+@click.option("--family", type=click.Choice(["sd", "sdxl", "flux"]), help="Model family (default: from the cache).")
+@click.option("--overwrite", is_flag=True, help="Replace existing files whose contents differ.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample exported from a moments cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@_library_errors
+def export(cache, to, fmt, family, overwrite, seed, as_json):
+    """Write the cache as another trainer's own cache files, beside the images in --to.
+
+    kohya: sd-scripts `<stem>_<W>x<H>_<sd|sdxl|flux>.npz` files, so training with --cache_latents_to_disk
+    starts without encoding (see docs/export.md). Exits 3 when files that differ were left alone.
+
+    \b
+    Example:
+      cachebuild export ./cache --format kohya --to ./dataset
+    """
+    from cachebuild.export import export_kohya
+
+    summary = export_kohya(cache, to, family=family, overwrite=overwrite, seed=seed)
+    if as_json:
+        click.echo(json.dumps(asdict(summary), indent=2))
+    else:
+        click.echo(
+            f"{fmt} export ({summary.family}) to {summary.to}: wrote {summary.written}, {summary.unchanged} "
+            f"unchanged, {len(summary.skipped)} skipped, {len(summary.conflicts)} conflicting "
+            f"in {summary.seconds:.1f} s"
+        )
+        for s in summary.skipped[:_LISTED]:
+            click.echo(f"  skipped {s['key']}: {s['reason']}")
+        for name in summary.conflicts[:_LISTED]:
+            click.echo(f"  differs, left alone: {name}")
+        if len(summary.skipped) > _LISTED or len(summary.conflicts) > _LISTED:
+            click.echo(f"  (first {_LISTED} of each listed; --json lists all)")
+        for warning in summary.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if summary.conflicts:
+            click.echo("pass --overwrite to replace the files that differ", err=True)
+    sys.exit(EXIT_ITEMS_FAILED if summary.conflicts else EXIT_OK)
 
 
 def _parse_resolution(text: str) -> tuple[int, int]:

@@ -123,6 +123,15 @@ class CacheReader:
         w, h = self._entry(key)[1].split("x")
         return int(w), int(h)
 
+    def source_paths(self) -> dict[str, str]:
+        """``{key: source path relative to the dataset folder}`` for the done items (one manifest query)."""
+        conn = _connect_readonly(self.root)
+        try:
+            rows = conn.execute("SELECT key, path FROM items WHERE store=? AND status='done'", (LATENTS,)).fetchall()
+        finally:
+            conn.close()
+        return dict(rows)
+
     def shard_of(self, key: str) -> str:
         """The file name of the shard that holds the item's tensors."""
         return self._entry(key)[0]

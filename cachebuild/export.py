@@ -1,0 +1,261 @@
+"""Export a cache to kohya sd-scripts' own disk-cache layout, so `--cache_latents_to_disk` finds it ready.
+
+One ``.npz`` per image, beside the image under ``--to`` (the dataset folder sd-scripts trains on), named and
+filled the way sd-scripts' caching strategies name and fill them (docs/export.md has the table and where each
+rule comes from):
+
+  sd / sdxl: ``<stem>_<W:04d>x<H:04d>_<sd|sdxl>.npz`` with ``latents`` (C, H/8, W/8) float32, raw;
+             ``original_size`` [W, H]; ``crop_ltrb``; ``latents_flipped`` with --flip-aug caches.
+  flux:      ``<stem>_<W:04d>x<H:04d>_flux.npz`` with the same fields suffixed ``_<h>x<w>`` (latent height x
+             width), latents scaled as sd-scripts' Flux autoencoder returns them: (z - shift) * scale.
+
+``W x H`` in the name is the image's own size, which sd-scripts parses back from the name. Nothing is written
+outside ``--to``; an existing file with other contents is left alone unless ``overwrite`` is set, and a file
+with the same contents is not rewritten, so an export can be re-run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachebuild.errors import ConfigError
+from cachebuild.plan import item_seed
+from cachebuild.reader import CacheReader, open_cache
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd", "sdxl", "flux")
+KOHYA_DOWNSAMPLE = 8  # sd-scripts assumes 8 pixels per latent cell for every family it caches
+SDXL_SCALING = 0.13025
+SD3_SCALING = 1.5305
+
+
+@dataclass
+class ExportSummary:
+    """What one export did; ``conflicts`` are files left alone because they differ (see ``overwrite``)."""
+
+    family: str
+    to: str
+    written: int = 0
+    unchanged: int = 0  # the file was already there with the same contents
+    conflicts: list[str] = field(default_factory=list)  # paths relative to --to
+    skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}] items not exported
+    shadowed: list[str] = field(default_factory=list)  # old <stem>.npz files sd-scripts would read instead
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def detect_family(fingerprint: dict) -> str:
+    """sd, sdxl or flux, from the VAE recorded in the cache's fingerprint.
+
+    16 channels with a shift factor is Flux (SD3, also 16 channels, has no kohya cache layout here); a
+    scaling factor of 0.13025 is SDXL; any other 4-channel VAE is SD 1.x/2.x.
+
+    Raises:
+        ConfigError: the VAE matches no family; the message says to pass one.
+    """
+    vae = fingerprint.get("vae", {})
+    channels, scale, shift = vae.get("latent_channels"), vae.get("scaling_factor"), vae.get("shift_factor")
+    if channels == 16 and shift is not None:
+        if scale is not None and abs(scale - SD3_SCALING) < 1e-4:
+            raise ConfigError("this is an SD3 cache; kohya export covers sd, sdxl and flux (force with --family)")
+        return "flux"
+    if scale is not None and abs(scale - SDXL_SCALING) < 1e-6:
+        return "sdxl"
+    if channels == 4:
+        return "sd"
+    raise ConfigError(f"cannot tell the model family of a {channels}-channel VAE; pass --family sd|sdxl|flux")
+
+
+def kohya_npz_name(path: str, original_size: tuple[int, int], family: str) -> str:
+    """The cache file sd-scripts looks for beside image ``path``: ``<stem>_<W:04d>x<H:04d>_<family>.npz``."""
+    stem = os.path.splitext(path)[0]
+    w, h = original_size
+    return f"{stem}_{w:04d}x{h:04d}_{family}.npz"
+
+
+def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> tuple:
+    """sd-scripts' ``crop_ltrb``: the box the image would fill if *fitted inside* the bucket, centred.
+
+    This is sd-scripts' own formula (``get_crop_ltrb``, "according to the preprocessing of Stability AI"); it
+    depends on the bucket and the original size only, never on the crop actually taken, and its values are
+    floats. It is copied here so the exported value is the one sd-scripts would have written itself.
+    """
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = original_size[0] / original_size[1]
+    if bucket_ar > image_ar:  # bucket wider than the image: heights match
+        resized_w, resized_h = bucket[1] * image_ar, bucket[1]
+    else:
+        resized_w, resized_h = bucket[0], bucket[0] / image_ar
+    left = (bucket[0] - resized_w) // 2
+    top = (bucket[1] - resized_h) // 2
+    return left, top, left + resized_w, top + resized_h
+
+
+def export_kohya(
+    cache: str | os.PathLike, to: str | os.PathLike, family: str | None = None, overwrite: bool = False, seed: int = 0
+) -> ExportSummary:
+    """Write the latent cache at ``cache`` as sd-scripts ``.npz`` files beside the images under ``to``.
+
+    Args:
+        cache: the cache folder.
+        to: the dataset folder sd-scripts trains on (the images must be there; files go beside them).
+        family: sd, sdxl or flux; None detects it from the cache (:func:`detect_family`).
+        overwrite: replace existing files whose contents differ.
+        seed: for ``--latents moments`` caches, the seed of the one sample exported per image.
+
+    Raises:
+        ConfigError: unknown family, or one that does not fit the cache's VAE; ``to`` is not a folder.
+        CacheError: ``cache`` is not a cache.
+
+    Example:
+        >>> export_kohya("./cache", "./dataset").written
+        20000
+    """
+    start = time.monotonic()
+    reader = open_cache(cache)
+    family = _check_family(family or detect_family(reader.fingerprint), reader.fingerprint)
+    root = Path(to)
+    if not root.is_dir():
+        raise ConfigError(f"--to {root} is not a folder; pass the dataset folder sd-scripts trains on")
+    summary = ExportSummary(family, str(root))
+    downsample = reader.fingerprint.get("vae", {}).get("downsample")
+    if downsample != KOHYA_DOWNSAMPLE:
+        summary.warnings.append(
+            f"this VAE downsamples by {downsample}, sd-scripts assumes {KOHYA_DOWNSAMPLE}: it will not use these files"
+        )
+    paths = reader.source_paths()
+    for key in reader:
+        _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary)
+    if summary.shadowed:
+        summary.warnings.append(
+            f"{len(summary.shadowed)} old-style <stem>.npz file(s) sit beside exported images, e.g. "
+            f"{summary.shadowed[0]}; sd-scripts reads those instead, so delete them"
+        )
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _export_one(
+    reader: CacheReader, key: str, rel: str | None, root: Path, family: str, overwrite: bool, seed: int, s
+) -> None:
+    info = reader.info(key)
+    original = tuple(info["original_size"])
+    image = _inside(root, rel) if rel else None
+    reason = _unusable(image, original)
+    if reason:
+        _skip(s, key, reason)
+        return
+    target = image.with_name(os.path.basename(kohya_npz_name(rel, original, family)))
+    arrays = kohya_arrays(reader, key, info, family, seed)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # numpy writes fixed zip timestamps: same arrays, same bytes
+    data = buf.getvalue()
+    if target.exists():
+        if _same_contents(target, data, arrays):
+            s.unchanged += 1
+            return
+        if not overwrite:
+            s.conflicts.append(str(target.relative_to(root.resolve())))
+            return
+    _write_replace(target, data)
+    s.written += 1
+    if family != "flux" and image.with_suffix(".npz").exists():
+        s.shadowed.append(str(image.with_suffix(".npz").relative_to(root.resolve())))
+
+
+def kohya_arrays(reader: CacheReader, key: str, info: dict, family: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """The arrays of one item's sd-scripts latents file, by their npz names."""
+    tensors = reader.tensors(key)
+    bucket, original = tuple(info["bucket"]), tuple(info["original_size"])
+    out: dict[str, np.ndarray] = {}
+    for suffix in ("", "_flipped"):
+        z = _one_latent(tensors, suffix, key, seed)
+        if z is None:
+            continue
+        if family == "flux":  # sd-scripts' Flux autoencoder returns scaled latents, and caches them so
+            z = (z - reader.shift_factor) * reader.scaling_factor
+        out["latents" + suffix] = z.numpy()  # (C, H/8, W/8) float32
+    res = f"_{out['latents'].shape[1]}x{out['latents'].shape[2]}" if family == "flux" else ""  # latent h x w
+    result = {name + res: a for name, a in out.items()}
+    result["original_size" + res] = np.array(original)  # [W, H]
+    result["crop_ltrb" + res] = np.array(kohya_crop_ltrb(bucket, original))
+    return result
+
+
+def _one_latent(tensors: dict[str, torch.Tensor], suffix: str, key: str, seed: int) -> torch.Tensor | None:
+    if "latents" + suffix in tensors:
+        return tensors["latents" + suffix].float()
+    if "mean" + suffix not in tensors:
+        return None
+    mean, std = tensors["mean" + suffix].float(), tensors["std" + suffix].float()
+    gen = torch.Generator().manual_seed(item_seed(seed, key, f"export{suffix}"))  # one fixed draw per image
+    return mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float32)
+
+
+def _check_family(family: str, fingerprint: dict) -> str:
+    if family not in FAMILIES:
+        raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    channels = fingerprint.get("vae", {}).get("latent_channels")
+    want = 16 if family == "flux" else 4
+    if channels != want:
+        raise ConfigError(f"--family {family} needs {want}-channel latents; this cache has {channels}")
+    return family
+
+
+def _inside(root: Path, rel: str) -> Path:
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):  # a path from the manifest never leads out of --to
+        raise ConfigError(f"item path {rel!r} points outside --to {root}; the manifest may be damaged")
+    return path
+
+
+def _unusable(image: Path | None, original: tuple[int, int]) -> str | None:
+    """Why sd-scripts would not use a file beside this image, or None."""
+    if image is None or not image.is_file():
+        return "image not found under --to; sd-scripts reads caches beside their images"
+    from PIL import Image
+
+    try:
+        with Image.open(image) as img:
+            size, orientation = img.size, img.getexif().get(0x0112, 1)
+    except Exception as exc:  # per-item boundary: an unreadable image is skipped with its reason
+        return f"cannot read the image header: {exc}"
+    if orientation not in (None, 1):
+        return "EXIF-rotated image: sd-scripts reads pixels unrotated, so these latents would not match"
+    if size != original:
+        return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
+    return None
+
+
+def _same_contents(path: Path, data: bytes, arrays: dict[str, np.ndarray]) -> bool:
+    existing = path.read_bytes()
+    if existing == data:
+        return True
+    try:
+        with np.load(io.BytesIO(existing)) as npz:
+            if sorted(npz.files) != sorted(arrays):
+                return False
+            return all(npz[k].dtype == a.dtype and np.array_equal(npz[k], a) for k, a in arrays.items())
+    except Exception:  # not a readable npz: it differs
+        return False
+
+
+def _write_replace(target: Path, data: bytes) -> None:
+    # a temporary name then a rename, so sd-scripts never sees half a file; no fsync: the cache is the copy
+    # that must survive a crash, and an export can simply be run again
+    tmp = target.with_name(target.name + ".cachebuild-tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def _skip(summary: ExportSummary, key: str, reason: str) -> None:
+    summary.skipped.append({"key": key, "reason": reason})
