@@ -443,6 +443,36 @@ def export(cache, to, fmt, family, overwrite, seed, as_json):
     sys.exit(EXIT_ITEMS_FAILED if summary.conflicts else EXIT_OK)
 
 
+@cli.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@_model_options
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path), default="preview.png", show_default=True, help="PNG to write."
+)
+@click.option("-n", "count", default=16, show_default=True, help="How many items to show.")
+@click.option("--seed", default=0, show_default=True, help="Picks the items.")
+@click.option("--dataset", type=click.Path(path_type=Path), help="Dataset folder, to show each source crop.")
+@click.option("--device", help="Device for decoding (default: cpu).")
+@_library_errors
+def preview(cache, model, vae, vae_config, revision, output, count, seed, dataset, device):
+    """Decode a sample of cached latents into a PNG grid, each beside its source image's crop.
+
+    \b
+    Example:
+      cachebuild preview ./cache --model sdxl --dataset ./dataset -n 16 -o preview.png
+    """
+    from cachebuild.config import ModelSpec
+    from cachebuild.preview import preview_cache
+
+    spec = ModelSpec(model=model, vae=vae, vae_config=vae_config, revision=revision)
+    summary = preview_cache(cache, spec, output, n=count, seed=seed, dataset=dataset, device=device)
+    click.echo(f"wrote {summary.path}: {len(summary.keys)} items, {summary.size[0]}x{summary.size[1]} px")
+    if dataset is None:
+        click.echo("source tiles are grey: pass --dataset to compare with the source images", err=True)
+    for m in summary.missing_sources:
+        click.echo(f"  no source for {m['key']}: {m['reason']}", err=True)
+
+
 def _parse_resolution(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",")]
