@@ -322,3 +322,41 @@ def _done(out: Path) -> int:
             return conn.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def test_cli_textenc_then_status_reports_both_stores(tmp_path, captions, pipelines, tiny_vae):
+    import json
+
+    from click.testing import CliRunner
+
+    from cachebuild.cli import cli
+
+    (captions / "bad.txt").write_bytes(b"\xff\xfe\x00broken")
+    out = tmp_path / "cache"
+    runner = CliRunner()
+    args = [
+        "textenc",
+        str(captions),
+        "--model",
+        str(pipelines["flux"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--t5-max-length",
+        "64",
+        "-q",
+    ]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 3, result.output  # one caption failed
+    info = json.loads(runner.invoke(cli, ["status", str(out), "--json"]).stdout)
+    text = info["textenc"]
+    assert text["items"] == {"done": 5, "failed": 1, "pending": 0}
+    assert text["unique"] == 4 and text["bytes"] > 0 and text["shards"] >= 1
+    assert text["failures"][0]["key"] == "bad" and "UTF-8" in text["failures"][0]["reason"]
+    assert text["fingerprint"]["family"] == "flux"
+    assert info["items"] == {"done": 0, "failed": 0, "pending": 0}  # latent fields stay at the top level
+    again = runner.invoke(cli, args[:-1])
+    assert again.exit_code == 3 and "nothing left to do" in again.stderr
+    plain = runner.invoke(cli, ["status", str(out)]).stdout
+    assert "textenc: 5 done, 1 failed" in plain and "4 unique captions" in plain
