@@ -81,6 +81,7 @@ def test_crop_ltrb_is_sd_scripts_fit_inside_box():
     assert kohya_crop_ltrb((64, 64), (100, 60)) == (0, 12.0, 64, 50.4)  # image wider: width fills
     assert kohya_crop_ltrb((1216, 832), (800, 1200)) == (330.0, 0, 330.0 + 832 * 800 / 1200, 832)  # heights match
     assert kohya_crop_ltrb((1024, 1024), (500, 500)) == (0, 0, 1024, 1024)
+    assert kohya_crop_ltrb((1216, 832), (1200, 800)) == (0, 10.0, 1216, 10.0 + 1216 / 1.5)  # docs/export.md
 
 
 def test_rerun_skips_identical_files_and_refuses_to_overwrite_a_different_one(sdxl, dataset):
