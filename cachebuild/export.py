@@ -9,6 +9,9 @@ rule comes from):
   flux:      ``<stem>_<W:04d>x<H:04d>_flux.npz`` with the same fields suffixed ``_<h>x<w>`` (latent height x
              width), latents scaled as sd-scripts' Flux autoencoder returns them: (z - shift) * scale.
 
+With text-encoder outputs of the same family in the cache, ``<stem>_te_outputs.npz`` (sdxl) or
+``<stem>_flux_te.npz`` (flux) go beside the image too.
+
 ``W x H`` in the name is the image's own size, which sd-scripts parses back from the name. Nothing is written
 outside ``--to``; an existing file with other contents is left alone unless ``overwrite`` is set, and a file
 with the same contents is not rewritten, so an export can be re-run.
@@ -36,6 +39,7 @@ FAMILIES = ("sd", "sdxl", "flux")
 KOHYA_DOWNSAMPLE = 8  # sd-scripts assumes 8 pixels per latent cell for every family it caches
 SDXL_SCALING = 0.13025
 SD3_SCALING = 1.5305
+TEXT_SUFFIX = {"sdxl": "_te_outputs.npz", "flux": "_flux_te.npz"}  # sd-scripts keeps no SD 1.x text cache
 
 
 @dataclass
@@ -121,7 +125,7 @@ def export_kohya(
         20000
     """
     start = time.monotonic()
-    reader = open_cache(cache)
+    reader = open_cache(cache, text=False)  # every latents item, whether or not it has a caption
     family = _check_family(family or detect_family(reader.fingerprint), reader.fingerprint)
     root = Path(to)
     if not root.is_dir():
@@ -135,6 +139,8 @@ def export_kohya(
     paths = reader.source_paths()
     for key in reader:
         _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary)
+    if reader.text_fingerprint is not None:
+        _export_text(open_cache(cache, text=True), paths, root, family, overwrite, summary)
     if summary.shadowed:
         summary.warnings.append(
             f"{len(summary.shadowed)} old-style <stem>.npz file(s) sit beside exported images, e.g. "
@@ -155,21 +161,59 @@ def _export_one(
         _skip(s, key, reason)
         return
     target = image.with_name(os.path.basename(kohya_npz_name(rel, original, family)))
-    arrays = kohya_arrays(reader, key, info, family, seed)
+    written = _write_npz(target, kohya_arrays(reader, key, info, family, seed), root, overwrite, s)
+    if written and family != "flux" and image.with_suffix(".npz").exists():
+        s.shadowed.append(str(image.with_suffix(".npz").relative_to(root.resolve())))
+
+
+def _export_text(reader: CacheReader, paths: dict[str, str], root: Path, family: str, overwrite: bool, s) -> None:
+    """``<stem>_te_outputs.npz`` (sdxl) or ``<stem>_flux_te.npz`` (flux) beside each image with a caption."""
+    text_family = reader.text_fingerprint.get("family")
+    if family not in TEXT_SUFFIX or text_family != family:
+        s.warnings.append(f"text outputs ({text_family}) not exported: sd-scripts has no {family} text cache for them")
+        return
+    for key in reader.unmatched["text_only"]:
+        _skip(s, key, "caption with no image in the latent cache: no place to put its text outputs")
+    for key in reader:
+        image = _inside(root, paths[key])
+        if not image.is_file():
+            continue  # already reported by the latents export
+        target = image.with_name(os.path.splitext(image.name)[0] + TEXT_SUFFIX[family])
+        _write_npz(target, kohya_text_arrays(reader, key, family), root, overwrite, s)
+
+
+def kohya_text_arrays(reader: CacheReader, key: str, family: str) -> dict[str, np.ndarray]:
+    """The arrays of one item's sd-scripts text-encoder outputs file, by their npz names."""
+    t = {
+        name: v.float().numpy() if v.is_floating_point() else v.numpy() for name, v in reader.text_tensors(key).items()
+    }
+    if family == "sdxl":  # both CLIPs' penultimate layer, and the bigG projection of the pooled output
+        return {"hidden_state1": t["clip_l"], "hidden_state2": t["clip_g"], "pool2": t["clip_g_pooled"]}
+    length = t["t5"].shape[0]  # T5 padded back to its max length; the mask marks the real tokens
+    return {
+        "l_pooled": t["clip_l_pooled"],
+        "t5_out": t["t5"],
+        "txt_ids": np.zeros((length, 3), dtype=np.float32),
+        "t5_attn_mask": t["t5_mask"],
+        "apply_t5_attn_mask": np.array(True),  # encoded with the mask: train with --apply_t5_attn_mask
+    }
+
+
+def _write_npz(target: Path, arrays: dict[str, np.ndarray], root: Path, overwrite: bool, s: ExportSummary) -> bool:
+    """Write ``arrays`` to ``target`` unless it holds them already or differs without ``overwrite``."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # numpy writes fixed zip timestamps: same arrays, same bytes
     data = buf.getvalue()
     if target.exists():
         if _same_contents(target, data, arrays):
             s.unchanged += 1
-            return
+            return False
         if not overwrite:
             s.conflicts.append(str(target.relative_to(root.resolve())))
-            return
+            return False
     _write_replace(target, data)
     s.written += 1
-    if family != "flux" and image.with_suffix(".npz").exists():
-        s.shadowed.append(str(image.with_suffix(".npz").relative_to(root.resolve())))
+    return True
 
 
 def kohya_arrays(reader: CacheReader, key: str, info: dict, family: str, seed: int = 0) -> dict[str, np.ndarray]:

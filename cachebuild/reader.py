@@ -27,22 +27,25 @@ from cachebuild.sampler import BucketBatchSampler
 log = logging.getLogger(__name__)
 
 LATENTS = "latents"
+TEXTENC = "textenc"
 MANIFEST_NAME = "manifest.sqlite"
 MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
 
 __all__ = ["BucketBatchSampler", "CacheReader", "LatentDataset", "open_cache"]
 
 
-def open_cache(path: str | os.PathLike, seed: int | None = None) -> CacheReader:
+def open_cache(path: str | os.PathLike, seed: int | None = None, text: bool | None = None) -> CacheReader:
     """Open the cache folder at ``path`` (safetensors or HDF5 shards) for reading.
 
     Args:
         path: the ``--out`` folder of ``cachebuild latents``.
         seed: seeds the fresh latent drawn per read from a ``--latents moments`` cache; None follows torch's
             own seeding (``torch.manual_seed``, and the per-worker seeds a DataLoader sets).
+        text: join the text-encoder outputs of ``cachebuild textenc`` by key: None when the cache has them,
+            True to require them, False to ignore them.
 
     Raises:
-        CacheError: no manifest there, or no finished latents in it.
+        CacheError: no manifest there, no finished latents in it, or no text outputs when ``text=True``.
 
     Example:
         >>> cache = open_cache("./cache")
@@ -50,7 +53,7 @@ def open_cache(path: str | os.PathLike, seed: int | None = None) -> CacheReader:
         >>> rec["latents"].shape, rec["bucket"]
         (torch.Size([4, 128, 96]), (768, 1024))
     """
-    return CacheReader(Path(path), seed)
+    return CacheReader(Path(path), seed, text)
 
 
 class CacheReader:
@@ -59,9 +62,14 @@ class CacheReader:
     A record (``cache[key]``) is a dict: ``key``; ``latents`` (C, H/f, W/f), raw as stored; ``original_size``
     (W, H) after EXIF rotation; ``crop`` (left, top) of the bucket in the resized image; ``bucket`` (W, H);
     ``flip``; and ``latents_flipped`` when the cache was built with ``--flip-aug``.
+
+    With text outputs joined, a record also holds each stored text tensor by name (``clip_l`` (77, D),
+    ``clip_g_pooled`` (D,), ...); T5 outputs, stored trimmed, come back padded with zeros to the max length
+    (``t5`` (L, D)) with their attention mask (``t5_mask`` (L,), 1 at real tokens). Only keys with both
+    latents and text are items then; the others are listed in ``unmatched``, never silently dropped.
     """
 
-    def __init__(self, root: Path, seed: int | None = None):
+    def __init__(self, root: Path, seed: int | None = None, text: bool | None = None):
         self.root = root
         self.seed = seed
         conn = _connect_readonly(root)
@@ -69,12 +77,23 @@ class CacheReader:
             self.fingerprint = _fingerprint(conn, LATENTS)
             if self.fingerprint is None:
                 raise CacheError(f"{root} holds no latents; build them with: cachebuild latents DATASET --out {root}")
-            # one query; info stays JSON text until a record asks for it
+            # one query per store; info stays JSON text until a record asks for it
             rows = conn.execute(
                 "SELECT key, shard, bucket, info FROM items WHERE store=? AND status='done' ORDER BY key", (LATENTS,)
             ).fetchall()
+            self.text_fingerprint = _fingerprint(conn, TEXTENC)  # None when the cache has no text outputs
+            joined = text is not False and self.text_fingerprint is not None
+            if text and self.text_fingerprint is None:
+                raise CacheError(
+                    f"{root} holds no text outputs; build them with: cachebuild textenc CAPTIONS --out {root}"
+                )
+            text_rows = _text_rows(conn) if joined else []
         finally:
             conn.close()
+        self._text: dict[str, tuple[str, str]] = {k: (shard, tid) for k, shard, tid in text_rows}
+        self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
+        if joined:
+            rows = self._join(rows)
         self._keys: list[str] = [r[0] for r in rows]
         self._index: dict[str, tuple[str, str, str]] = {r[0]: (r[1], r[2], r[3]) for r in rows}
         vae = self.fingerprint.get("vae", {})
@@ -82,6 +101,7 @@ class CacheReader:
         self.shift_factor: float = float(vae.get("shift_factor") or 0.0)
         self.latents_mode: str = self.fingerprint.get("latents", "sample")
         self._handles = _ShardHandles(root / LATENTS)
+        self._text_handles = _ShardHandles(root / TEXTENC)
         self._rng: tuple[int, torch.Generator] | None = None
 
     # -- mapping ---------------------------------------------------------------------------------------
@@ -99,6 +119,11 @@ class CacheReader:
         return iter(self._keys)
 
     def __getitem__(self, key: str) -> dict:
+        return self.record(key)
+
+    def record(self, key: str, t5_max_length: int | None = None) -> dict:
+        """The record of ``key``; ``t5_max_length`` pads (or cuts) trimmed text outputs to that length instead
+        of the encoder's max length."""
         info = self.info(key)
         tensors = self.tensors(key)
         record = {
@@ -112,7 +137,25 @@ class CacheReader:
             z = self._latents(tensors, suffix)
             if z is not None:
                 record["latents" + suffix] = z
+        if key in self._text:
+            record |= self.text_tensors(key, t5_max_length)
         return record
+
+    def text_tensors(self, key: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""
+        from cachebuild.textenc import pad_tokens
+
+        shard, text_id = self._text[key]
+        encoders = self.text_fingerprint.get("encoders", [])
+        names = [e["name"] for e in encoders if e.get("hidden")] + [
+            f"{e['name']}_pooled" for e in encoders if e.get("pooled")
+        ]
+        stored = self._text_handles.get(shard).read(text_id, names)
+        for enc in encoders:
+            if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
+                name = enc["name"]
+                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], max_length or enc["max_length"])
+        return stored
 
     def info(self, key: str) -> dict:
         """The item's stored metadata: ``original_size``, ``bucket``, ``resized``, ``crop``, ``flip``."""
@@ -145,14 +188,17 @@ class CacheReader:
         return self._handles.get(shard).read(key, names)
 
     # -- torch -----------------------------------------------------------------------------------------
-    def dataset(self, scale: bool = False, dtype: torch.dtype = torch.float32) -> LatentDataset:
+    def dataset(
+        self, scale: bool = False, dtype: torch.dtype = torch.float32, t5_max_length: int | None = None
+    ) -> LatentDataset:
         """A map-style torch Dataset over :meth:`keys`; index ``i`` is ``keys()[i]``.
 
         Args:
             scale: apply ``(z - shift_factor) * scaling_factor``, what the diffusion model is trained on.
-            dtype: dtype of the latents handed out.
+            dtype: dtype of the latents and text tensors handed out.
+            t5_max_length: length trimmed text outputs (T5) are padded to; default the encoder's max length.
         """
-        return LatentDataset(self, scale, dtype)
+        return LatentDataset(self, scale, dtype, t5_max_length)
 
     def bucket_sampler(
         self,
@@ -169,6 +215,23 @@ class CacheReader:
         return BucketBatchSampler(buckets, batch_size, shuffle, seed, drop_last, rank, world_size)
 
     # -- internals -------------------------------------------------------------------------------------
+    def _join(self, rows: list) -> list:
+        """Keep the latents rows that have text; list the keys that have only one side."""
+        latents = {r[0] for r in rows}
+        self.unmatched = {
+            "latents_only": sorted(latents - self._text.keys()),
+            "text_only": sorted(self._text.keys() - latents),
+        }
+        if self.unmatched["latents_only"] or self.unmatched["text_only"]:
+            log.warning(
+                "%d item(s) have latents but no text and %d text but no latents (e.g. %s); they are left out: "
+                "see CacheReader.unmatched",
+                len(self.unmatched["latents_only"]),
+                len(self.unmatched["text_only"]),
+                (self.unmatched["latents_only"] + self.unmatched["text_only"])[0],
+            )
+        return [r for r in rows if r[0] in self._text]
+
     def _entry(self, key: str) -> tuple[str, str, str]:
         try:
             return self._index[key]
@@ -199,6 +262,7 @@ class CacheReader:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handles"] = _ShardHandles(self._handles.folder)  # open handles never cross processes
+        state["_text_handles"] = _ShardHandles(self._text_handles.folder)
         state["_rng"] = None
         return state
 
@@ -207,20 +271,21 @@ class LatentDataset(torch.utils.data.Dataset):
     """Records as tensors, ready for the default collate: ``original_size``, ``crop``, ``bucket`` become
     int64 tensors of shape (2,), so a batch has them as (B, 2); ``key`` stays a string."""
 
-    def __init__(self, cache: CacheReader, scale: bool, dtype: torch.dtype):
-        self.cache, self.scale, self.dtype = cache, scale, dtype
+    def __init__(self, cache: CacheReader, scale: bool, dtype: torch.dtype, t5_max_length: int | None = None):
+        self.cache, self.scale, self.dtype, self.t5_max_length = cache, scale, dtype, t5_max_length
         self._keys = cache.keys()
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def __getitem__(self, index: int) -> dict:
-        rec = self.cache[self._keys[index]]
+        rec = self.cache.record(self._keys[index], self.t5_max_length)
+        for name, value in rec.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                rec[name] = value.to(self.dtype)
         for name in ("latents", "latents_flipped"):
-            if name in rec:
-                z = rec[name].to(self.dtype)
-                # raw -> scaled: (z - shift) * scale
-                rec[name] = (z - self.cache.shift_factor) * self.cache.scaling_factor if self.scale else z
+            if name in rec and self.scale:
+                rec[name] = (rec[name] - self.cache.shift_factor) * self.cache.scaling_factor  # raw -> scaled
         for name in ("original_size", "crop", "bucket"):
             rec[name] = torch.tensor(rec[name], dtype=torch.long)
         return rec
@@ -297,6 +362,13 @@ def _connect_readonly(root: Path) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error as exc:
         raise CacheError(f"cannot open {path} for reading ({exc}); check its permissions") from exc
+
+
+def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """(key, shard, text id) of every done text item: identical captions share one stored entry."""
+    return conn.execute(
+        "SELECT key, shard, json_extract(info, '$.text_id') FROM items WHERE store=? AND status='done'", (TEXTENC,)
+    ).fetchall()
 
 
 def _fingerprint(conn: sqlite3.Connection, store: str) -> dict | None:
