@@ -95,19 +95,23 @@ class Manifest:
         self._lock_fd: int | None = None
 
     @classmethod
-    def open(cls, root: Path, create: bool = True) -> Manifest:
+    def open(cls, root: Path, create: bool = True, read_only: bool = False) -> Manifest:
+        """Open (or with ``create`` make) the manifest in ``root``; ``read_only`` never writes to it."""
         path = root / MANIFEST_NAME
-        if not path.exists() and not create:
+        if not path.exists() and (not create or read_only):
             raise CacheError(f"{root} is not a cachebuild cache (no {MANIFEST_NAME}); check the path")
-        root.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")  # a committed shard stays committed through power loss
-        conn.executescript(_SCHEMA)
+        if read_only:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a committed shard stays committed through power loss
+            conn.executescript(_SCHEMA)
         found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if found is None:
+        if found is None and not read_only:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(found[0]) > SCHEMA_VERSION:
+        elif found is not None and int(found[0]) > SCHEMA_VERSION:
             raise CacheError(f"{path} was written by a newer cachebuild (schema {found[0]}); upgrade cachebuild")
         return cls(root, conn)
 

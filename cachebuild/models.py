@@ -164,8 +164,14 @@ def _resolve_single_file(spec: ModelSpec, path: Path) -> ResolvedVae:
     return ResolvedVae(str(path), folder, path, _read_json(folder / "config.json"), (path,))
 
 
+HUB_IGNORE = ["*.fp16.*", "*.bin", "*.onnx*", "*.msgpack", "*.h5", "*.ckpt", "*.pt"]  # variants and
+# other frameworks' copies of the same weights: fetching them would cost gigabytes and change nothing
+
+
 def fetch_hub_folder(repo_id: str, patterns: list[str], revision: str | None) -> Path:
     """The local snapshot of ``repo_id`` holding the files that match ``patterns`` (fetched if missing).
+
+    Only the default-precision safetensors weights are fetched (see ``HUB_IGNORE``).
 
     Raises:
         ModelLoadError: not a local path and not a reachable hub repository.
@@ -173,7 +179,7 @@ def fetch_hub_folder(repo_id: str, patterns: list[str], revision: str | None) ->
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=HUB_IGNORE, revision=revision))
     except Exception as exc:  # network, auth, missing repo: one message with the ways out
         raise ModelLoadError(
             f"{repo_id!r} is neither a local path nor a reachable hub repository ({type(exc).__name__}: {exc}). "
@@ -189,9 +195,11 @@ def _fetch_hub_folder(repo_id: str, subfolder: str, revision: str | None, config
 
 
 def weight_files(folder: Path) -> tuple[Path, ...]:
-    found = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
-    if not found:
-        found = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    """The weight files ``from_pretrained`` loads from ``folder``: safetensors without a variant infix
+    (``model.fp16.safetensors`` is another copy), else any variant, else other formats."""
+    tensors = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    plain = [p for p in tensors if p.name.count(".") == 1]
+    found = plain or tensors or sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     return tuple(found)
 
 

@@ -28,7 +28,7 @@ def cache_status(out: Path) -> dict:
     Raises:
         CacheError: ``out`` holds no manifest.
     """
-    with Manifest.open(out, create=False) as m:
+    with Manifest.open(out, read_only=True) as m:
         status = store_status(m, "latents")
         status["cache"] = str(out)
         if m.fingerprint("textenc") is not None:

@@ -19,7 +19,7 @@ def make_tiny_vae(
     shift_factor: float | None = None,
     seed: int = 0,
 ) -> Path:
-    """Save a ~60k-parameter AutoencoderKL (downsampling 2: two blocks) to ``path``."""
+    """Save a ~40k-parameter AutoencoderKL (downsampling 2: two blocks) to ``path``."""
     import torch
     from diffusers import AutoencoderKL
 

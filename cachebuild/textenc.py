@@ -458,7 +458,9 @@ def _local_or_hub(source: str, revision: str | None, pipeline: bool = False) -> 
         return path
     if pipeline:
         subs = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
-        patterns = ["model_index.json"] + [f"{s}/*" for s in subs]
+        patterns = ["model_index.json"] + [
+            f"{s}/*.{ext}" for s in subs for ext in ("json", "safetensors", "txt", "model")
+        ]
     else:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
     return fetch_hub_folder(source, patterns, revision)
