@@ -113,8 +113,13 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
                 free_device_memory(device)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
-        drop_dead_shards(manifest, LATENTS)
-        counts = manifest.counts(LATENTS)
+        return finish_run(manifest, summary, start)
+
+
+def finish_run(manifest: Manifest, summary: RunSummary, start: float) -> RunSummary:
+    """Delete shards nothing points at any more and fill in the store's totals."""
+    drop_dead_shards(manifest, summary.store)
+    counts = manifest.counts(summary.store)
     summary.done, summary.failed, summary.pending = counts[DONE], counts[FAILED], counts[PENDING]
     summary.seconds = time.monotonic() - start
     return summary

@@ -27,9 +27,9 @@ from cachebuild.captions import scan_captions, text_id
 from cachebuild.config import PRESETS, DType, TextencConfig, TextFamily
 from cachebuild.encode import GuardedForward, free_device_memory, pick_device, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
-from cachebuild.manifest import DONE, FAILED, PENDING, Manifest
+from cachebuild.manifest import DONE, PENDING, Manifest
 from cachebuild.models import fetch_hub_folder, weight_files
-from cachebuild.pipeline import Progress, ProgressFn, RunSummary, ShardSink, drop_dead_shards, open_store
+from cachebuild.pipeline import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.pipeline import weights_sha256 as files_sha256
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
                     _encode_all(cfg, specs, device, new_texts, sink, summary, progress)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
-        drop_dead_shards(manifest, TEXTENC)
-        counts = manifest.counts(TEXTENC)
-    summary.done, summary.failed, summary.pending = counts[DONE], counts[FAILED], counts[PENDING]
-    summary.seconds = time.monotonic() - start
-    return summary
+        return finish_run(manifest, summary, start)
 
 
 def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFamily, list[EncoderSpec]]:

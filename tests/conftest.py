@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -41,3 +42,15 @@ def dataset(tmp_path) -> Path:
         sub = "sub/" if i == 7 else ""
         write_image(root / f"{sub}img{i:03d}{suffix}", size, seed=i)
     return root
+
+
+def done_count(out: Path) -> int:
+    """Items done in the cache at ``out``, read from the manifest without locking it (0 before it exists)."""
+    db = out / "manifest.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
+    except sqlite3.Error:
+        return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, Late
 from cachebuild.errors import ConfigError, FingerprintMismatch
 from cachebuild.manifest import Manifest
 from cachebuild.pipeline import build_latents
-from tests.conftest import ODD_IMAGES, write_image
+from tests.conftest import ODD_IMAGES, done_count, write_image
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_reso=64, max_reso=256, steps=64)
 
@@ -257,27 +256,16 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path, t
     kills = 0
     for target in (2, 6, 12):  # kill after different numbers of committed items
         proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while proc.poll() is None and _done_count(out) < target:
+        while proc.poll() is None and done_count(out) < target:
             time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
     assert kills >= 2, "the job finished before it could be interrupted; the test needs more work per item"
-    assert _done_count(out) < 36
+    assert done_count(out) < 36
     final = subprocess.run(_cli(*args, "--out", str(out)), capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert_same_cache(read_cache(out), whole)
     again = subprocess.run(_cli(*args, "--out", str(out)), capture_output=True, text=True)
     assert again.returncode == 0 and "nothing left to do" in again.stderr
-
-
-def _done_count(out: Path) -> int:
-    db = out / "manifest.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
-    except sqlite3.Error:
-        return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from cachebuild.errors import ConfigError, FingerprintMismatch
 from cachebuild.manifest import Manifest
 from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
 from cachebuild.textenc import build_textenc, pad_tokens
+from tests.conftest import done_count
 
 CAPTIONS = {
     "img000": "a photo of a cat",
@@ -298,65 +298,16 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, pipelines):
     kills = 0
     for target in (8, 40):
         proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], stderr=subprocess.DEVNULL)
-        while proc.poll() is None and _done(out) < target:
+        while proc.poll() is None and done_count(out) < target:
             time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-    assert kills >= 1 and _done(out) < 100
+    assert kills >= 1 and done_count(out) < 100
     subprocess.run([sys.executable, *args, "--out", str(out)], check=True, capture_output=True)
     whole, resumed = read_text_cache(tmp_path / "whole"), read_text_cache(out)
     assert sorted(whole) == sorted(resumed) and len(whole) == 100
     for key in whole:
         for name in whole[key]:
             assert torch.equal(whole[key][name], resumed[key][name]), (key, name)
-
-
-def _done(out: Path) -> int:
-    db = out / "manifest.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return conn.execute("SELECT COUNT(*) FROM items WHERE status='done'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def test_cli_textenc_then_status_reports_both_stores(tmp_path, captions, pipelines, tiny_vae):
-    import json
-
-    from click.testing import CliRunner
-
-    from cachebuild.cli import cli
-
-    (captions / "bad.txt").write_bytes(b"\xff\xfe\x00broken")
-    out = tmp_path / "cache"
-    runner = CliRunner()
-    args = [
-        "textenc",
-        str(captions),
-        "--model",
-        str(pipelines["flux"]),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--t5-max-length",
-        "64",
-        "-q",
-    ]
-    result = runner.invoke(cli, args)
-    assert result.exit_code == 3, result.output  # one caption failed
-    info = json.loads(runner.invoke(cli, ["status", str(out), "--json"]).stdout)
-    text = info["textenc"]
-    assert text["items"] == {"done": 5, "failed": 1, "pending": 0}
-    assert text["unique"] == 4 and text["bytes"] > 0 and text["shards"] >= 1
-    assert text["failures"][0]["key"] == "bad" and "UTF-8" in text["failures"][0]["reason"]
-    assert text["fingerprint"]["family"] == "flux"
-    assert info["items"] == {"done": 0, "failed": 0, "pending": 0}  # latent fields stay at the top level
-    again = runner.invoke(cli, args[:-1])
-    assert again.exit_code == 3 and "nothing left to do" in again.stderr
-    plain = runner.invoke(cli, ["status", str(out)]).stdout
-    assert "textenc: 5 done, 1 failed" in plain and "4 unique captions" in plain
