@@ -87,7 +87,7 @@ def verify_cache(path: str | os.PathLike, repair: bool = False) -> VerifyReport:
     start = time.monotonic()
     root = Path(path)
     report = VerifyReport(str(root))
-    with Manifest.open(root, create=False) as manifest:
+    with Manifest.open(root, create=False, read_only=not repair) as manifest:  # a plain check writes nothing
         if repair:
             manifest.lock()  # no build may commit while items are re-queued
         for store in STORES:

@@ -170,3 +170,19 @@ def test_cli_verify_exit_codes_and_item_names(cache):
     fixed = runner.invoke(cli, ["verify", str(cache), "--repair"])
     assert fixed.exit_code == 3 and "cachebuild latents" in fixed.output
     assert runner.invoke(cli, ["verify", str(cache / "nope")]).exit_code == 2
+
+
+def test_a_plain_verify_opens_the_manifest_read_only(cache, monkeypatch):
+    from cachebuild import verify
+
+    seen = []
+    real_open = Manifest.open
+
+    def spy(root, create=True, read_only=False):
+        seen.append(read_only)
+        return real_open(root, create=create, read_only=read_only)
+
+    monkeypatch.setattr(verify.Manifest, "open", spy)
+    verify_cache(cache)
+    verify_cache(cache, repair=True)
+    assert seen == [True, False]  # only --repair writes
