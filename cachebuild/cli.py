@@ -451,7 +451,11 @@ def export(cache, to, fmt, family, overwrite, seed, as_json):
 )
 @click.option("-n", "count", default=16, show_default=True, help="How many items to show.")
 @click.option("--seed", default=0, show_default=True, help="Picks the items.")
-@click.option("--dataset", type=click.Path(path_type=Path), help="Dataset folder, to show each source crop.")
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path),
+    help="Dataset folder, to show each source crop (default: the one the cache was built from).",
+)
 @click.option("--device", help="Device for decoding (default: cpu).")
 @_library_errors
 def preview(cache, model, vae, vae_config, revision, output, count, seed, dataset, device):

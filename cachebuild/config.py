@@ -247,6 +247,7 @@ class TextencConfig:
             raise ConfigError(f"--caption-ext must start with a dot, e.g. .txt (got {self.caption_ext!r})")
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} exists and is not a folder; pass a folder path")
+        require_format(self.format)
 
     @property
     def shard_bytes(self) -> int:

@@ -98,6 +98,9 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
+        source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
+        if manifest.get_meta(f"source:{LATENTS}") != source:
+            manifest.set_meta(f"source:{LATENTS}", source)
         pending = manifest.items(LATENTS, PENDING)
         if pending:
             plans = _plan_pending(manifest, cfg, pending, summary)

@@ -69,7 +69,8 @@ def preview_cache(
         out: the PNG file to write.
         n: how many items (fewer if the cache has fewer).
         seed: picks the items.
-        dataset: the dataset folder, to show each source crop; None draws grey placeholders instead.
+        dataset: the dataset folder, to show each source crop; None: the folder the cache was built from,
+            when it still exists, else grey placeholders.
         device: torch device for decoding (default cpu: a handful of images needs no GPU).
         tile: tile size in pixels.
 
@@ -89,6 +90,8 @@ def preview_cache(
     keys = sorted(random.Random(seed).sample(reader.keys(), min(n, len(reader))))
     if not keys:
         raise ConfigError(f"{cache} has no done items to preview; see `cachebuild status {cache}`")
+    if dataset is None:
+        dataset = _recorded_dataset(Path(cache))
     vae = _load_decoder(model, reader.fingerprint, torch.device(device or "cpu"))
     summary = PreviewSummary(str(out), keys, grid_size(len(keys), tile))
     canvas = Image.new("RGB", summary.size, BACKGROUND)
@@ -153,3 +156,13 @@ def tile_array(img: Image.Image, tile: int) -> np.ndarray:
     canvas = Image.new("RGB", (tile, tile), BACKGROUND)
     _paste_fitted(canvas, img, 0, 0, tile)
     return np.asarray(canvas)
+
+
+def _recorded_dataset(cache: Path) -> Path | None:
+    """The dataset folder the latents were built from, as the manifest recorded it, if it still exists."""
+    from cachebuild.manifest import Manifest
+
+    with Manifest.open(cache, read_only=True) as m:
+        source = m.get_meta("source:latents") or {}
+    folder = Path(source["dataset"]) if "dataset" in source else None
+    return folder if folder is not None and folder.is_dir() else None

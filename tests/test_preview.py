@@ -64,9 +64,19 @@ def test_same_seed_same_items_and_n_is_capped_at_the_cache_size(built, tiny_vae,
     assert len(everything.keys) == 6 and everything.size == grid_size(6, 16)
 
 
-def test_without_a_dataset_source_tiles_are_placeholders(built, tiny_vae, tmp_path):
+def test_without_a_dataset_the_recorded_folder_is_used(built, tiny_vae, tmp_path):
     ds, cache = built
-    preview_cache(cache, ModelSpec(vae=str(tiny_vae)), tmp_path / "p.png", n=1, tile=32)
+    spec = ModelSpec(vae=str(tiny_vae))
+    preview_cache(cache, spec, tmp_path / "given.png", n=2, tile=32, dataset=ds)
+    preview_cache(cache, spec, tmp_path / "recorded.png", n=2, tile=32)
+    assert (tmp_path / "given.png").read_bytes() == (tmp_path / "recorded.png").read_bytes()
+
+
+def test_a_moved_dataset_gives_placeholder_source_tiles(tiny_vae, tmp_path):
+    ds = small_dataset(tmp_path / "ds")
+    build_latents(small_cfg(ds, tmp_path / "cache", tiny_vae))
+    ds.rename(tmp_path / "moved")
+    preview_cache(tmp_path / "cache", ModelSpec(vae=str(tiny_vae)), tmp_path / "p.png", n=1, tile=32)
     with Image.open(tmp_path / "p.png") as img:
         left = np.asarray(img)[PAD : PAD + 32, PAD : PAD + 32].reshape(-1, 3)
     assert {tuple(p) for p in left} <= {PLACEHOLDER, BACKGROUND}
