@@ -47,6 +47,35 @@ def _output_options(fn):
     return fn
 
 
+def _build_options(fn):
+    """Options every cache-building command shares."""
+    options = [
+        click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created)."),
+        click.option(
+            "--dtype-out",
+            type=click.Choice(["fp16", "bf16", "fp32"]),
+            default="fp16",
+            show_default=True,
+            help="Stored dtype.",
+        ),
+        click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available)."),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["safetensors", "hdf5"]),
+            default="safetensors",
+            show_default=True,
+            help="Shard file format.",
+        ),
+        click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB."),
+        click.option("--retry-failed", is_flag=True, help="Encode items that failed before again."),
+        click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
 def _model_options(fn):
     for opt in reversed(
         [
@@ -79,7 +108,7 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created).")
+@_build_options
 @_model_options
 @click.option("--resolution", default="1024", show_default=True, help="Bucket area as one side (1024) or W,H.")
 @click.option("--min-bucket-reso", default=256, show_default=True, help="Smallest bucket side, pixels.")
@@ -104,25 +133,10 @@ def cli(verbose: int) -> None:
     show_default=True,
     help="Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32.",
 )
-@click.option(
-    "--dtype-out", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Stored dtype."
-)
 @click.option("--batch-size", default=4, show_default=True, help="Images per encoder call (halved on OOM).")
 @click.option("--workers", type=int, default=None, help="Decode processes (default: cores - 1, at most 8; 0: none).")
-@click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["safetensors", "hdf5"]),
-    default="safetensors",
-    show_default=True,
-    help="Shard file format.",
-)
-@click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB.")
 @click.option("--max-pixels", default=178_956_970, show_default=True, help="Larger images fail as decompression bombs.")
 @click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan).")
-@click.option("--retry-failed", is_flag=True, help="Encode items that failed before again.")
-@click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again.")
 @_output_options
 @_library_errors
 def latents(
@@ -206,7 +220,7 @@ def latents(
 
 @cli.command()
 @click.argument("captions", type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created).")
+@_build_options
 @click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder.")
 @click.option(
     "--family",
@@ -236,28 +250,13 @@ def latents(
     type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
     help="Compute dtype of T5 (default: --dtype). fp16 T5 overflows; such captions are redone in fp32.",
 )
-@click.option(
-    "--dtype-out", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Stored dtype."
-)
 @click.option("--batch-size", default=16, show_default=True, help="Captions per encoder call (halved on OOM).")
-@click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["safetensors", "hdf5"]),
-    default="safetensors",
-    show_default=True,
-    help="Shard file format.",
-)
-@click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB.")
 @click.option(
     "--chunk-mb",
     default=2048.0,
     show_default=True,
     help="Encoder outputs held in host memory while the encoders take turns on the device, MiB.",
 )
-@click.option("--retry-failed", is_flag=True, help="Encode items that failed before again.")
-@click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again.")
 @_output_options
 @_library_errors
 def textenc(
