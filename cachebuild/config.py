@@ -58,6 +58,17 @@ PRESETS: dict[str, str] = {
 }
 
 
+def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:
+    """The checks every cache-building config makes on where and how it writes."""
+    if shard_mb <= 0:
+        raise ConfigError(f"--shard-mb must be positive, got {shard_mb}")
+    if dtype_out is DType.AUTO:
+        raise ConfigError("--dtype-out takes fp16, bf16 or fp32, not auto")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder; pass a folder path")
+    require_format(fmt)
+
+
 def require_format(fmt: StoreFormat) -> None:
     """Fail before any work when the shard format's optional package is not installed."""
     if fmt is StoreFormat.HDF5 and importlib.util.find_spec("h5py") is None:
@@ -162,17 +173,11 @@ class LatentsConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
-        if self.shard_mb <= 0:
-            raise ConfigError(f"--shard-mb must be positive, got {self.shard_mb}")
         if self.max_pixels < 1:
             raise ConfigError(f"--max-pixels must be positive, got {self.max_pixels}")
-        if self.dtype_out is DType.AUTO:
-            raise ConfigError("--dtype-out takes fp16, bf16 or fp32, not auto")
         if not self.dataset.is_dir():
             raise ConfigError(f"dataset folder {self.dataset} does not exist or is not a folder")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} exists and is not a folder; pass a folder path")
-        require_format(self.format)
+        check_output(self.out, self.dtype_out, self.format, self.shard_mb)
 
     @property
     def shard_bytes(self) -> int:
@@ -231,23 +236,15 @@ class TextencConfig:
             raise ConfigError("--text-encoder is for generic encoders; drop --family or use --model for a family")
         if self.clip_skip not in (1, 2):
             raise ConfigError(f"--clip-skip takes 1 (last layer) or 2 (penultimate), got {self.clip_skip}")
-        for name, value in (
-            ("--batch-size", self.batch_size),
-            ("--shard-mb", self.shard_mb),
-            ("--chunk-mb", self.chunk_mb),
-        ):
+        for name, value in (("--batch-size", self.batch_size), ("--chunk-mb", self.chunk_mb)):
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
         for name, value in (("--t5-max-length", self.t5_max_length), ("--max-length", self.max_length)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        if self.dtype_out is DType.AUTO:
-            raise ConfigError("--dtype-out takes fp16, bf16 or fp32, not auto")
         if not self.caption_ext.startswith("."):
             raise ConfigError(f"--caption-ext must start with a dot, e.g. .txt (got {self.caption_ext!r})")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out} exists and is not a folder; pass a folder path")
-        require_format(self.format)
+        check_output(self.out, self.dtype_out, self.format, self.shard_mb)
 
     @property
     def shard_bytes(self) -> int:
