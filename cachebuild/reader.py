@@ -143,7 +143,7 @@ class CacheReader:
 
     def text_tensors(self, key: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""
-        from cachebuild.textenc import pad_tokens
+        from cachebuild.text_encoders import pad_tokens
 
         shard, text_id = self._text[key]
         encoders = self.text_fingerprint.get("encoders", [])

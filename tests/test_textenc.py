@@ -19,7 +19,8 @@ from cachebuild.config import DType, TextencConfig, TextFamily
 from cachebuild.errors import ConfigError, FingerprintMismatch
 from cachebuild.manifest import Manifest
 from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
-from cachebuild.textenc import build_textenc, pad_tokens
+from cachebuild.text_encoders import pad_tokens
+from cachebuild.textenc import build_textenc
 from tests.conftest import done_count
 
 CAPTIONS = {

@@ -1,0 +1,241 @@
+"""Text encoders per family: which models run, which of their outputs are stored, and how they are called.
+
+Resolution never loads a model: it locates the local folders (fetching hub ids), so a finished job can be
+checked from configs and weight hashes alone. See docs/format.md for the tensors each family stores.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cachebuild.config import PRESETS, DType, TextencConfig, TextFamily
+from cachebuild.encode import resolve_dtype
+from cachebuild.errors import ConfigError, ModelLoadError
+from cachebuild.manifest import Manifest
+from cachebuild.models import fetch_hub_folder, weight_files
+from cachebuild.pipeline import weights_sha256 as files_sha256
+
+CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
+DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512}  # the pipelines' own defaults
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder and exactly which of its outputs are stored."""
+
+    name: str  # tensor name prefix: clip_l, clip_g, clip_h, t5, te
+    folder: Path  # local model folder
+    tokenizer: Path  # local tokenizer folder
+    cls: str  # transformers class
+    layer: int  # -1: last_hidden_state (final norm included); -2: penultimate hidden_states[-2]
+    final_norm: bool  # apply the final layer norm to a non-last layer (SD1.5 clip skip)
+    hidden: bool  # store hidden states as `<name>`: (77, D), or (T, D) trimmed
+    pooled: str | None  # output field stored as `<name>_pooled`: (D,)
+    max_length: int
+    trim: bool  # encode with the attention mask and store only the real tokens (T5)
+    dtype: DType
+
+    def fingerprint(self, manifest: Manifest) -> dict:
+        return {
+            "name": self.name,
+            "class": self.cls,
+            "weights_sha256": files_sha256(weight_files(self.folder), manifest),
+            "tokenizer_sha256": files_sha256(_tokenizer_files(self.tokenizer), manifest),
+            "layer": self.layer,
+            "final_norm": self.final_norm,
+            "hidden": self.hidden,
+            "pooled": self.pooled,
+            "max_length": self.max_length,
+            "trim": self.trim,
+            "attention_mask": self.trim,
+            "dtype": self.dtype.value,
+        }
+
+
+def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFamily, list[EncoderSpec]]:
+    """The family and its encoders, located on local disk (hub ids fetched), nothing loaded yet."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    t5_dtype = resolve_dtype(cfg.t5_dtype or cfg.dtype, device)
+    if cfg.text_encoder is not None:
+        return TextFamily.GENERIC, [_generic_spec(cfg, dtype)]
+    root = _pipeline_folder(cfg.model, cfg.revision)
+    family = cfg.family or _detect_family(cfg.model, root)
+    if family is TextFamily.GENERIC:
+        raise ConfigError("--family generic needs --text-encoder (and --tokenizer, --layer, --max-length)")
+    t5_len = cfg.t5_max_length or DEFAULT_T5_MAX_LENGTH.get(family, 512)
+
+    def clip(name, sub, tok, cls, layer, hidden=True, pooled=None, final_norm=False):
+        return EncoderSpec(
+            name, root / sub, root / tok, cls, layer, final_norm, hidden, pooled, CLIP_MAX_LENGTH, False, dtype
+        )
+
+    def t5(sub, tok):
+        return EncoderSpec(
+            "t5", root / sub, root / tok, "T5EncoderModel", -1, False, True, None, t5_len, True, t5_dtype
+        )
+
+    table = {
+        TextFamily.SD15: lambda: [
+            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -cfg.clip_skip, final_norm=cfg.clip_skip > 1)
+        ],
+        TextFamily.SD2: lambda: [clip("clip_h", "text_encoder", "tokenizer", "CLIPTextModel", -1)],
+        TextFamily.SDXL: lambda: [
+            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -2),
+            clip("clip_g", "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
+        ],
+        TextFamily.SD3: lambda: [
+            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
+            clip("clip_g", "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
+            t5("text_encoder_3", "tokenizer_3"),
+        ],
+        TextFamily.FLUX: lambda: [
+            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -1, hidden=False, pooled="pooler_output"),
+            t5("text_encoder_2", "tokenizer_2"),
+        ],
+    }
+    specs = table[family]()
+    for spec in specs:
+        if not (spec.folder / "config.json").is_file() or not (spec.tokenizer).is_dir():
+            raise ModelLoadError(
+                f"{cfg.model} has no {spec.folder.name}/ or {spec.tokenizer.name}/ for the {family.value} family's "
+                f"{spec.name}; pass the right --family or a complete pipeline"
+            )
+    return family, specs
+
+
+def load_tokenizer(spec: EncoderSpec):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec.tokenizer)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
+
+
+def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
+    enc = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
+    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
+
+
+def encoder_forward(model, spec: EncoderSpec, device: torch.device):
+    """The batch function for :class:`GuardedForward`: (ids, mask) -> per item {tensor name: float32 CPU}."""
+
+    def forward(inputs: tuple[torch.Tensor, torch.Tensor], _dtype: torch.dtype) -> list[dict]:
+        ids, mask = inputs
+        with torch.inference_mode():
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device) if spec.trim else None,  # CLIP: causal, fed unmasked like trainers
+                output_hidden_states=spec.layer != -1,
+            )
+            results: list[dict] = [{} for _ in range(len(ids))]
+            if spec.hidden:
+                h = out.last_hidden_state if spec.layer == -1 else out.hidden_states[spec.layer]
+                if spec.final_norm:
+                    h = _final_layer_norm(model)(h)
+                h = h.float().cpu()  # (B, L, D)
+                lengths = mask.sum(dim=1).tolist()
+                for i, n in enumerate(lengths):
+                    results[i][spec.name] = h[i, :n].clone() if spec.trim else h[i]  # (T, D) or (L, D)
+            if spec.pooled:
+                pooled = getattr(out, spec.pooled).float().cpu()  # (B, D)
+                for i in range(len(ids)):
+                    results[i][f"{spec.name}_pooled"] = pooled[i]
+        return results
+
+    return forward
+
+
+def pad_tokens(hidden: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trimmed (T, D) T5 output padded with zeros to (max_length, D), and its (max_length,) attention mask.
+
+    Positions where the mask is 1 equal a masked encode at ``max_length``; longer outputs are cut.
+
+    Example:
+        >>> h, mask = pad_tokens(torch.ones(5, 4096), 512)
+        >>> h.shape, int(mask.sum())
+        (torch.Size([512, 4096]), 5)
+    """
+    n = min(hidden.shape[0], max_length)
+    padded = hidden.new_zeros((max_length, hidden.shape[1]))
+    padded[:n] = hidden[:n]
+    mask = torch.zeros(max_length, dtype=torch.long)
+    mask[:n] = 1
+    return padded, mask
+
+
+def output_dims(spec: EncoderSpec) -> tuple[int, int]:
+    cfg = json.loads((spec.folder / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    hidden = cfg.get("hidden_size") or cfg.get("d_model") or 0
+    return hidden, cfg.get("projection_dim", hidden) if spec.pooled == "text_embeds" else hidden
+
+
+def _final_layer_norm(model):
+    """CLIP's final layer norm: on the model in transformers 5, under ``text_model`` before."""
+    inner = getattr(model, "text_model", model)
+    return inner.final_layer_norm
+
+
+def _generic_spec(cfg: TextencConfig, dtype: DType) -> EncoderSpec:
+    folder = _local_or_hub(cfg.text_encoder, cfg.revision)
+    tok = _local_or_hub(cfg.tokenizer, cfg.revision) if cfg.tokenizer else folder
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    if model_type == "t5" or model_type == "umt5":
+        cls, pooled, trim = "T5EncoderModel", None, True
+    elif model_type.startswith("clip"):
+        with_proj = "CLIPTextModelWithProjection" in config.get("architectures", [])
+        cls = "CLIPTextModelWithProjection" if with_proj else "CLIPTextModel"
+        pooled, trim = ("text_embeds" if with_proj else "pooler_output"), False
+    else:
+        cls, pooled, trim = "AutoModel", None, True
+    max_length = cfg.max_length or (CLIP_MAX_LENGTH if not trim else 512)
+    return EncoderSpec("te", folder, tok, cls, cfg.layer, False, True, pooled, max_length, trim, dtype)
+
+
+def _pipeline_folder(model: str | None, revision: str | None) -> Path:
+    assert model is not None
+    return _local_or_hub(PRESETS.get(model, model), revision, pipeline=True)
+
+
+def _local_or_hub(source: str, revision: str | None, pipeline: bool = False) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if pipeline:
+        subs = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
+        patterns = ["model_index.json"] + [
+            f"{s}/*.{ext}" for s in subs for ext in ("json", "safetensors", "txt", "model")
+        ]
+    else:
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+    return fetch_hub_folder(source, patterns, revision)
+
+
+def _detect_family(model: str | None, root: Path) -> TextFamily:
+    if model in PRESETS:
+        return TextFamily(model)
+    index = root / "model_index.json"
+    cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    by_class = {
+        "StableDiffusionXLPipeline": TextFamily.SDXL,
+        "StableDiffusion3Pipeline": TextFamily.SD3,
+        "FluxPipeline": TextFamily.FLUX,
+    }
+    if cls in by_class:
+        return by_class[cls]
+    if cls == "StableDiffusionPipeline":
+        te = json.loads((root / "text_encoder" / "config.json").read_text())
+        return TextFamily.SD2 if te.get("hidden_size") == 1024 else TextFamily.SD15  # OpenCLIP-H vs CLIP-L
+    raise ConfigError(f"cannot tell the model family of {model} ({cls or 'no model_index.json'}); pass --family")
+
+
+def _tokenizer_files(folder: Path) -> tuple[Path, ...]:
+    return tuple(sorted(p for p in folder.iterdir() if p.is_file()))
