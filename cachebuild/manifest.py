@@ -108,7 +108,11 @@ class Manifest:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")  # a committed shard stays committed through power loss
             conn.executescript(_SCHEMA)
-        found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        try:
+            found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise CacheError(f"the manifest {path} cannot be read ({exc}); it may be damaged") from exc
         if found is None and not read_only:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif found is not None and int(found[0]) > SCHEMA_VERSION:

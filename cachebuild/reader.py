@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from cachebuild.errors import CacheError
+from cachebuild.manifest import Manifest
 from cachebuild.sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
 
 LATENTS = "latents"
 TEXTENC = "textenc"
-MANIFEST_NAME = "manifest.sqlite"
 MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
 
 __all__ = ["BucketBatchSampler", "CacheReader", "LatentDataset", "open_cache"]
@@ -72,24 +72,22 @@ class CacheReader:
     def __init__(self, root: Path, seed: int | None = None, text: bool | None = None):
         self.root = root
         self.seed = seed
-        conn = _connect_readonly(root)
-        try:
-            self.fingerprint = _fingerprint(conn, LATENTS)
+        with Manifest.open(root, read_only=True) as manifest:
+            conn = manifest.conn
+            self.fingerprint = manifest.fingerprint(LATENTS)
             if self.fingerprint is None:
                 raise CacheError(f"{root} holds no latents; build them with: cachebuild latents DATASET --out {root}")
             # one query per store; info stays JSON text until a record asks for it
             rows = conn.execute(
                 "SELECT key, shard, bucket, info FROM items WHERE store=? AND status='done' ORDER BY key", (LATENTS,)
             ).fetchall()
-            self.text_fingerprint = _fingerprint(conn, TEXTENC)  # None when the cache has no text outputs
+            self.text_fingerprint = manifest.fingerprint(TEXTENC)  # None when the cache has no text outputs
             joined = text is not False and self.text_fingerprint is not None
             if text and self.text_fingerprint is None:
                 raise CacheError(
                     f"{root} holds no text outputs; build them with: cachebuild textenc CAPTIONS --out {root}"
                 )
             text_rows = _text_rows(conn) if joined else []
-        finally:
-            conn.close()
         self._text: dict[str, tuple[str, str]] = {k: (shard, tid) for k, shard, tid in text_rows}
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
         if joined:
@@ -168,12 +166,8 @@ class CacheReader:
 
     def source_paths(self) -> dict[str, str]:
         """``{key: source path relative to the dataset folder}`` for the done items (one manifest query)."""
-        conn = _connect_readonly(self.root)
-        try:
-            rows = conn.execute("SELECT key, path FROM items WHERE store=? AND status='done'", (LATENTS,)).fetchall()
-        finally:
-            conn.close()
-        return dict(rows)
+        with Manifest.open(self.root, read_only=True) as manifest:
+            return {row.key: row.path for row in manifest.items(LATENTS, "done")}
 
     def shard_of(self, key: str) -> str:
         """The file name of the shard that holds the item's tensors."""
@@ -354,26 +348,8 @@ class _Shard:
             self.handle.close()
 
 
-def _connect_readonly(root: Path) -> sqlite3.Connection:
-    path = root / MANIFEST_NAME
-    if not path.is_file():
-        raise CacheError(f"{root} is not a cachebuild cache (no {MANIFEST_NAME}); check the path")
-    try:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    except sqlite3.Error as exc:
-        raise CacheError(f"cannot open {path} for reading ({exc}); check its permissions") from exc
-
-
 def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
     """(key, shard, text id) of every done text item: identical captions share one stored entry."""
     return conn.execute(
         "SELECT key, shard, json_extract(info, '$.text_id') FROM items WHERE store=? AND status='done'", (TEXTENC,)
     ).fetchall()
-
-
-def _fingerprint(conn: sqlite3.Connection, store: str) -> dict | None:
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key=?", (f"fingerprint:{store}",)).fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise CacheError(f"the manifest of this cache cannot be read ({exc}); it may be damaged") from exc
-    return json.loads(row[0]) if row else None
