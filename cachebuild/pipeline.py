@@ -7,6 +7,7 @@ and commits) serve every kind of cache that lives in the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cachebuild.config import CropMode, LatentsConfig, LatentsMode
-from cachebuild.encode import VaeEncoder, free_device_memory, pick_device, resolve_dtype
+from cachebuild.encode import VaeEncoder, device_memory_bytes, free_device_memory, pick_device, resolve_dtype
 from cachebuild.errors import ConfigError, FingerprintMismatch, ItemError
 from cachebuild.load import LOADER_VERSION, iter_batches, read_size
 from cachebuild.manifest import DONE, FAILED, PENDING, Manifest, SyncResult
@@ -173,8 +174,6 @@ def weights_sha256(files: tuple[Path, ...], manifest: Manifest) -> str:
 
 
 def sha256_text(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -296,8 +295,6 @@ def _encode_all(
         sink.fail(failures)
         processed += len(loaded.items) + len(loaded.failures)
         if progress:
-            from cachebuild.encode import device_memory_bytes
-
             progress(Progress(processed, len(plans), summary.failed_now, device_memory_bytes(encoder.device)))
 
 
