@@ -312,3 +312,13 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, pipelines):
     for key in whole:
         for name in whole[key]:
             assert torch.equal(whole[key][name], resumed[key][name]), (key, name)
+
+
+def test_metadata_csv_with_another_caption_column(tmp_path, pipelines):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "metadata.csv").write_text('file_name,prompt\na.png,"a red car, at night"\nb.png,\n', encoding="utf-8")
+    summary = build_textenc(cfg_for(root, tmp_path / "c", pipelines["sd15"], caption_column="prompt"))
+    assert (summary.done, summary.failed) == (2, 0)  # an empty cell is the empty caption
+    with Manifest.open(tmp_path / "c", read_only=True) as m:
+        assert m.distinct_done("textenc", "text_id") == 2
