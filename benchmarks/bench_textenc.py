@@ -97,38 +97,12 @@ def make_flux_like(root: Path, t5_layers: int) -> Path:
     """A Flux-like pipeline folder with the real output widths and a shallow depth."""
     import json
 
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from cachebuild.testing import WORDS, make_tiny_tokenizer
+    from cachebuild.testing import make_tiny_clip, make_tiny_t5, make_tiny_tokenizer
 
     root.mkdir(parents=True)
     (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    n = len(WORDS) + 3
-    clip = CLIPTextConfig(
-        vocab_size=n,
-        hidden_size=768,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        bos_token_id=n - 2,
-        eos_token_id=n - 1,
-        pad_token_id=n - 1,
-    )
-    CLIPTextModel(clip).save_pretrained(root / "text_encoder")
-    t5 = T5Config(
-        vocab_size=n,
-        d_model=4096,
-        d_kv=64,
-        d_ff=256,
-        num_layers=t5_layers,
-        num_heads=4,
-        relative_attention_num_buckets=32,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    T5EncoderModel(t5).save_pretrained(root / "text_encoder_2")
+    make_tiny_clip(root / "text_encoder", hidden_size=768, layers=1, heads=12)  # pooled output: 768, as CLIP-L
+    make_tiny_t5(root / "text_encoder_2", d_model=4096, layers=t5_layers, d_kv=64)  # 4096 wide, as T5-XXL
     make_tiny_tokenizer(root / "tokenizer", "clip")
     make_tiny_tokenizer(root / "tokenizer_2", "t5")
     return root

@@ -133,8 +133,10 @@ def make_tiny_tokenizer(path: Path, kind: str = "clip", max_length: int | None =
     return path
 
 
-def make_tiny_clip(path: Path, projection: bool = False, hidden_size: int = 32, seed: int = 0) -> Path:
-    """A 3-layer CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer."""
+def make_tiny_clip(
+    path: Path, projection: bool = False, hidden_size: int = 32, seed: int = 0, layers: int = 3, heads: int = 4
+) -> Path:
+    """A small CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -144,8 +146,8 @@ def make_tiny_clip(path: Path, projection: bool = False, hidden_size: int = 32, 
         vocab_size=n,
         hidden_size=hidden_size,
         intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=77,
         projection_dim=24,
         bos_token_id=n - 2,
@@ -157,18 +159,18 @@ def make_tiny_clip(path: Path, projection: bool = False, hidden_size: int = 32, 
     return path
 
 
-def make_tiny_t5(path: Path, seed: int = 0) -> Path:
-    """A 2-layer T5 encoder for the tiny ``t5`` tokenizer."""
+def make_tiny_t5(path: Path, seed: int = 0, d_model: int = 32, layers: int = 2, d_kv: int = 8) -> Path:
+    """A small T5 encoder for the tiny ``t5`` tokenizer (``d_model`` wide: the width of what it outputs)."""
     import torch
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=len(WORDS) + 3,
-        d_model=32,
-        d_kv=8,
+        d_model=d_model,
+        d_kv=d_kv,
         d_ff=37,
-        num_layers=2,
+        num_layers=layers,
         num_heads=4,
         relative_attention_num_buckets=8,
         pad_token_id=0,

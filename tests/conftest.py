@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +72,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "hub" in item.keywords and os.environ.get("CACHEBUILD_HUB_TESTS") != "1":
             item.add_marker(skip_hub)
+
+
+def kill_while_running(cmd: list[str], out: Path, targets: tuple[int, ...]) -> int:
+    """Start ``cmd`` once per target and SIGKILL it as soon as ``out`` has that many done items; returns how
+    many runs were really killed (a run may finish before its target)."""
+    kills = 0
+    for target in targets:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and done_count(out) < target:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    return kills

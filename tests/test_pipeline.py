@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, Late
 from cachebuild.errors import ConfigError, FingerprintMismatch
 from cachebuild.manifest import Manifest
 from cachebuild.pipeline import build_latents
-from tests.conftest import ODD_IMAGES, done_count, write_image
+from tests.conftest import ODD_IMAGES, done_count, kill_while_running, write_image
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_reso=64, max_reso=256, steps=64)
 
@@ -253,15 +251,7 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path, t
     assert len(whole) == 36
 
     out = tmp_path / "killed"
-    kills = 0
-    for target in (2, 6, 12):  # kill after different numbers of committed items
-        proc = subprocess.Popen(_cli(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while proc.poll() is None and done_count(out) < target:
-            time.sleep(0.005)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = kill_while_running(_cli(*args, "--out", str(out)), out, (2, 6, 12))  # at different points
     assert kills >= 2, "the job finished before it could be interrupted; the test needs more work per item"
     assert done_count(out) < 36
     final = subprocess.run(_cli(*args, "--out", str(out)), capture_output=True, text=True)

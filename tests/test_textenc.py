@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gc
-import signal
 import subprocess
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from cachebuild.manifest import Manifest
 from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
 from cachebuild.text_encoders import pad_tokens
 from cachebuild.textenc import build_textenc
-from tests.conftest import done_count
+from tests.conftest import done_count, kill_while_running
 
 CAPTIONS = {
     "img000": "a photo of a cat",
@@ -296,15 +294,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, pipelines):
     ]
     subprocess.run([sys.executable, *args, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
     out = tmp_path / "killed"
-    kills = 0
-    for target in (8, 40):
-        proc = subprocess.Popen([sys.executable, *args, "--out", str(out)], stderr=subprocess.DEVNULL)
-        while proc.poll() is None and done_count(out) < target:
-            time.sleep(0.005)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = kill_while_running([sys.executable, *args, "--out", str(out)], out, (8, 40))
     assert kills >= 1 and done_count(out) < 100
     subprocess.run([sys.executable, *args, "--out", str(out)], check=True, capture_output=True)
     whole, resumed = read_text_cache(tmp_path / "whole"), read_text_cache(out)
