@@ -365,3 +365,30 @@ def test_iter_batches_same_with_and_without_workers(tmp_path):
             np.testing.assert_array_equal(s.pixels, p.pixels)
     failed = [i.key for b in serial for i, _ in b.failures]
     assert failed == ["bad"]
+
+
+def test_iter_batches_keeps_at_most_workers_plus_prefetch_batches_in_flight(tmp_path, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cachebuild import load
+
+    root = tmp_path / "data"
+    plan = BucketPlan(BucketConfig(resolution=(64, 64), min_reso=32, max_reso=128, steps=32))
+    items = []
+    for i in range(12):
+        path = write_image(root / f"img{i:02d}.png", (64, 64), seed=i)
+        items.append(plan_item(plan, path.stem, str(path), (64, 64), CropMode.CENTER, 0))
+    batches = list(batch_by_bucket(items, 1))
+    submitted = []
+    real_submit = ProcessPoolExecutor.submit
+
+    def counting_submit(self, fn, *args, **kwargs):
+        submitted.append(1)
+        return real_submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", counting_submit)
+    in_flight = []
+    for consumed, _ in enumerate(iter_batches(batches, workers=1, max_pixels=MAX_PIXELS), start=1):
+        in_flight.append(len(submitted) - consumed)  # decoded or decoding, not yet handed to the encoder
+    assert len(in_flight) == 12
+    assert max(in_flight) <= 1 + load.PREFETCH_BATCHES  # the bound does not grow with the number of batches
