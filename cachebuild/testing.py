@@ -59,6 +59,39 @@ def make_tiny_taesd(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_synthetic_manifest(root: Path, n: int) -> Path:
+    """A latent cache index of ``n`` done items in 100-item shards, with no shard file on disk: for timing
+    and testing what opening a large cache costs without building one."""
+    import json
+
+    from cachebuild.manifest import Manifest
+
+    fingerprint = {"vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16}}
+    info = json.dumps({"original_size": [1200, 800], "bucket": [1216, 832], "crop": [0, 3], "flip": False})
+    buckets = ["1024x1024", "1216x832", "832x1216"]
+    rows = [
+        (
+            "latents",
+            f"d{i // 1000:03d}/img{i:06d}",
+            f"img{i}.jpg",
+            "done",
+            f"shard-{i // 100:05d}.st",
+            buckets[i % 3],
+            info,
+            0.0,
+        )
+        for i in range(n)
+    ]
+    with Manifest.open(root) as m:
+        m.set_fingerprint("latents", fingerprint)
+        with m.transaction() as c:
+            c.executemany(
+                "INSERT INTO items (store, key, path, status, shard, bucket, info, updated) VALUES (?,?,?,?,?,?,?,?)",
+                rows,
+            )
+    return root
+
+
 WORDS = (
     "a",
     "photo",
