@@ -282,6 +282,18 @@ class Manifest:
                 ],
             )
 
+    def requeue_items(self, store: str, keys: Iterable[str]) -> int:
+        """Mark items pending again and forget where their tensors were (a damaged or missing shard)."""
+        now = time.time()
+        rows = [(PENDING, now, store, key) for key in keys]
+        with self.transaction() as c:
+            c.executemany(
+                "UPDATE items SET status=?, reason=NULL, shard=NULL, bucket=NULL, info=NULL, updated=? "
+                "WHERE store=? AND key=?",
+                rows,
+            )
+        return len(rows)
+
     def point_items(self, store: str, rows: list[tuple[str, str, dict]]) -> None:
         """Mark items done with tensors already committed in ``shard`` (dedup); ``rows`` is (key, shard, info)."""
         now = time.time()

@@ -366,10 +366,9 @@ def _clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
     missing = [n for n in known if not (folder / n).exists()]
     if missing:
         log.warning("%d shard file(s) missing from %s; their items will be encoded again", len(missing), folder)
-        with manifest.transaction() as c:
-            for name in missing:
-                c.execute("UPDATE items SET status=?, shard=NULL WHERE store=? AND shard=?", (PENDING, store, name))
-                c.execute("DELETE FROM shards WHERE store=? AND name=?", (store, name))
+        lost = set(missing)
+        manifest.requeue_items(store, [r.key for r in manifest.items(store, DONE) if r.shard in lost])
+        manifest.drop_dead_shards(store)  # the missing shards now hold no live item
 
 
 def drop_dead_shards(manifest: Manifest, store: str) -> None:

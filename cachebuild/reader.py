@@ -98,8 +98,8 @@ class CacheReader:
         self.scaling_factor: float = float(vae.get("scaling_factor", 1.0))
         self.shift_factor: float = float(vae.get("shift_factor") or 0.0)
         self.latents_mode: str = self.fingerprint.get("latents", "sample")
-        self._handles = _ShardHandles(root / LATENTS)
-        self._text_handles = _ShardHandles(root / TEXTENC)
+        self._handles = ShardFileHandles(root / LATENTS)
+        self._text_handles = ShardFileHandles(root / TEXTENC)
         self._rng: tuple[int, torch.Generator] | None = None
 
     # -- mapping ---------------------------------------------------------------------------------------
@@ -255,8 +255,8 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_handles"] = _ShardHandles(self._handles.folder)  # open handles never cross processes
-        state["_text_handles"] = _ShardHandles(self._text_handles.folder)
+        state["_handles"] = ShardFileHandles(self._handles.folder)  # open handles never cross processes
+        state["_text_handles"] = ShardFileHandles(self._text_handles.folder)
         state["_rng"] = None
         return state
 
@@ -285,20 +285,20 @@ class LatentDataset(torch.utils.data.Dataset):
         return rec
 
 
-class _ShardHandles:
+class ShardFileHandles:
     """Open shard files of one store for the current process, least recently used closed first."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self._pid = os.getpid()
-        self._open: OrderedDict[str, _Shard] = OrderedDict()
+        self._open: OrderedDict[str, ShardFile] = OrderedDict()
 
-    def get(self, name: str) -> _Shard:
+    def get(self, name: str) -> ShardFile:
         if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
             self._pid, self._open = os.getpid(), OrderedDict()
         shard = self._open.get(name)
         if shard is None:
-            shard = _Shard.open(self.folder / name)
+            shard = ShardFile.open(self.folder / name)
             self._open[name] = shard
             if len(self._open) > MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)[1].close()
@@ -307,14 +307,16 @@ class _ShardHandles:
         return shard
 
 
-class _Shard:
-    """One shard file, read by tensor name ``<entry>/<name>``."""
+class ShardFile:
+    """One shard file opened for reading by full tensor name ``<entry>/<name>``: safetensors (memory-mapped)
+    or HDF5. A context manager; the reader keeps them open, ``verify`` opens one at a time."""
 
     def __init__(self, path: Path, handle, hdf5: bool):
         self.path, self.handle, self.hdf5 = path, handle, hdf5
+        self._names: set[str] | None = None
 
     @classmethod
-    def open(cls, path: Path) -> _Shard:
+    def open(cls, path: Path) -> ShardFile:
         if not path.is_file():
             raise CacheError(
                 f"shard {path} is missing; run `cachebuild verify {path.parent.parent} --repair`, then the build "
@@ -328,15 +330,26 @@ class _Shard:
 
         return cls(path, safe_open(str(path), framework="pt"), False)  # memory-mapped
 
+    def has(self, name: str) -> bool:
+        if self.hdf5:
+            return name in self.handle and hasattr(self.handle[name], "shape")
+        if self._names is None:
+            self._names = set(self.handle.keys())  # noqa: SIM118 (safe_open is not a dict)
+        return name in self._names
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.hdf5:
+            from cachebuild.store_hdf5 import read_tensor
+
+            return read_tensor(self.handle[name])
+        return self.handle.get_tensor(name)
+
     def read(self, entry: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` for ``<entry>/<name>``; a missing one is a damaged cache, named as such."""
         from safetensors import SafetensorError
 
         try:
-            if self.hdf5:
-                from cachebuild.store_hdf5 import read_tensor
-
-                return {n: read_tensor(self.handle[f"{entry}/{n}"]) for n in names}
-            return {n: self.handle.get_tensor(f"{entry}/{n}") for n in names}
+            return {n: self.get(f"{entry}/{n}") for n in names}
         except (KeyError, SafetensorError) as exc:
             raise CacheError(
                 f"{self.path.name} does not hold {entry}/{names[0]} as the manifest says ({exc}); run "
@@ -346,6 +359,12 @@ class _Shard:
     def close(self) -> None:
         if self.hdf5:
             self.handle.close()
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
 
 def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:

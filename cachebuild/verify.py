@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from cachebuild.manifest import DONE, PENDING, Manifest
+from cachebuild.config import DType
+from cachebuild.manifest import DONE, Manifest
 from cachebuild.models import sha256_file
+from cachebuild.reader import ShardFile
 from cachebuild.store import TMP_SUFFIX, shard_index
 
 log = logging.getLogger(__name__)
 
 STORES = ("latents", "textenc")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _check_file(path: Path, shard: dict) -> str | None:
 def _check_tensors(path: Path, store: str, fingerprint: dict, rows: list) -> list[Problem]:
     problems = []
     try:
-        shard = _ShardTensors(path)
+        shard = ShardFile.open(path)
     except Exception as exc:  # an unreadable file with the right checksum: a writer bug, still reported per item
         return [Problem(store, f"shard cannot be read: {exc}", r.key, path.name) for r in rows]
     with shard:
@@ -161,7 +162,8 @@ def _check_tensors(path: Path, store: str, fingerprint: dict, rows: list) -> lis
 
 def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str, key: str, shard: str):
     found = []
-    want_dtype = _DTYPES.get(fingerprint.get("dtype_out", ""))
+    stored = fingerprint.get("dtype_out")
+    want_dtype = DType(stored).torch if stored in ("fp32", "fp16", "bf16") else None
     if want_dtype is not None and t.dtype != want_dtype:
         found.append(Problem(store, f"{name} is {t.dtype}, expected {want_dtype}", key, shard))
     if shape is not None and tuple(t.shape) != tuple(shape):
@@ -210,52 +212,9 @@ class _AnyDim:
 _ANY = _AnyDim()
 
 
-class _ShardTensors:
-    """Read-only access to one shard by full tensor name, safetensors or HDF5."""
-
-    def __init__(self, path: Path):
-        self.hdf5 = path.suffix == ".h5"
-        if self.hdf5:
-            from cachebuild.store_hdf5 import require_h5py
-
-            self.f = require_h5py().File(path, "r")
-        else:
-            from safetensors import safe_open
-
-            self.f = safe_open(str(path), framework="pt")
-            self._names = set(self.f.keys())  # noqa: SIM118 (safe_open is not a dict)
-
-    def has(self, name: str) -> bool:
-        if self.hdf5:
-            return name in self.f and hasattr(self.f[name], "shape")
-        return name in self._names
-
-    def get(self, name: str) -> torch.Tensor:
-        if self.hdf5:
-            from cachebuild.store_hdf5 import read_tensor
-
-            return read_tensor(self.f[name])
-        return self.f.get_tensor(name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *_):
-        if self.hdf5:
-            self.f.close()
-
-
 def _repair_store(manifest: Manifest, store: str, report: VerifyReport) -> None:
     damaged = report.damaged_keys.get(store, [])
-    if damaged:
-        now = time.time()
-        with manifest.transaction() as c:
-            c.executemany(
-                "UPDATE items SET status=?, reason=NULL, shard=NULL, bucket=NULL, info=NULL, updated=? "
-                "WHERE store=? AND key=?",
-                [(PENDING, now, store, key) for key in damaged],
-            )
-        report.repaired_items += len(damaged)
+    report.repaired_items += manifest.requeue_items(store, damaged)
     folder = manifest.root / store
     doomed = manifest.drop_dead_shards(store)  # shards no done item needs any more, damaged ones included
     doomed += [p.shard for p in report.problems if p.store == store and p.key is None and p.shard not in doomed]

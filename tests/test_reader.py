@@ -88,7 +88,7 @@ def test_a_100k_item_cache_opens_from_the_index_without_touching_a_shard(tmp_pat
     def no_shard(*_a, **_k):
         raise AssertionError("opening the cache must not open a shard")
 
-    monkeypatch.setattr(reader._Shard, "open", no_shard)
+    monkeypatch.setattr(reader.ShardFile, "open", no_shard)
     cache = open_cache(tmp_path)
     sampler = cache.bucket_sampler(batch_size=8)
     assert len(cache) == 100_000 and cache.bucket("d000/img000001") == (1216, 832)
