@@ -87,6 +87,12 @@ def write_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def commit_bytes(path: Path, keys: tuple[str, ...], data: bytes) -> ShardInfo:
+    """Make a serialized shard durable at ``path`` and describe it for the manifest."""
+    write_durably(path, data)
+    return ShardInfo(path.name, keys, len(data), hashlib.sha256(data).hexdigest())
+
+
 @dataclass
 class SafetensorsShardWriter:
     """Collects one shard's tensors, then writes them as one safetensors file on ``close``.
@@ -122,9 +128,7 @@ class SafetensorsShardWriter:
 
         metadata = {k: str(v) for k, v in self.header.items()}
         metadata |= {"cachebuild": "1", "items": json.dumps(self._items, sort_keys=True)}
-        data = save(self._tensors, metadata=metadata)
-        write_durably(self.path, data)
-        info = ShardInfo(self.path.name, tuple(self._items), len(data), hashlib.sha256(data).hexdigest())
+        info = commit_bytes(self.path, tuple(self._items), save(self._tensors, metadata=metadata))
         self._tensors.clear()
         return info
 

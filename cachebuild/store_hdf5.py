@@ -16,7 +16,6 @@ h5py is optional (the ``[hdf5]`` extra); every entry point here says how to inst
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from cachebuild.errors import ConfigError
-from cachebuild.store import ShardInfo, write_durably
+from cachebuild.store import ShardInfo, commit_bytes, own_storage
 
 INSTALL_HINT = "install it with: pip install 'cachebuild[hdf5]'"
 ITEM_MARK = "cachebuild_item"  # group attribute that marks an item group
@@ -69,7 +68,7 @@ class HDF5ShardWriter:
         if key in self._items:
             raise ValueError(f"key {key!r} written twice to {self.path.name}")
         self._claim_paths(key, tensors)
-        self._tensors[key] = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        self._tensors[key] = {name: own_storage(t.detach().cpu()) for name, t in tensors.items()}
         self._nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
         self._items[key] = meta
 
@@ -92,9 +91,7 @@ class HDF5ShardWriter:
                 for name, t in tensors.items():
                     ds = group.create_dataset(name, data=_to_numpy(t), track_times=False)
                     ds.attrs["dtype"] = _DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
-        data = buf.getvalue()
-        write_durably(self.path, data)
-        info = ShardInfo(self.path.name, tuple(self._items), len(data), hashlib.sha256(data).hexdigest())
+        info = commit_bytes(self.path, tuple(self._items), buf.getvalue())
         self._tensors.clear()
         return info
 
