@@ -2,7 +2,7 @@
 
 Generates N photo-like JPEGs (mixed aspect ratios, 800-2000 px on the long side), then measures in one run:
 
-  (a) end-to-end images/s of ``cachebuild.pipeline.build_latents`` (scan, plan, decode workers, encode,
+  (a) end-to-end images/s of ``cachebuild.jobs.latents.build_latents`` (scan, plan, decode workers, encode,
       shards, manifest), with a config built the way the CLI builds it;
   (b) bare-model images/s: the same VAE, loaded the same way, encoding ready uint8 tensors of the same bucket
       shapes in the same batch composition (read back from the run's manifest), results moved to the CPU;
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     import torch
 
     from cachebuild.encode import pick_device, resolve_dtype
-    from cachebuild.pipeline import build_latents
+    from cachebuild.jobs.latents import build_latents
 
     images, cache = work / "images", work / "cache"
     t = time.perf_counter()
@@ -173,7 +173,7 @@ def time_bare_model(cfg, buckets: dict[str, int], device, dtype) -> tuple[int, f
     import torch
 
     from cachebuild.encode import free_device_memory
-    from cachebuild.models import family_of, load_vae, resolve_vae
+    from cachebuild.families.vae import family_of, load_vae, resolve_vae
 
     vae_src = resolve_vae(cfg.model)
     family = family_of(vae_src, cfg.model.preset)

@@ -117,7 +117,7 @@ def run_child(args: argparse.Namespace, dataset: Path, out: Path, vae: Path) -> 
 def child(args: argparse.Namespace) -> None:
     """One build in this process; prints the summary and this process's own peaks as JSON."""
     from cachebuild.config import BucketConfig, LatentsConfig, ModelSpec, default_workers
-    from cachebuild.pipeline import build_latents
+    from cachebuild.jobs.latents import build_latents
 
     dataset, out, vae = args.child
     cfg = LatentsConfig(

@@ -51,7 +51,7 @@ def main() -> None:
 
 def run(args, work: Path) -> None:
     from cachebuild.config import DType, TextencConfig
-    from cachebuild.textenc import build_textenc
+    from cachebuild.jobs.textenc import build_textenc
 
     pipe = make_flux_like(work / "model", args.t5_layers)
     captions = write_captions(work / "captions", args.n, args.seed)

@@ -1,6 +1,6 @@
 """cachebuild: VAE-latent and text-encoder caches for diffusion training, readable by any trainer.
 
-``from cachebuild import open_cache`` is the reading API (see :mod:`cachebuild.reader`). Names are imported
+``from cachebuild import open_cache`` is the reading API (see :mod:`cachebuild.consumers.reader`). Names are imported
 on first use, so ``import cachebuild`` and ``cachebuild --help`` do not import torch.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cachebuild.reader import BucketBatchSampler, CacheReader, open_cache
+    from cachebuild.consumers.reader import BucketBatchSampler, CacheReader, open_cache
 
 __all__ = ["BucketBatchSampler", "CacheReader", "open_cache"]
 
 _LAZY = {
-    "open_cache": "cachebuild.reader",
-    "CacheReader": "cachebuild.reader",
-    "BucketBatchSampler": "cachebuild.sampler",
+    "open_cache": "cachebuild.consumers.reader",
+    "CacheReader": "cachebuild.consumers.reader",
+    "BucketBatchSampler": "cachebuild.consumers.sampler",
 }
 
 

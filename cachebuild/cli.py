@@ -187,7 +187,7 @@ def latents(
         StoreFormat,
         default_workers,
     )
-    from cachebuild.pipeline import build_latents
+    from cachebuild.jobs.latents import build_latents
 
     cfg = LatentsConfig(
         dataset=dataset,
@@ -296,7 +296,7 @@ def textenc(
       cachebuild textenc ./dataset --model flux --out ./cache --t5-max-length 512
     """
     from cachebuild.config import DType, StoreFormat, TextencConfig, TextFamily
-    from cachebuild.textenc import build_textenc
+    from cachebuild.jobs.textenc import build_textenc
 
     cfg = TextencConfig(
         source=captions,
@@ -340,7 +340,7 @@ def status(cache, as_json):
     Example:
       cachebuild status ./cache --json
     """
-    from cachebuild.status import cache_status
+    from cachebuild.consumers.status import cache_status
 
     info = cache_status(cache)
     if as_json:
@@ -376,7 +376,7 @@ def verify(cache, repair, as_json):
     Example:
       cachebuild verify ./cache --repair && cachebuild latents ./dataset --model sdxl --out ./cache
     """
-    from cachebuild.verify import verify_cache
+    from cachebuild.consumers.verify import verify_cache
 
     report = verify_cache(cache, repair=repair)
     if as_json:
@@ -418,7 +418,7 @@ def export(cache, to, fmt, family, overwrite, seed, as_json):
     Example:
       cachebuild export ./cache --format kohya --to ./dataset
     """
-    from cachebuild.export import export_kohya
+    from cachebuild.consumers.export.kohya import export_kohya
 
     summary = export_kohya(cache, to, family=family, overwrite=overwrite, seed=seed)
     if as_json:
@@ -465,7 +465,7 @@ def preview(cache, model, vae, vae_config, revision, output, count, seed, datase
       cachebuild preview ./cache --model sdxl --dataset ./dataset -n 16 -o preview.png
     """
     from cachebuild.config import ModelSpec
-    from cachebuild.preview import preview_cache
+    from cachebuild.consumers.preview import preview_cache
 
     spec = ModelSpec(model=model, vae=vae, vae_config=vae_config, revision=revision)
     summary = preview_cache(cache, spec, output, n=count, seed=seed, dataset=dataset, device=device)

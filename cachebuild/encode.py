@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from cachebuild.config import DType, LatentsMode
-from cachebuild.models import VaeFamily
-from cachebuild.plan import item_seed
+from cachebuild.families.vae import VaeFamily
+from cachebuild.images.plan import item_seed
 
 log = logging.getLogger(__name__)
 

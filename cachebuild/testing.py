@@ -64,7 +64,7 @@ def make_synthetic_manifest(root: Path, n: int) -> Path:
     and testing what opening a large cache costs without building one."""
     import json
 
-    from cachebuild.manifest import Manifest
+    from cachebuild.cache.manifest import Manifest
 
     fingerprint = {"vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16}}
     info = json.dumps({"original_size": [1200, 800], "bucket": [1216, 832], "crop": [0, 3], "flip": False})

@@ -10,7 +10,7 @@ import torch
 
 from cachebuild.config import DType, LatentsMode, ModelSpec
 from cachebuild.encode import VaeEncoder, pick_device, resolve_dtype
-from cachebuild.models import VaeFamily, family_of, resolve_vae
+from cachebuild.families.vae import VaeFamily, family_of, resolve_vae
 from cachebuild.testing import make_tiny_taesd
 
 CPU = torch.device("cpu")

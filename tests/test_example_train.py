@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cachebuild.pipeline import build_latents
+from cachebuild.jobs.latents import build_latents
 from tests.test_reader import small_cfg, small_dataset
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_tiny.py"

@@ -14,10 +14,10 @@ from PIL import Image
 
 from cachebuild.cli import cli
 from cachebuild.config import LatentsMode
+from cachebuild.consumers.export.kohya import detect_family, export_kohya, kohya_crop_ltrb
+from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.export import detect_family, export_kohya, kohya_crop_ltrb
-from cachebuild.pipeline import build_latents
-from cachebuild.reader import open_cache
+from cachebuild.jobs.latents import build_latents
 from cachebuild.testing import make_tiny_vae
 from tests.test_reader import small_cfg, small_dataset
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cachebuild.config import BucketConfig, DType, LatentsMode
-from cachebuild.pipeline import build_latents
+from cachebuild.jobs.latents import build_latents
 from tests.conftest import write_image
 from tests.test_pipeline import make_cfg, read_cache
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cachebuild.config import BucketConfig, ModelSpec
-from cachebuild.pipeline import build_latents
+from cachebuild.jobs.latents import build_latents
 from tests.conftest import write_image
 from tests.test_pipeline import make_cfg, read_cache
 

@@ -10,8 +10,8 @@ from PIL import Image, JpegImagePlugin
 
 from cachebuild.config import BucketConfig, CropMode
 from cachebuild.errors import ItemError
-from cachebuild.load import decode, iter_batches, read_size, to_rgb
-from cachebuild.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.images.load import decode, iter_batches, read_size, to_rgb
+from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from tests.conftest import ODD_IMAGES, write_image
 
 MAX_PIXELS = 178_956_970  # the CLI default
@@ -370,7 +370,7 @@ def test_iter_batches_same_with_and_without_workers(tmp_path):
 def test_iter_batches_keeps_at_most_workers_plus_prefetch_batches_in_flight(tmp_path, monkeypatch):
     from concurrent.futures import ProcessPoolExecutor
 
-    from cachebuild import load
+    from cachebuild.images import load
 
     root = tmp_path / "data"
     plan = BucketPlan(BucketConfig(resolution=(64, 64), min_reso=32, max_reso=128, steps=32))

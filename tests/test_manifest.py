@@ -7,10 +7,10 @@ import sqlite3
 
 import pytest
 
+from cachebuild.cache.manifest import DONE, FAILED, MANIFEST_NAME, PENDING, Manifest, same_source
+from cachebuild.cache.shards import ShardInfo
 from cachebuild.errors import CacheError
-from cachebuild.manifest import DONE, FAILED, MANIFEST_NAME, PENDING, Manifest, same_source
-from cachebuild.scan import SourceFile
-from cachebuild.store import ShardInfo
+from cachebuild.sources.scan import SourceFile
 
 STORE = "latents"
 FP = {"vae": {"weights_sha256": "abc"}, "crop": "center"}

@@ -10,7 +10,7 @@ import torch
 
 from cachebuild.config import ModelSpec
 from cachebuild.errors import ModelLoadError
-from cachebuild.models import ResolvedVae, family_of, load_vae, resolve_vae, sha256_file
+from cachebuild.families.vae import ResolvedVae, family_of, load_vae, resolve_vae, sha256_file
 from cachebuild.testing import make_tiny_taesd, make_tiny_vae
 
 CPU = torch.device("cpu")

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from cachebuild import pipeline
+from cachebuild.cache.manifest import Manifest
 from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, LatentsMode, ModelSpec
 from cachebuild.errors import ConfigError, FingerprintMismatch
-from cachebuild.manifest import Manifest
-from cachebuild.pipeline import build_latents
+from cachebuild.jobs import latents as pipeline
+from cachebuild.jobs.latents import build_latents
 from tests.conftest import ODD_IMAGES, done_count, kill_while_running, write_image
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_reso=64, max_reso=256, steps=64)

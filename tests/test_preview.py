@@ -11,12 +11,12 @@ from PIL import Image
 
 from cachebuild.cli import cli
 from cachebuild.config import ModelSpec
+from cachebuild.consumers.preview import BACKGROUND, PAD, PLACEHOLDER, grid_size, preview_cache, tile_array
+from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.load import decode
-from cachebuild.pipeline import build_latents
-from cachebuild.plan import ItemPlan
-from cachebuild.preview import BACKGROUND, PAD, PLACEHOLDER, grid_size, preview_cache, tile_array
-from cachebuild.reader import open_cache
+from cachebuild.images.load import decode
+from cachebuild.images.plan import ItemPlan
+from cachebuild.jobs.latents import build_latents
 from cachebuild.testing import make_tiny_vae
 from tests.test_reader import small_cfg, small_dataset
 

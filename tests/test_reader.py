@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cachebuild import open_cache, reader
+from cachebuild import open_cache
+from cachebuild.cache.manifest import Manifest
 from cachebuild.config import BucketConfig, LatentsMode
+from cachebuild.consumers import reader
 from cachebuild.errors import CacheError
-from cachebuild.manifest import Manifest
-from cachebuild.pipeline import build_latents
+from cachebuild.jobs.latents import build_latents
 from cachebuild.testing import make_synthetic_manifest
 from tests.conftest import write_image
 from tests.test_pipeline import make_cfg, read_cache

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from cachebuild.config import DType, TextencConfig
+from cachebuild.consumers.export.kohya import export_kohya
+from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import CacheError
-from cachebuild.export import export_kohya
-from cachebuild.pipeline import build_latents
-from cachebuild.reader import open_cache
+from cachebuild.jobs.latents import build_latents
+from cachebuild.jobs.textenc import build_textenc
 from cachebuild.testing import make_tiny_text_pipeline, make_tiny_vae
-from cachebuild.textenc import build_textenc
 from tests.test_reader import small_cfg, small_dataset
 
 CAPTIONS = {"im0": "a photo of a cat", "sub/im1": "red car near the river", "im2": "a photo of a cat", "orphan": "dog"}
@@ -115,7 +115,7 @@ def test_sdxl_text_outputs_export_as_te_outputs_files(tmp_path):
 def test_verify_checks_text_shards_and_names_every_item_sharing_a_caption(flux, tmp_path):
     import shutil
 
-    from cachebuild.verify import verify_cache
+    from cachebuild.consumers.verify import verify_cache
 
     out = tmp_path / "cache"
     shutil.copytree(flux[1], out)

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from cachebuild.consumers.sampler import BucketBatchSampler
 from cachebuild.errors import ConfigError
-from cachebuild.sampler import BucketBatchSampler
 
 SHAPES = [(512, 512), (640, 384), (384, 640), (448, 576)]
 

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from cachebuild.scan import SourceFile, scan_files
+from cachebuild.sources.scan import SourceFile, scan_files
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cachebuild.store import (
+from cachebuild.cache.shards import (
     TMP_SUFFIX,
     SafetensorsShardWriter,
     ShardInfo,

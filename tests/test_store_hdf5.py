@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cachebuild import config
+from cachebuild.cache.hdf5 import HDF5ShardWriter, read_items, read_tensor
+from cachebuild.cache.manifest import Manifest
+from cachebuild.cache.shards import open_writer
 from cachebuild.config import DType, LatentsConfig, ModelSpec, StoreFormat
+from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.manifest import Manifest
-from cachebuild.pipeline import build_latents
-from cachebuild.reader import open_cache
-from cachebuild.store import open_writer
-from cachebuild.store_hdf5 import HDF5ShardWriter, read_items, read_tensor
+from cachebuild.jobs.latents import build_latents
 from tests.conftest import write_image
 from tests.test_reader import small_cfg, small_dataset
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cachebuild import textenc
+from cachebuild.cache.manifest import Manifest
 from cachebuild.config import DType, TextencConfig, TextFamily
 from cachebuild.errors import ConfigError, FingerprintMismatch
-from cachebuild.manifest import Manifest
+from cachebuild.families.text import pad_tokens
+from cachebuild.jobs import textenc
+from cachebuild.jobs.textenc import build_textenc
 from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
-from cachebuild.text_encoders import pad_tokens
-from cachebuild.textenc import build_textenc
 from tests.conftest import done_count, kill_while_running
 
 CAPTIONS = {

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cachebuild.cache.manifest import Manifest
 from cachebuild.cli import cli
 from cachebuild.config import StoreFormat
+from cachebuild.consumers.verify import verify_cache
 from cachebuild.errors import CacheError
-from cachebuild.manifest import Manifest
-from cachebuild.pipeline import build_latents
-from cachebuild.verify import verify_cache
+from cachebuild.jobs.latents import build_latents
 from tests.test_pipeline import assert_same_cache, read_cache
 from tests.test_reader import small_cfg, small_dataset
 
@@ -173,7 +173,7 @@ def test_cli_verify_exit_codes_and_item_names(cache):
 
 
 def test_a_plain_verify_opens_the_manifest_read_only(cache, monkeypatch):
-    from cachebuild import verify
+    from cachebuild.consumers import verify
 
     seen = []
     real_open = Manifest.open

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from cachebuild.config import ModelSpec
+from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError, ItemError
-from cachebuild.load import decode
-from cachebuild.models import family_of, load_vae, resolve_vae
-from cachebuild.plan import ItemPlan
-from cachebuild.reader import open_cache
+from cachebuild.families.vae import family_of, load_vae, resolve_vae
+from cachebuild.images.load import decode
+from cachebuild.images.plan import ItemPlan
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def tile_array(img: Image.Image, tile: int) -> np.ndarray:
 
 def _recorded_dataset(cache: Path) -> Path | None:
     """The dataset folder the latents were built from, as the manifest recorded it, if it still exists."""
-    from cachebuild.manifest import Manifest
+    from cachebuild.cache.manifest import Manifest
 
     with Manifest.open(cache, read_only=True) as m:
         source = m.get_meta("source:latents") or {}

@@ -20,7 +20,7 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachebuild.scan import ScanResult, SourceFile, scan_files
+from cachebuild.sources.scan import ScanResult, SourceFile, scan_files
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.cache.manifest import DONE, FAILED, PENDING, Manifest, SyncResult
+from cachebuild.cache.shards import TMP_SUFFIX, ShardWriter, open_writer, shard_index
 from cachebuild.config import CropMode, LatentsConfig, LatentsMode
 from cachebuild.encode import VaeEncoder, device_memory_bytes, free_device_memory, pick_device, resolve_dtype
 from cachebuild.errors import ConfigError, FingerprintMismatch, ItemError
-from cachebuild.load import LOADER_VERSION, iter_batches, read_size
-from cachebuild.manifest import DONE, FAILED, PENDING, Manifest, SyncResult
-from cachebuild.models import VaeFamily, family_of, load_vae, resolve_vae, sha256_file
-from cachebuild.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
-from cachebuild.scan import ScanResult, scan_files
-from cachebuild.store import TMP_SUFFIX, ShardWriter, open_writer, shard_index
+from cachebuild.families.vae import VaeFamily, family_of, load_vae, resolve_vae, sha256_file
+from cachebuild.images.load import LOADER_VERSION, iter_batches, read_size
+from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.sources.scan import ScanResult, scan_files
 
 log = logging.getLogger(__name__)
 

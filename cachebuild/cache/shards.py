@@ -141,7 +141,7 @@ class SafetensorsShardWriter:
 
 
 def _hdf5_writer(path: Path, header: dict) -> ShardWriter:
-    from cachebuild.store_hdf5 import HDF5ShardWriter  # imported on use: h5py is the optional [hdf5] extra
+    from cachebuild.cache.hdf5 import HDF5ShardWriter  # imported on use: h5py is the optional [hdf5] extra
 
     return HDF5ShardWriter(path, header)
 

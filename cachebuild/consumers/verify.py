@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.cache.manifest import DONE, Manifest
+from cachebuild.cache.shards import TMP_SUFFIX, shard_index
 from cachebuild.config import DType
-from cachebuild.manifest import DONE, Manifest
-from cachebuild.models import sha256_file
-from cachebuild.reader import ShardFile
-from cachebuild.store import TMP_SUFFIX, shard_index
+from cachebuild.consumers.reader import ShardFile
+from cachebuild.families.vae import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.cache.manifest import Manifest
+from cachebuild.consumers.sampler import BucketBatchSampler
 from cachebuild.errors import CacheError
-from cachebuild.manifest import Manifest
-from cachebuild.sampler import BucketBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class CacheReader:
 
     def text_tensors(self, key: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""
-        from cachebuild.text_encoders import pad_tokens
+        from cachebuild.families.text import pad_tokens
 
         shard, text_id = self._text[key]
         encoders = self.text_fingerprint.get("encoders", [])
@@ -323,7 +323,7 @@ class ShardFile:
                 "command again to re-encode its items"
             )
         if path.suffix == ".h5":
-            from cachebuild.store_hdf5 import require_h5py
+            from cachebuild.cache.hdf5 import require_h5py
 
             return cls(path, require_h5py().File(path, "r"), True)
         from safetensors import safe_open
@@ -339,7 +339,7 @@ class ShardFile:
 
     def get(self, name: str) -> torch.Tensor:
         if self.hdf5:
-            from cachebuild.store_hdf5 import read_tensor
+            from cachebuild.cache.hdf5 import read_tensor
 
             return read_tensor(self.handle[name])
         return self.handle.get_tensor(name)

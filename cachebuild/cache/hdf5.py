@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachebuild.cache.shards import ShardInfo, commit_bytes, own_storage
 from cachebuild.errors import ConfigError
-from cachebuild.store import ShardInfo, commit_bytes, own_storage
 
 INSTALL_HINT = "install it with: pip install 'cachebuild[hdf5]'"
 ITEM_MARK = "cachebuild_item"  # group attribute that marks an item group

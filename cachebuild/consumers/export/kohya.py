@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.plan import item_seed
-from cachebuild.reader import CacheReader, open_cache
+from cachebuild.images.plan import item_seed
 
 log = logging.getLogger(__name__)
 

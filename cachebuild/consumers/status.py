@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachebuild.manifest import FAILED, Manifest
+from cachebuild.cache.manifest import FAILED, Manifest
 
 
 def store_status(manifest: Manifest, store: str) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from cachebuild.errors import ItemError
-from cachebuild.plan import ItemPlan
+from cachebuild.images.plan import ItemPlan
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, the usual dataset-viewer background
 PREFETCH_BATCHES = 2  # decoded batches waiting for the encoder, beyond one per worker: keeps the device

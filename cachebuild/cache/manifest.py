@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachebuild.cache.shards import ShardInfo
 from cachebuild.errors import CacheError
-from cachebuild.scan import SourceFile
-from cachebuild.store import ShardInfo
+from cachebuild.sources.scan import SourceFile
 
 MANIFEST_NAME = "manifest.sqlite"
 SCHEMA_VERSION = 1

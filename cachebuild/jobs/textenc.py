@@ -20,13 +20,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from cachebuild.captions import scan_captions, text_id
+from cachebuild.cache.manifest import DONE, PENDING, Manifest
 from cachebuild.config import TextencConfig
 from cachebuild.encode import GuardedForward, free_device_memory, pick_device
 from cachebuild.errors import ModelLoadError
-from cachebuild.manifest import DONE, PENDING, Manifest
-from cachebuild.pipeline import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
-from cachebuild.text_encoders import (
+from cachebuild.families.text import (
     EncoderSpec,
     encoder_forward,
     load_tokenizer,
@@ -34,6 +32,8 @@ from cachebuild.text_encoders import (
     resolve_encoders,
     tokenize,
 )
+from cachebuild.jobs.latents import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
+from cachebuild.sources.captions import scan_captions, text_id
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.cache.manifest import Manifest
 from cachebuild.config import PRESETS, DType, TextencConfig, TextFamily
 from cachebuild.encode import resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
-from cachebuild.manifest import Manifest
-from cachebuild.models import fetch_hub_folder, weight_files
-from cachebuild.pipeline import weights_sha256 as files_sha256
+from cachebuild.families.vae import fetch_hub_folder, weight_files
+from cachebuild.jobs.latents import weights_sha256 as files_sha256
 
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512}  # the pipelines' own defaults

@@ -1,0 +1,1 @@
+"""Exports to other trainers' cache layouts."""
