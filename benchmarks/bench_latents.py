@@ -173,7 +173,8 @@ def time_bare_model(cfg, buckets: dict[str, int], device, dtype) -> tuple[int, f
     import torch
 
     from cachebuild.encode import free_device_memory
-    from cachebuild.families.vae import family_of, load_vae, resolve_vae
+    from cachebuild.families.vae import family_of, load_vae
+    from cachebuild.hub import resolve_vae
 
     vae_src = resolve_vae(cfg.model)
     family = family_of(vae_src, cfg.model.preset)

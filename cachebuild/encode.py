@@ -15,24 +15,12 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from cachebuild.config import DType, LatentsMode
-from cachebuild.families.vae import VaeFamily
-from cachebuild.images.plan import item_seed
+from cachebuild.config import DType
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EncodedItem:
-    """What one image encodes to, on the CPU in float32. Shapes are (C, H/f, W/f)."""
-
-    tensors: dict[str, torch.Tensor] | None  # None when the item failed
-    reason: str | None = None
-    upcast: bool = False  # True when fp32 was needed after a non-finite result
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -141,77 +129,3 @@ class GuardedForward:
 def _all_finite(out) -> bool:
     tensors = out.values() if isinstance(out, dict) else [out]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-class VaeEncoder:
-    """Turns bucket-sized uint8 pixel batches into latents, with the OOM and non-finite guards.
-
-    Example:
-        >>> enc = VaeEncoder(vae, family, torch.device("cpu"), DType.FP32, LatentsMode.MEAN, flip=False, seed=0)
-        >>> out = enc.encode(["a", "b"], torch.zeros(2, 512, 512, 3, dtype=torch.uint8))
-        >>> out[0].tensors["latents"].shape
-        torch.Size([4, 64, 64])
-    """
-
-    def __init__(
-        self, vae, family: VaeFamily, device: torch.device, dtype: DType, mode: LatentsMode, flip: bool, seed: int
-    ):
-        self.vae = vae
-        self.family = family
-        self.device = device
-        self.dtype = dtype.torch
-        self.mode = mode
-        self.flip = flip
-        self.seed = seed
-        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(self._raw(inputs[0], dt)), "VAE")
-
-    @property
-    def oom_splits(self) -> int:
-        return self.guard.oom_splits
-
-    @property
-    def upcasts(self) -> int:
-        return self.guard.upcasts
-
-    def encode(self, keys: list[str], pixels: torch.Tensor) -> list[EncodedItem]:
-        """Encode a batch of (B, H, W, 3) uint8 pixels; one result per key, in order."""
-        raw = self.guard((pixels,))  # per image: (2C or C, h, w) float32, or a failure reason
-        if self.flip:
-            raw_flipped = self.guard((pixels.flip(2),))
-        results = []
-        for i, key in enumerate(keys):
-            parts = {"": raw[i]} | ({"_flipped": raw_flipped[i]} if self.flip else {})
-            reasons = [r for r in parts.values() if isinstance(r, str)]
-            if reasons:
-                results.append(EncodedItem(None, reasons[0]))
-                continue
-            tensors: dict[str, torch.Tensor] = {}
-            for suffix, moments in parts.items():
-                tensors |= self._finish(key, suffix, moments)
-            results.append(EncodedItem(tensors))
-        return results
-
-    def _finish(self, key: str, suffix: str, moments: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Moments (mean ++ logvar along C, or plain latents) -> the stored tensors for this mode."""
-        if not self.family.has_posterior:
-            return {f"latents{suffix}": moments}
-        mean, logvar = moments.chunk(2, dim=0)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp diffusers' posterior applies
-        if self.mode is LatentsMode.MEAN:
-            return {f"latents{suffix}": mean}
-        if self.mode is LatentsMode.MOMENTS:
-            return {f"mean{suffix}": mean, f"std{suffix}": std}
-        gen = torch.Generator().manual_seed(item_seed(self.seed, key, f"sample{suffix}"))
-        noise = torch.randn(mean.shape, generator=gen, dtype=torch.float32)
-        return {f"latents{suffix}": mean + std * noise}
-
-    def _raw(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the CPU (moments, or latents for Tiny)."""
-        with torch.inference_mode():
-            x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-            x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
-            enc = self.vae.encode(x)
-            out = enc.latent_dist.parameters if self.family.has_posterior else enc.latents
-            result = out.float().cpu()
-            del x, enc, out
-        return result

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cachebuild.config import DType, LatentsMode, ModelSpec
-from cachebuild.encode import VaeEncoder, pick_device, resolve_dtype
-from cachebuild.families.vae import VaeFamily, family_of, resolve_vae
+from cachebuild.encode import pick_device, resolve_dtype
+from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of
+from cachebuild.hub import resolve_vae
 from cachebuild.testing import make_tiny_taesd
 
 CPU = torch.device("cpu")

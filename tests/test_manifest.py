@@ -7,10 +7,9 @@ import sqlite3
 
 import pytest
 
-from cachebuild.cache.manifest import DONE, FAILED, MANIFEST_NAME, PENDING, Manifest, same_source
-from cachebuild.cache.shards import ShardInfo
+from cachebuild.cache.files import ShardInfo
+from cachebuild.cache.manifest import DONE, FAILED, MANIFEST_NAME, PENDING, Manifest, SourceFile, same_source
 from cachebuild.errors import CacheError
-from cachebuild.sources.scan import SourceFile
 
 STORE = "latents"
 FP = {"vae": {"weights_sha256": "abc"}, "crop": "center"}

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cachebuild.cache.files import sha256_file
 from cachebuild.config import ModelSpec
 from cachebuild.errors import ModelLoadError
-from cachebuild.families.vae import ResolvedVae, family_of, load_vae, resolve_vae, sha256_file
+from cachebuild.families.vae import family_of, load_vae
+from cachebuild.hub import ResolvedVae, resolve_vae
 from cachebuild.testing import make_tiny_taesd, make_tiny_vae
 
 CPU = torch.device("cpu")

@@ -10,7 +10,8 @@ import pytest
 
 from cachebuild.config import BucketConfig, CropMode
 from cachebuild.errors import ItemError
-from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, item_seed, make_buckets, plan_item
+from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, make_buckets, plan_item
+from cachebuild.keys import item_seed
 
 # -- an independent transcription of kohya sd-scripts' library/model_util.py and train_util.BucketManager --
 

@@ -6,7 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from cachebuild.sources.scan import SourceFile, scan_files
+from cachebuild.cache.manifest import SourceFile
+from cachebuild.sources.scan import scan_files
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

@@ -9,15 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cachebuild.cache.shards import (
-    TMP_SUFFIX,
-    SafetensorsShardWriter,
-    ShardInfo,
-    open_writer,
-    shard_index,
-    shard_name,
-    write_durably,
-)
+from cachebuild.cache.files import TMP_SUFFIX, ShardInfo, shard_index, shard_name, write_durably
+from cachebuild.cache.shards import SafetensorsShardWriter, open_writer
 
 
 def sample_items() -> dict[str, tuple[dict[str, torch.Tensor], dict]]:

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from cachebuild.cache.manifest import Manifest
 from cachebuild.config import DType, TextencConfig, TextFamily
 from cachebuild.errors import ConfigError, FingerprintMismatch
+from cachebuild.families import text as text_families
 from cachebuild.families.text import pad_tokens
-from cachebuild.jobs import textenc
 from cachebuild.jobs.textenc import build_textenc
 from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
 from tests.conftest import done_count, kill_while_running
@@ -191,7 +191,7 @@ def test_changed_encoder_settings_are_refused(tmp_path, captions, pipelines):
 def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, monkeypatch):
     live: weakref.WeakSet = weakref.WeakSet()
     loads = []
-    real = textenc.load_encoder
+    real = text_families.load_encoder
 
     def probe(spec, device):
         gc.collect()
@@ -200,7 +200,7 @@ def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, mon
         live.add(model)
         return model
 
-    monkeypatch.setattr(textenc, "load_encoder", probe)
+    monkeypatch.setattr(text_families, "load_encoder", probe)
     build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd3"], chunk_mb=0.03))  # a few chunks
     assert [name for name, _ in loads[:3]] == ["clip_l", "clip_g", "t5"]
     assert len(loads) > 3  # the small chunk budget made it take turns more than once

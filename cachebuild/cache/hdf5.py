@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachebuild.cache.shards import ShardInfo, commit_bytes, own_storage
+from cachebuild.cache.files import ShardInfo, commit_bytes, own_storage
 from cachebuild.errors import ConfigError
 
 INSTALL_HINT = "install it with: pip install 'cachebuild[hdf5]'"

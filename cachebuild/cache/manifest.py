@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -19,14 +20,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachebuild.cache.shards import ShardInfo
+from cachebuild.cache.files import ShardInfo, sha256_file
 from cachebuild.errors import CacheError
-from cachebuild.sources.scan import SourceFile
 
 MANIFEST_NAME = "manifest.sqlite"
 SCHEMA_VERSION = 1
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
+LATENTS, TEXTENC = "latents", "textenc"  # store names: folders under the cache root, keys in every table
+STORES = (LATENTS, TEXTENC)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +59,29 @@ CREATE TABLE IF NOT EXISTS file_hashes (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
 );
 """
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file found by the scan. ``key`` joins it to every cache entry made from it."""
+
+    key: str  # path relative to the root, without extension, '/'-separated: "sub/img001"
+    path: str  # path relative to the root, with extension
+    size: int  # bytes
+    mtime_ns: int
+    sha256: str | None = None  # content hash, only with --hash
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the file changes: size and mtime, plus the content hash when one was taken."""
+        base = f"{self.size}:{self.mtime_ns}"
+        return f"{base}:{self.sha256}" if self.sha256 else base
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    files: list[SourceFile]  # one per key, sorted by key
+    clashes: dict[str, list[str]]  # key -> the relative paths that share it; these items fail
 
 
 @dataclass(frozen=True)
@@ -354,6 +379,18 @@ class Manifest:
             (str(path.resolve()), st.st_size, st.st_mtime_ns),
         ).fetchone()
         return row[0] if row else None
+
+    def files_sha256(self, files: tuple[Path, ...]) -> str:
+        """One hash for model files (weights, tokenizers), each remembered by (path, size, mtime) so a re-run
+        does not read gigabytes again."""
+        parts = []
+        for f in files:
+            digest = self.remembered_hash(f)
+            if digest is None:
+                digest = sha256_file(f)
+                self.remember_hash(f, digest)
+            parts.append(digest)
+        return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
 
     def remember_hash(self, path: Path, sha256: str) -> None:
         st = path.stat()

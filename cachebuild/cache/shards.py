@@ -1,5 +1,7 @@
-"""Store: shard writers. A shard is built in memory, written to a temporary name, flushed, fsynced and
-renamed; only then does the caller commit it to the manifest.
+"""Shards: the writers (safetensors here, HDF5 in ``hdf5``) and ``ShardFile``, the one reader of both.
+
+A shard is built in memory, written to a temporary name, flushed, fsynced and renamed (``files``); only then
+does the caller commit it to the manifest.
 
 Writers share one small interface (``write``, ``close``, context manager) so that the safetensors and
 HDF5 backends are interchangeable. Tensor names inside a shard are ``<key>/<name>`` (``sub/img001/latents``),
@@ -8,27 +10,16 @@ and each shard's metadata describes its items so a shard is readable without the
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+from cachebuild.cache.files import ShardInfo, commit_bytes, own_storage, shard_name
+from cachebuild.errors import CacheError
 
-SHARD_DIGITS = 5  # shard-00000 .. shard-99999; zero-padded so names sort in write order
-TMP_SUFFIX = ".tmp"
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """A shard made durable: what the manifest records about it."""
-
-    name: str  # file name inside the store folder
-    keys: tuple[str, ...]
-    bytes: int
-    sha256: str
+if TYPE_CHECKING:
+    import torch
 
 
 class ShardWriter(Protocol):
@@ -40,57 +31,6 @@ class ShardWriter(Protocol):
 
     @property
     def nbytes(self) -> int: ...
-
-
-def own_storage(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a contiguous tensor owning exactly its bytes: a view into a batch's output would keep the
-    whole batch alive in host memory until the shard is written."""
-    t = t.contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t
-
-
-def shard_name(index: int, suffix: str) -> str:
-    return f"shard-{index:0{SHARD_DIGITS}d}{suffix}"
-
-
-def shard_index(name: str) -> int | None:
-    """The index in a shard file name, or None for a file that is not a shard."""
-    stem = name.split(".", 1)[0]
-    if not stem.startswith("shard-"):
-        return None
-    digits = stem[len("shard-") :]
-    return int(digits) if digits.isdigit() else None
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, fsync it, rename it into place, fsync the folder."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def commit_bytes(path: Path, keys: tuple[str, ...], data: bytes) -> ShardInfo:
-    """Make a serialized shard durable at ``path`` and describe it for the manifest."""
-    write_durably(path, data)
-    return ShardInfo(path.name, keys, len(data), hashlib.sha256(data).hexdigest())
 
 
 @dataclass
@@ -152,3 +92,63 @@ WRITERS = {"safetensors": (".safetensors", SafetensorsShardWriter), "hdf5": (".h
 def open_writer(fmt: str, folder: Path, index: int, header: dict) -> ShardWriter:
     suffix, cls = WRITERS[fmt]
     return cls(folder / shard_name(index, suffix), header)
+
+
+class ShardFile:
+    """One shard file opened for reading by full tensor name ``<entry>/<name>``: safetensors (memory-mapped)
+    or HDF5. A context manager; the reader keeps them open, ``verify`` opens one at a time."""
+
+    def __init__(self, path: Path, handle, hdf5: bool):
+        self.path, self.handle, self.hdf5 = path, handle, hdf5
+        self._names: set[str] | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> ShardFile:
+        if not path.is_file():
+            raise CacheError(
+                f"shard {path} is missing; run `cachebuild verify {path.parent.parent} --repair`, then the build "
+                "command again to re-encode its items"
+            )
+        if path.suffix == ".h5":
+            from cachebuild.cache.hdf5 import require_h5py
+
+            return cls(path, require_h5py().File(path, "r"), True)
+        from safetensors import safe_open
+
+        return cls(path, safe_open(str(path), framework="pt"), False)  # memory-mapped
+
+    def has(self, name: str) -> bool:
+        if self.hdf5:
+            return name in self.handle and hasattr(self.handle[name], "shape")
+        if self._names is None:
+            self._names = set(self.handle.keys())  # noqa: SIM118 (safe_open is not a dict)
+        return name in self._names
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.hdf5:
+            from cachebuild.cache.hdf5 import read_tensor
+
+            return read_tensor(self.handle[name])
+        return self.handle.get_tensor(name)
+
+    def read(self, entry: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` for ``<entry>/<name>``; a missing one is a damaged cache, named as such."""
+        from safetensors import SafetensorError
+
+        try:
+            return {n: self.get(f"{entry}/{n}") for n in names}
+        except (KeyError, SafetensorError) as exc:
+            raise CacheError(
+                f"{self.path.name} does not hold {entry}/{names[0]} as the manifest says ({exc}); run "
+                f"`cachebuild verify {self.path.parent.parent}`"
+            ) from exc
+
+    def close(self) -> None:
+        if self.hdf5:
+            self.handle.close()
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()

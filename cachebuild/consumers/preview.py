@@ -21,7 +21,8 @@ from PIL import Image
 from cachebuild.config import ModelSpec
 from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError, ItemError
-from cachebuild.families.vae import family_of, load_vae, resolve_vae
+from cachebuild.families.vae import family_of, load_vae
+from cachebuild.hub import resolve_vae
 from cachebuild.images.load import decode
 from cachebuild.images.plan import ItemPlan
 

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from cachebuild.cache.manifest import Manifest
+from cachebuild.cache.manifest import LATENTS, TEXTENC, Manifest
+from cachebuild.cache.shards import ShardFile
 from cachebuild.consumers.sampler import BucketBatchSampler
 from cachebuild.errors import CacheError
 
 log = logging.getLogger(__name__)
 
-LATENTS = "latents"
-TEXTENC = "textenc"
 MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
 
 __all__ = ["BucketBatchSampler", "CacheReader", "LatentDataset", "open_cache"]
@@ -305,66 +304,6 @@ class ShardFileHandles:
         else:
             self._open.move_to_end(name)
         return shard
-
-
-class ShardFile:
-    """One shard file opened for reading by full tensor name ``<entry>/<name>``: safetensors (memory-mapped)
-    or HDF5. A context manager; the reader keeps them open, ``verify`` opens one at a time."""
-
-    def __init__(self, path: Path, handle, hdf5: bool):
-        self.path, self.handle, self.hdf5 = path, handle, hdf5
-        self._names: set[str] | None = None
-
-    @classmethod
-    def open(cls, path: Path) -> ShardFile:
-        if not path.is_file():
-            raise CacheError(
-                f"shard {path} is missing; run `cachebuild verify {path.parent.parent} --repair`, then the build "
-                "command again to re-encode its items"
-            )
-        if path.suffix == ".h5":
-            from cachebuild.cache.hdf5 import require_h5py
-
-            return cls(path, require_h5py().File(path, "r"), True)
-        from safetensors import safe_open
-
-        return cls(path, safe_open(str(path), framework="pt"), False)  # memory-mapped
-
-    def has(self, name: str) -> bool:
-        if self.hdf5:
-            return name in self.handle and hasattr(self.handle[name], "shape")
-        if self._names is None:
-            self._names = set(self.handle.keys())  # noqa: SIM118 (safe_open is not a dict)
-        return name in self._names
-
-    def get(self, name: str) -> torch.Tensor:
-        if self.hdf5:
-            from cachebuild.cache.hdf5 import read_tensor
-
-            return read_tensor(self.handle[name])
-        return self.handle.get_tensor(name)
-
-    def read(self, entry: str, names: list[str]) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` for ``<entry>/<name>``; a missing one is a damaged cache, named as such."""
-        from safetensors import SafetensorError
-
-        try:
-            return {n: self.get(f"{entry}/{n}") for n in names}
-        except (KeyError, SafetensorError) as exc:
-            raise CacheError(
-                f"{self.path.name} does not hold {entry}/{names[0]} as the manifest says ({exc}); run "
-                f"`cachebuild verify {self.path.parent.parent}`"
-            ) from exc
-
-    def close(self) -> None:
-        if self.hdf5:
-            self.handle.close()
-
-    def __enter__(self) -> ShardFile:
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.close()
 
 
 def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:

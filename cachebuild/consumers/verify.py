@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.cache.files import TMP_SUFFIX, sha256_file, shard_index
 from cachebuild.cache.manifest import DONE, Manifest
-from cachebuild.cache.shards import TMP_SUFFIX, shard_index
+from cachebuild.cache.shards import ShardFile
 from cachebuild.config import DType
-from cachebuild.consumers.reader import ShardFile
-from cachebuild.families.vae import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,9 @@ checked from configs and weight hashes alone. See docs/format.md for the tensors
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,9 @@ import torch
 
 from cachebuild.cache.manifest import Manifest
 from cachebuild.config import PRESETS, DType, TextencConfig, TextFamily
-from cachebuild.encode import resolve_dtype
+from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
-from cachebuild.families.vae import fetch_hub_folder, weight_files
-from cachebuild.jobs.latents import weights_sha256 as files_sha256
+from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
 
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512}  # the pipelines' own defaults
@@ -43,8 +44,8 @@ class EncoderSpec:
         return {
             "name": self.name,
             "class": self.cls,
-            "weights_sha256": files_sha256(weight_files(self.folder), manifest),
-            "tokenizer_sha256": files_sha256(_tokenizer_files(self.tokenizer), manifest),
+            "weights_sha256": manifest.files_sha256(weight_files(self.folder)),
+            "tokenizer_sha256": manifest.files_sha256(tokenizer_files(self.tokenizer)),
             "layer": self.layer,
             "final_norm": self.final_norm,
             "hidden": self.hidden,
@@ -62,7 +63,7 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
     t5_dtype = resolve_dtype(cfg.t5_dtype or cfg.dtype, device)
     if cfg.text_encoder is not None:
         return TextFamily.GENERIC, [_generic_spec(cfg, dtype)]
-    root = _pipeline_folder(cfg.model, cfg.revision)
+    root = pipeline_folder(cfg.model, cfg.revision)
     family = cfg.family or _detect_family(cfg.model, root)
     if family is TextFamily.GENERIC:
         raise ConfigError("--family generic needs --text-encoder (and --tokenizer, --layer, --max-length)")
@@ -184,8 +185,8 @@ def _final_layer_norm(model):
 
 
 def _generic_spec(cfg: TextencConfig, dtype: DType) -> EncoderSpec:
-    folder = _local_or_hub(cfg.text_encoder, cfg.revision)
-    tok = _local_or_hub(cfg.tokenizer, cfg.revision) if cfg.tokenizer else folder
+    folder = local_or_hub(cfg.text_encoder, cfg.revision)
+    tok = local_or_hub(cfg.tokenizer, cfg.revision) if cfg.tokenizer else folder
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type", "")
     if model_type == "t5" or model_type == "umt5":
@@ -198,25 +199,6 @@ def _generic_spec(cfg: TextencConfig, dtype: DType) -> EncoderSpec:
         cls, pooled, trim = "AutoModel", None, True
     max_length = cfg.max_length or (CLIP_MAX_LENGTH if not trim else 512)
     return EncoderSpec("te", folder, tok, cls, cfg.layer, False, True, pooled, max_length, trim, dtype)
-
-
-def _pipeline_folder(model: str | None, revision: str | None) -> Path:
-    assert model is not None
-    return _local_or_hub(PRESETS.get(model, model), revision, pipeline=True)
-
-
-def _local_or_hub(source: str, revision: str | None, pipeline: bool = False) -> Path:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if pipeline:
-        subs = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
-        patterns = ["model_index.json"] + [
-            f"{s}/*.{ext}" for s in subs for ext in ("json", "safetensors", "txt", "model")
-        ]
-    else:
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-    return fetch_hub_folder(source, patterns, revision)
 
 
 def _detect_family(model: str | None, root: Path) -> TextFamily:
@@ -237,5 +219,30 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
     raise ConfigError(f"cannot tell the model family of {model} ({cls or 'no model_index.json'}); pass --family")
 
 
-def _tokenizer_files(folder: Path) -> tuple[Path, ...]:
-    return tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+def load_encoder(spec: EncoderSpec, device: torch.device):
+    """The transformers model for ``spec``, in eval mode on ``device``."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the CLI owns the terminal
+    # transformers renamed `torch_dtype` to `dtype` in 4.56 (and warns about the old name after it)
+    dtype_arg = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+    try:
+        model = getattr(transformers, spec.cls).from_pretrained(spec.folder, **{dtype_arg: spec.dtype.torch})
+    except Exception as exc:  # transformers raises many types; one message naming the source
+        raise ModelLoadError(f"could not load the {spec.name} encoder from {spec.folder}: {exc}") from exc
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+
+
+@contextlib.contextmanager
+def resident(spec: EncoderSpec, device: torch.device) -> Iterator:
+    """One encoder loaded for the duration of the block, freed from host and device after it."""
+    model = load_encoder(spec, device)
+    try:
+        yield model
+    finally:
+        del model
+        free_device_memory(device)

@@ -1,21 +1,23 @@
-"""Find, identify and load models: hub ids, local diffusers folders and single files, one code path.
+"""VAEs: what a VAE's latents are (channels, downsampling, scaling and shift), loading it, and encoding
+bucket-sized pixel batches into the stored tensors through the guarded forward.
 
-A model source is first *resolved* to local files (a hub id is fetched into the Hugging Face cache, a
-no-op when it is there already), then *identified* (config and a hash of the weights, for the cache
-fingerprint) and only then, if there is work to do, *loaded*. Identification never builds the model, so a
-finished job can be checked without loading anything.
+Which files hold the VAE is the hub's business (``cachebuild.hub``); this module only builds the model once
+there is work to do.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachebuild.config import ModelSpec
+import torch
+
+from cachebuild.config import DType, LatentsMode
+from cachebuild.encode import GuardedForward
 from cachebuild.errors import ModelLoadError
+from cachebuild.hub import ResolvedVae
+from cachebuild.keys import item_seed
 
 log = logging.getLogger(__name__)
 
@@ -48,42 +50,6 @@ class VaeFamily:
         return self.cls == "AutoencoderKL"
 
 
-@dataclass(frozen=True)
-class ResolvedVae:
-    """A VAE located on local disk."""
-
-    source: str  # what the user gave, for the record
-    folder: Path | None  # diffusers folder holding config.json and the weights
-    file: Path | None  # a single weights file (then config comes from config_folder)
-    config: dict  # the diffusers config
-    weight_files: tuple[Path, ...]  # the files hashed into the identity
-
-
-def resolve_vae(spec: ModelSpec) -> ResolvedVae:
-    """Locate the VAE that ``spec`` names on local disk, fetching from the hub if needed.
-
-    Raises:
-        ModelLoadError: the source does not exist or holds no VAE; the message says what was looked for.
-    """
-    if spec.vae is not None:
-        path = Path(spec.vae).expanduser()
-        if path.is_file():
-            return _resolve_single_file(spec, path)
-        folder = path if path.is_dir() else _fetch_hub_folder(spec.vae, "", spec.revision)
-        if (folder / "vae" / "config.json").is_file() and not (folder / "config.json").is_file():
-            folder = folder / "vae"  # a whole pipeline given as --vae: use its vae
-        return _resolve_folder(spec.vae, folder)
-    pipeline = spec.pipeline
-    assert pipeline is not None
-    path = Path(pipeline).expanduser()
-    root = path if path.is_dir() else _fetch_hub_folder(pipeline, "vae", spec.revision)
-    if not (root / "vae").is_dir():
-        raise ModelLoadError(
-            f"{pipeline} has no 'vae' subfolder; pass the VAE itself with --vae <folder | file | hub id>"
-        )
-    return _resolve_folder(pipeline, root / "vae")
-
-
 def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     """Latent channels, downsampling and scaling, from the VAE's config first and the preset second."""
     cfg = vae.config
@@ -108,14 +74,6 @@ def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     )
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     """Build the VAE from local files, in eval mode on ``device`` with parameters in ``dtype``."""
     import diffusers
@@ -138,71 +96,6 @@ def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     return model.to(device).eval().requires_grad_(False)
 
 
-def _resolve_folder(source: str, folder: Path) -> ResolvedVae:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{folder} has no config.json; pass a diffusers VAE folder or a .safetensors file")
-    weights = weight_files(folder)
-    if not weights:
-        raise ModelLoadError(f"{folder} holds no weights (diffusion_pytorch_model.safetensors or .bin)")
-    return ResolvedVae(source, folder, None, _read_json(config_path), weights)
-
-
-def _resolve_single_file(spec: ModelSpec, path: Path) -> ResolvedVae:
-    config_source = spec.vae_config or spec.pipeline
-    if config_source is None:
-        raise ModelLoadError(
-            f"{path} is a single weights file, which carries no config; add --model sd15|sdxl|sd3|flux (or "
-            "--vae-config <folder | hub id>) to say which VAE architecture it is"
-        )
-    cfg_path = Path(config_source).expanduser()
-    if not cfg_path.is_dir():
-        cfg_path = _fetch_hub_folder(config_source, "vae", spec.revision, configs_only=True)
-    folder = cfg_path / "vae" if (cfg_path / "vae" / "config.json").is_file() else cfg_path
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"no VAE config.json found in {config_source} (looked in it and its vae/ folder)")
-    return ResolvedVae(str(path), folder, path, _read_json(folder / "config.json"), (path,))
-
-
-HUB_IGNORE = ["*.fp16.*", "*.bin", "*.onnx*", "*.msgpack", "*.h5", "*.ckpt", "*.pt"]  # variants and
-# other frameworks' copies of the same weights: fetching them would cost gigabytes and change nothing
-
-
-def fetch_hub_folder(repo_id: str, patterns: list[str], revision: str | None) -> Path:
-    """The local snapshot of ``repo_id`` holding the files that match ``patterns`` (fetched if missing).
-
-    Only the default-precision safetensors weights are fetched (see ``HUB_IGNORE``).
-
-    Raises:
-        ModelLoadError: not a local path and not a reachable hub repository.
-    """
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, ignore_patterns=HUB_IGNORE, revision=revision))
-    except Exception as exc:  # network, auth, missing repo: one message with the ways out
-        raise ModelLoadError(
-            f"{repo_id!r} is neither a local path nor a reachable hub repository ({type(exc).__name__}: {exc}). "
-            "Check the spelling, run `hf auth login` (`huggingface-cli login` before huggingface_hub 1.0) for "
-            "gated models, or pass a local folder."
-        ) from exc
-
-
-def _fetch_hub_folder(repo_id: str, subfolder: str, revision: str | None, configs_only: bool = False) -> Path:
-    prefix = f"{subfolder}/" if subfolder else ""
-    patterns = [f"{prefix}*.json"] if configs_only else [f"{prefix}*.json", f"{prefix}*.safetensors"]
-    return fetch_hub_folder(repo_id, patterns, revision)
-
-
-def weight_files(folder: Path) -> tuple[Path, ...]:
-    """The weight files ``from_pretrained`` loads from ``folder``: safetensors without a variant infix
-    (``model.fp16.safetensors`` is another copy), else any variant, else other formats."""
-    tensors = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
-    plain = [p for p in tensors if p.name.count(".") == 1]
-    found = plain or tensors or sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    return tuple(found)
-
-
 def _has_diffusers_keys(path: Path) -> bool:
     if path.suffix != ".safetensors":
         return False
@@ -218,6 +111,84 @@ def _read_state_dict(path: Path) -> dict:
     return load_file(str(path))
 
 
-def _read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+@dataclass
+class EncodedItem:
+    """What one image encodes to, on the CPU in float32. Shapes are (C, H/f, W/f)."""
+
+    tensors: dict[str, torch.Tensor] | None  # None when the item failed
+    reason: str | None = None
+    upcast: bool = False  # True when fp32 was needed after a non-finite result
+
+
+class VaeEncoder:
+    """Turns bucket-sized uint8 pixel batches into latents, with the OOM and non-finite guards.
+
+    Example:
+        >>> enc = VaeEncoder(vae, family, torch.device("cpu"), DType.FP32, LatentsMode.MEAN, flip=False, seed=0)
+        >>> out = enc.encode(["a", "b"], torch.zeros(2, 512, 512, 3, dtype=torch.uint8))
+        >>> out[0].tensors["latents"].shape
+        torch.Size([4, 64, 64])
+    """
+
+    def __init__(
+        self, vae, family: VaeFamily, device: torch.device, dtype: DType, mode: LatentsMode, flip: bool, seed: int
+    ):
+        self.vae = vae
+        self.family = family
+        self.device = device
+        self.dtype = dtype.torch
+        self.mode = mode
+        self.flip = flip
+        self.seed = seed
+        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(self._raw(inputs[0], dt)), "VAE")
+
+    @property
+    def oom_splits(self) -> int:
+        return self.guard.oom_splits
+
+    @property
+    def upcasts(self) -> int:
+        return self.guard.upcasts
+
+    def encode(self, keys: list[str], pixels: torch.Tensor) -> list[EncodedItem]:
+        """Encode a batch of (B, H, W, 3) uint8 pixels; one result per key, in order."""
+        raw = self.guard((pixels,))  # per image: (2C or C, h, w) float32, or a failure reason
+        if self.flip:
+            raw_flipped = self.guard((pixels.flip(2),))
+        results = []
+        for i, key in enumerate(keys):
+            parts = {"": raw[i]} | ({"_flipped": raw_flipped[i]} if self.flip else {})
+            reasons = [r for r in parts.values() if isinstance(r, str)]
+            if reasons:
+                results.append(EncodedItem(None, reasons[0]))
+                continue
+            tensors: dict[str, torch.Tensor] = {}
+            for suffix, moments in parts.items():
+                tensors |= self._finish(key, suffix, moments)
+            results.append(EncodedItem(tensors))
+        return results
+
+    def _finish(self, key: str, suffix: str, moments: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Moments (mean ++ logvar along C, or plain latents) -> the stored tensors for this mode."""
+        if not self.family.has_posterior:
+            return {f"latents{suffix}": moments}
+        mean, logvar = moments.chunk(2, dim=0)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # the clamp diffusers' posterior applies
+        if self.mode is LatentsMode.MEAN:
+            return {f"latents{suffix}": mean}
+        if self.mode is LatentsMode.MOMENTS:
+            return {f"mean{suffix}": mean, f"std{suffix}": std}
+        gen = torch.Generator().manual_seed(item_seed(self.seed, key, f"sample{suffix}"))
+        noise = torch.randn(mean.shape, generator=gen, dtype=torch.float32)
+        return {f"latents{suffix}": mean + std * noise}
+
+    def _raw(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the CPU (moments, or latents for Tiny)."""
+        with torch.inference_mode():
+            x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
+            x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
+            enc = self.vae.encode(x)
+            out = enc.latent_dist.parameters if self.family.has_posterior else enc.latents
+            result = out.float().cpu()
+            del x, enc, out
+        return result

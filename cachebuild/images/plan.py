@@ -7,7 +7,6 @@ out at ``crop`` (left, top) in resized pixels.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 from cachebuild.config import BucketConfig, CropMode
 from cachebuild.errors import ItemError
+from cachebuild.keys import item_seed
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,6 @@ def batch_by_bucket(items: Iterable[ItemPlan], batch_size: int) -> Iterator[list
         group = sorted(by_bucket[bucket], key=lambda i: i.key)
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]
-
-
-def item_seed(seed: int, key: str, purpose: str) -> int:
-    """A 63-bit seed that depends only on the run seed, the item key and what it is for."""
-    digest = hashlib.sha256(f"{seed}\0{key}\0{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _round_to_steps(x: float, steps: int) -> int:

@@ -13,31 +13,29 @@ tokens do not depend on the padding, so a reader can pad back to any max length 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 
 import torch
 
-from cachebuild.cache.manifest import DONE, PENDING, Manifest
+from cachebuild.cache.manifest import DONE, PENDING, TEXTENC, Manifest
+from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig
-from cachebuild.encode import GuardedForward, free_device_memory, pick_device
-from cachebuild.errors import ModelLoadError
+from cachebuild.encode import GuardedForward, pick_device
 from cachebuild.families.text import (
     EncoderSpec,
     encoder_forward,
     load_tokenizer,
     output_dims,
+    resident,
     resolve_encoders,
     tokenize,
 )
-from cachebuild.jobs.latents import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.sources.captions import scan_captions, text_id
 
 log = logging.getLogger(__name__)
 
-TEXTENC = "textenc"  # store name: folder under --out and the manifest's store key
 CAPTION_RULES_VERSION = 1  # bump when caption reading changes the text handed to the tokenizers
 PAD_MULTIPLE = 64  # masked (T5) inputs are padded to a multiple of this, not to max length: with the mask the
 # outputs at real tokens do not depend on the padding, and most captions are far shorter than 512 tokens
@@ -79,35 +77,6 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
-
-
-def load_encoder(spec: EncoderSpec, device: torch.device):
-    """The transformers model for ``spec``, in eval mode on ``device``."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # the CLI owns the terminal
-    # transformers renamed `torch_dtype` to `dtype` in 4.56 (and warns about the old name after it)
-    dtype_arg = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
-    try:
-        model = getattr(transformers, spec.cls).from_pretrained(spec.folder, **{dtype_arg: spec.dtype.torch})
-    except Exception as exc:  # transformers raises many types; one message naming the source
-        raise ModelLoadError(f"could not load the {spec.name} encoder from {spec.folder}: {exc}") from exc
-    return model.to(device).eval().requires_grad_(False)
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-
-
-@contextlib.contextmanager
-def resident(spec: EncoderSpec, device: torch.device) -> Iterator:
-    """One encoder loaded for the duration of the block, freed from host and device after it."""
-    model = load_encoder(spec, device)
-    try:
-        yield model
-    finally:
-        del model
-        free_device_memory(device)
 
 
 def _encode_all(

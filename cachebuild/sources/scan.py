@@ -7,37 +7,14 @@ is left to the planning stage, for the files that need work.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from cachebuild.families.vae import sha256_file
+from cachebuild.cache.files import sha256_file
+from cachebuild.cache.manifest import ScanResult, SourceFile
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".pgm", ".ppm"}
 )
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file found by the scan. ``key`` joins it to every cache entry made from it."""
-
-    key: str  # path relative to the root, without extension, '/'-separated: "sub/img001"
-    path: str  # path relative to the root, with extension
-    size: int  # bytes
-    mtime_ns: int
-    sha256: str | None = None  # content hash, only with --hash
-
-    @property
-    def fingerprint(self) -> str:
-        """Changes when the file changes: size and mtime, plus the content hash when one was taken."""
-        base = f"{self.size}:{self.mtime_ns}"
-        return f"{base}:{self.sha256}" if self.sha256 else base
-
-
-@dataclass(frozen=True)
-class ScanResult:
-    files: list[SourceFile]  # one per key, sorted by key
-    clashes: dict[str, list[str]]  # key -> the relative paths that share it; these items fail
 
 
 def scan_files(

@@ -31,7 +31,7 @@ import torch
 
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.images.plan import item_seed
+from cachebuild.keys import item_seed
 
 log = logging.getLogger(__name__)
 
