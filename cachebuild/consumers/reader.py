@@ -18,19 +18,23 @@ import os
 import sqlite3
 from collections import OrderedDict
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cachebuild.cache.manifest import LATENTS, TEXTENC, Manifest
 from cachebuild.cache.shards import ShardFile
-from cachebuild.consumers.sampler import BucketBatchSampler
+
+if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache is opened
+    import torch
+
+    from cachebuild.consumers.dataset import LatentDataset
+    from cachebuild.consumers.sampler import BucketBatchSampler
 from cachebuild.errors import CacheError
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
 
-__all__ = ["BucketBatchSampler", "CacheReader", "LatentDataset", "open_cache"]
+__all__ = ["CacheReader", "open_cache"]
 
 
 def open_cache(path: str | os.PathLike, seed: int | None = None, text: bool | None = None) -> CacheReader:
@@ -182,16 +186,20 @@ class CacheReader:
 
     # -- torch -----------------------------------------------------------------------------------------
     def dataset(
-        self, scale: bool = False, dtype: torch.dtype = torch.float32, t5_max_length: int | None = None
+        self, scale: bool = False, dtype: torch.dtype | None = None, t5_max_length: int | None = None
     ) -> LatentDataset:
         """A map-style torch Dataset over :meth:`keys`; index ``i`` is ``keys()[i]``.
 
         Args:
             scale: apply ``(z - shift_factor) * scaling_factor``, what the diffusion model is trained on.
-            dtype: dtype of the latents and text tensors handed out.
+            dtype: dtype of the latents and text tensors handed out (default float32).
             t5_max_length: length trimmed text outputs (T5) are padded to; default the encoder's max length.
         """
-        return LatentDataset(self, scale, dtype, t5_max_length)
+        import torch
+
+        from cachebuild.consumers.dataset import LatentDataset
+
+        return LatentDataset(self, scale, dtype or torch.float32, t5_max_length)
 
     def bucket_sampler(
         self,
@@ -205,6 +213,8 @@ class CacheReader:
         """Batches of dataset indices that share one bucket; see :class:`BucketBatchSampler`."""
         shapes: dict[str, tuple[int, int]] = {}
         buckets = [shapes.setdefault(b, self.bucket(k)) for k in self._keys for b in (self._index[k][1],)]
+        from cachebuild.consumers.sampler import BucketBatchSampler
+
         return BucketBatchSampler(buckets, batch_size, shuffle, seed, drop_last, rank, world_size)
 
     # -- internals -------------------------------------------------------------------------------------
@@ -236,12 +246,16 @@ class CacheReader:
             return tensors["latents" + suffix]
         if "mean" + suffix not in tensors:
             return None
+        import torch
+
         mean, std = tensors["mean" + suffix], tensors["std" + suffix]
         eps = torch.randn(mean.shape, generator=self._generator(), dtype=torch.float32)
         return (mean.float() + std.float() * eps).to(mean.dtype)  # a fresh draw on every read
 
     def _generator(self) -> torch.Generator:
         """This process's generator for moments draws; workers get their own streams."""
+        import torch
+
         pid = os.getpid()
         if self._rng is None or self._rng[0] != pid:
             info = torch.utils.data.get_worker_info()
@@ -258,30 +272,6 @@ class CacheReader:
         state["_text_handles"] = ShardFileHandles(self._text_handles.folder)
         state["_rng"] = None
         return state
-
-
-class LatentDataset(torch.utils.data.Dataset):
-    """Records as tensors, ready for the default collate: ``original_size``, ``crop``, ``bucket`` become
-    int64 tensors of shape (2,), so a batch has them as (B, 2); ``key`` stays a string."""
-
-    def __init__(self, cache: CacheReader, scale: bool, dtype: torch.dtype, t5_max_length: int | None = None):
-        self.cache, self.scale, self.dtype, self.t5_max_length = cache, scale, dtype, t5_max_length
-        self._keys = cache.keys()
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __getitem__(self, index: int) -> dict:
-        rec = self.cache.record(self._keys[index], self.t5_max_length)
-        for name, value in rec.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                rec[name] = value.to(self.dtype)
-        for name in ("latents", "latents_flipped"):
-            if name in rec and self.scale:
-                rec[name] = (rec[name] - self.cache.shift_factor) * self.cache.scaling_factor  # raw -> scaled
-        for name in ("original_size", "crop", "bucket"):
-            rec[name] = torch.tensor(rec[name], dtype=torch.long)
-        return rec
 
 
 class ShardFileHandles:

@@ -19,13 +19,15 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cachebuild.cache.files import TMP_SUFFIX, sha256_file, shard_index
 from cachebuild.cache.manifest import DONE, Manifest
 from cachebuild.cache.shards import ShardFile
 from cachebuild.config import DType
+
+if TYPE_CHECKING:  # torch is imported when the first tensor is checked: a checksum-only pass needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,8 @@ def _check_tensors(path: Path, store: str, fingerprint: dict, rows: list) -> lis
 
 
 def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str, key: str, shard: str):
+    import torch
+
     found = []
     stored = fingerprint.get("dtype_out")
     want_dtype = DType(stored).torch if stored in ("fp32", "fp16", "bf16") else None

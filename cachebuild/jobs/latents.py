@@ -1,8 +1,9 @@
-"""The pipeline: scan -> plan -> load -> encode -> store -> commit, for one cache store.
+"""The latents job: scan -> plan -> load -> encode -> store -> commit, wired together.
 
-``build_latents`` is the library entry point behind ``cachebuild latents``. The store-generic pieces
-(``open_store``: lock, fingerprint check, crash clean-up and index sync; ``ShardSink``: shard rotation
-and commits) serve every kind of cache that lives in the manifest.
+``build_latents`` is the library entry point behind ``cachebuild latents``. The pieces every store shares
+(``open_store``, ``ShardSink``, ``finish_run``) live in ``cache.store``; where the load and encode stages run
+is the engine's business (``engines.local``); this module says what a latent item is: its plan, its
+fingerprint, its tensors and metadata.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from cachebuild.cache.manifest import LATENTS, PENDING, Manifest
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import CropMode, LatentsConfig, LatentsMode
 from cachebuild.encode import device_memory_bytes, free_device_memory, pick_device, resolve_dtype
+from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import resolve_vae
-from cachebuild.images.load import LOADER_VERSION, iter_batches, read_size
+from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.sources.scan import scan_files
 
@@ -119,7 +121,9 @@ def _encode_all(
     batches = list(batch_by_bucket(plans, cfg.batch_size))
     processed, last_bucket = 0, None
     out_dtype = cfg.dtype_out.torch
-    for loaded in iter_batches(batches, cfg.workers, cfg.max_pixels):
+
+    def encode_and_store(loaded: LoadedBatch) -> None:
+        nonlocal processed, last_bucket
         failures = [(item.key, reason) for item, reason in loaded.failures]
         if loaded.pixels is not None:
             bucket = loaded.items[0].bucket
@@ -141,6 +145,8 @@ def _encode_all(
         processed += len(loaded.items) + len(loaded.failures)
         if progress:
             progress(Progress(processed, len(plans), summary.failed_now, device_memory_bytes(encoder.device)))
+
+    LocalEngine(cfg.workers, cfg.max_pixels).run(batches, encode_and_store)
 
 
 def _plan_pending(manifest: Manifest, cfg: LatentsConfig, pending, summary: RunSummary) -> list[ItemPlan]:
