@@ -41,54 +41,133 @@ def _library_errors(fn):
     return wrapper
 
 
-def _output_options(fn):
-    fn = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")(fn)
-    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar; errors and the summary only.")(fn)
-    return fn
+def _options(*options):
+    """One decorator that applies ``options`` in the order listed (as --help shows them)."""
+
+    def apply(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
 
 
-def _build_options(fn):
-    """Options every cache-building command shares."""
-    options = [
-        click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created)."),
-        click.option(
-            "--dtype-out",
-            type=click.Choice(["fp16", "bf16", "fp32"]),
-            default="fp16",
-            show_default=True,
-            help="Stored dtype.",
-        ),
-        click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available)."),
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(["safetensors", "hdf5"]),
-            default="safetensors",
-            show_default=True,
-            help="Shard file format.",
-        ),
-        click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB."),
-        click.option("--retry-failed", is_flag=True, help="Encode items that failed before again."),
-        click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again."),
-    ]
-    for opt in reversed(options):
-        fn = opt(fn)
-    return fn
+def _dtype_option(name: str, default: str | None, help: str):
+    choices = ["auto", "fp32", "fp16", "bf16"]
+    return click.option(name, type=click.Choice(choices), default=default, show_default=default is not None, help=help)
 
 
-def _model_options(fn):
-    for opt in reversed(
-        [
-            click.option(
-                "--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder."
-            ),
-            click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
-            click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
-            click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+_output_options = _options(
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar; errors and the summary only."),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
+)
+
+_build_options = _options(  # every cache-building command
+    click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created)."),
+    click.option(
+        "--dtype-out",
+        type=click.Choice(["fp16", "bf16", "fp32"]),
+        default="fp16",
+        show_default=True,
+        help="Stored dtype.",
+    ),
+    click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available)."),
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["safetensors", "hdf5"]),
+        default="safetensors",
+        show_default=True,
+        help="Shard file format.",
+    ),
+    click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB."),
+    click.option("--retry-failed", is_flag=True, help="Encode items that failed before again."),
+    click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again."),
+)
+
+_vae_options = _options(  # where the VAE comes from: latents and preview
+    click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder."),
+    click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
+    click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
+    click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
+)
+
+_bucket_options = _options(  # which bucket, resize and crop each image gets
+    click.option("--resolution", default="1024", show_default=True, help="Bucket area as one side (1024) or W,H."),
+    click.option("--min-bucket-reso", default=256, show_default=True, help="Smallest bucket side, pixels."),
+    click.option("--max-bucket-reso", default=2048, show_default=True, help="Largest bucket side, pixels."),
+    click.option("--bucket-reso-steps", default=64, show_default=True, help="Bucket sides are multiples of this."),
+    click.option("--bucket-no-upscale", is_flag=True, help="Buckets follow each image's size; never enlarge."),
+    click.option(
+        "--random-crop", is_flag=True, help="Crop at a random offset (seeded per item) instead of the centre."
+    ),
+    click.option("--seed", default=0, show_default=True, help="Seed for random crops and sampled latents."),
+    click.option("--flip-aug", is_flag=True, help="Also store latents of the mirrored image."),
+)
+
+_latents_options = _options(  # what is stored per image and how the encoder runs
+    click.option(
+        "--latents",
+        "latents_mode",
+        type=click.Choice(["sample", "mean", "moments"]),
+        default="sample",
+        show_default=True,
+        help="Posterior sample (seeded per item), its mean, or mean and std.",
+    ),
+    _dtype_option("--dtype", "auto", "Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32."),
+    click.option("--batch-size", default=4, show_default=True, help="Images per encoder call (halved on OOM)."),
+    click.option(
+        "--workers", type=int, default=None, help="Decode processes (default: cores - 1, at most 8; 0: none)."
+    ),
+    click.option(
+        "--max-pixels", default=178_956_970, show_default=True, help="Larger images fail as decompression bombs."
+    ),
+    click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan)."),
+)
+
+_text_encoder_options = _options(  # which encoders run and which of their outputs are stored
+    click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder."),
+    click.option(
+        "--family",
+        type=click.Choice(TEXT_FAMILIES),
+        help="Family of a --model that is not a preset (default: from its model_index.json).",
+    ),
+    click.option("--text-encoder", help="Generic: encoder folder or hub id (instead of --model)."),
+    click.option("--tokenizer", help="Generic: tokenizer folder or hub id (default: the encoder's)."),
+    click.option(
+        "--layer",
+        default=-1,
+        show_default=True,
+        help="Generic: hidden-state layer; -1 is the last, -2 the penultimate.",
+    ),
+    click.option("--max-length", type=int, help="Generic: token limit (default 77 for CLIP, 512 otherwise)."),
+    click.option("--clip-skip", default=1, show_default=True, help="sd15: 2 stores the penultimate CLIP layer."),
+    click.option("--t5-max-length", type=int, help="T5 token limit (default: sd3 256, flux 512)."),
+)
+
+_caption_options = _options(
+    click.option("--caption-ext", default=".txt", show_default=True, help="Caption file extension."),
+    click.option("--caption-column", default="text", show_default=True, help="Text column of a metadata file."),
+)
+
+_text_run_options = _options(  # how the text encoders run
+    click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
+    _dtype_option(
+        "--dtype", "auto", "Compute dtype of the encoders; auto is bf16 on CUDA with bf16 support, else fp32."
+    ),
+    _dtype_option(
+        "--t5-dtype",
+        None,
+        "Compute dtype of T5 (default: --dtype). fp16 T5 overflows; such captions are redone in fp32.",
+    ),
+    click.option("--batch-size", default=16, show_default=True, help="Captions per encoder call (halved on OOM)."),
+    click.option(
+        "--chunk-mb",
+        default=2048.0,
+        show_default=True,
+        help="Encoder outputs held in host memory while the encoders take turns on the device, MiB.",
+    ),
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,66 +188,12 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("dataset", type=click.Path(path_type=Path))
 @_build_options
-@_model_options
-@click.option("--resolution", default="1024", show_default=True, help="Bucket area as one side (1024) or W,H.")
-@click.option("--min-bucket-reso", default=256, show_default=True, help="Smallest bucket side, pixels.")
-@click.option("--max-bucket-reso", default=2048, show_default=True, help="Largest bucket side, pixels.")
-@click.option("--bucket-reso-steps", default=64, show_default=True, help="Bucket sides are multiples of this.")
-@click.option("--bucket-no-upscale", is_flag=True, help="Buckets follow each image's size; never enlarge.")
-@click.option("--random-crop", is_flag=True, help="Crop at a random offset (seeded per item) instead of the centre.")
-@click.option("--seed", default=0, show_default=True, help="Seed for random crops and sampled latents.")
-@click.option("--flip-aug", is_flag=True, help="Also store latents of the mirrored image.")
-@click.option(
-    "--latents",
-    "latents_mode",
-    type=click.Choice(["sample", "mean", "moments"]),
-    default="sample",
-    show_default=True,
-    help="Posterior sample (seeded per item), its mean, or mean and std.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32.",
-)
-@click.option("--batch-size", default=4, show_default=True, help="Images per encoder call (halved on OOM).")
-@click.option("--workers", type=int, default=None, help="Decode processes (default: cores - 1, at most 8; 0: none).")
-@click.option("--max-pixels", default=178_956_970, show_default=True, help="Larger images fail as decompression bombs.")
-@click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan).")
+@_vae_options
+@_bucket_options
+@_latents_options
 @_output_options
 @_library_errors
-def latents(
-    dataset,
-    out,
-    model,
-    vae,
-    vae_config,
-    revision,
-    resolution,
-    min_bucket_reso,
-    max_bucket_reso,
-    bucket_reso_steps,
-    bucket_no_upscale,
-    random_crop,
-    seed,
-    flip_aug,
-    latents_mode,
-    dtype,
-    dtype_out,
-    batch_size,
-    workers,
-    device,
-    fmt,
-    shard_mb,
-    max_pixels,
-    hash_files,
-    retry_failed,
-    rebuild,
-    quiet,
-    as_json,
-):
+def latents(dataset, quiet, as_json, **opts):
     """Encode every image under DATASET into VAE latents in --out.
 
     Killed or crashed? Run the same command again: it continues where it stopped.
@@ -177,115 +202,20 @@ def latents(
     Example:
       cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
     """
-    from cachebuild.config import (
-        BucketConfig,
-        CropMode,
-        DType,
-        LatentsConfig,
-        LatentsMode,
-        ModelSpec,
-        StoreFormat,
-        default_workers,
-    )
     from cachebuild.jobs.latents import build_latents
 
-    cfg = LatentsConfig(
-        dataset=dataset,
-        out=out,
-        model=ModelSpec(model=model, vae=vae, vae_config=vae_config, revision=revision),
-        buckets=BucketConfig(
-            _parse_resolution(resolution), min_bucket_reso, max_bucket_reso, bucket_reso_steps, bucket_no_upscale
-        ),
-        crop=CropMode.RANDOM if random_crop else CropMode.CENTER,
-        seed=seed,
-        flip=flip_aug,
-        latents=LatentsMode(latents_mode),
-        dtype=DType(dtype),
-        dtype_out=DType(dtype_out),
-        batch_size=batch_size,
-        workers=default_workers() if workers is None else workers,
-        device=device,
-        format=StoreFormat(fmt),
-        shard_mb=shard_mb,
-        max_pixels=max_pixels,
-        hash_files=hash_files,
-        retry_failed=retry_failed,
-        rebuild=rebuild,
-    )
-    with _progress_bar(quiet or as_json) as on_progress:
-        summary = build_latents(cfg, on_progress)
-    _print_summary(summary, as_json)
-    sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+    _run_build(build_latents, _latents_config(dataset, opts), quiet or as_json, as_json, unit="img")
 
 
 @cli.command()
 @click.argument("captions", type=click.Path(path_type=Path))
 @_build_options
-@click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder.")
-@click.option(
-    "--family",
-    type=click.Choice(TEXT_FAMILIES),
-    help="Family of a --model that is not a preset (default: from its model_index.json).",
-)
-@click.option("--text-encoder", help="Generic: encoder folder or hub id (instead of --model).")
-@click.option("--tokenizer", help="Generic: tokenizer folder or hub id (default: the encoder's).")
-@click.option(
-    "--layer", default=-1, show_default=True, help="Generic: hidden-state layer; -1 is the last, -2 the penultimate."
-)
-@click.option("--max-length", type=int, help="Generic: token limit (default 77 for CLIP, 512 otherwise).")
-@click.option("--clip-skip", default=1, show_default=True, help="sd15: 2 stores the penultimate CLIP layer.")
-@click.option("--t5-max-length", type=int, help="T5 token limit (default: sd3 256, flux 512).")
-@click.option("--caption-ext", default=".txt", show_default=True, help="Caption file extension.")
-@click.option("--caption-column", default="text", show_default=True, help="Text column of a metadata file.")
-@click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="Compute dtype of the encoders; auto is bf16 on CUDA with bf16 support, else fp32.",
-)
-@click.option(
-    "--t5-dtype",
-    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
-    help="Compute dtype of T5 (default: --dtype). fp16 T5 overflows; such captions are redone in fp32.",
-)
-@click.option("--batch-size", default=16, show_default=True, help="Captions per encoder call (halved on OOM).")
-@click.option(
-    "--chunk-mb",
-    default=2048.0,
-    show_default=True,
-    help="Encoder outputs held in host memory while the encoders take turns on the device, MiB.",
-)
+@_text_encoder_options
+@_caption_options
+@_text_run_options
 @_output_options
 @_library_errors
-def textenc(
-    captions,
-    out,
-    model,
-    family,
-    text_encoder,
-    tokenizer,
-    layer,
-    max_length,
-    clip_skip,
-    t5_max_length,
-    caption_ext,
-    caption_column,
-    revision,
-    dtype,
-    t5_dtype,
-    dtype_out,
-    batch_size,
-    device,
-    fmt,
-    shard_mb,
-    chunk_mb,
-    retry_failed,
-    rebuild,
-    quiet,
-    as_json,
-):
+def textenc(captions, quiet, as_json, **opts):
     """Encode every caption under CAPTIONS (a folder of .txt files or a metadata.jsonl/.csv) into --out.
 
     Keys match `cachebuild latents` keys, so latents and text join by key. Identical captions are stored
@@ -295,38 +225,9 @@ def textenc(
     Example:
       cachebuild textenc ./dataset --model flux --out ./cache --t5-max-length 512
     """
-    from cachebuild.config import DType, StoreFormat, TextencConfig, TextFamily
     from cachebuild.jobs.textenc import build_textenc
 
-    cfg = TextencConfig(
-        source=captions,
-        out=out,
-        model=model,
-        family=TextFamily(family) if family else None,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        layer=layer,
-        max_length=max_length,
-        clip_skip=clip_skip,
-        t5_max_length=t5_max_length,
-        caption_ext=caption_ext,
-        caption_column=caption_column,
-        revision=revision,
-        dtype=DType(dtype),
-        t5_dtype=DType(t5_dtype) if t5_dtype else None,
-        dtype_out=DType(dtype_out),
-        batch_size=batch_size,
-        device=device,
-        format=StoreFormat(fmt),
-        shard_mb=shard_mb,
-        chunk_mb=chunk_mb,
-        retry_failed=retry_failed,
-        rebuild=rebuild,
-    )
-    with _progress_bar(quiet or as_json, unit="caption") as on_progress:
-        summary = build_textenc(cfg, on_progress)
-    _print_summary(summary, as_json)
-    sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+    _run_build(build_textenc, _textenc_config(captions, opts), quiet or as_json, as_json, unit="caption")
 
 
 @cli.command()
@@ -444,7 +345,7 @@ def export(cache, to, fmt, family, overwrite, seed, as_json):
 
 @cli.command()
 @click.argument("cache", type=click.Path(path_type=Path))
-@_model_options
+@_vae_options
 @click.option(
     "--output", "-o", type=click.Path(path_type=Path), default="preview.png", show_default=True, help="PNG to write."
 )
@@ -457,23 +358,108 @@ def export(cache, to, fmt, family, overwrite, seed, as_json):
 )
 @click.option("--device", help="Device for decoding (default: cpu).")
 @_library_errors
-def preview(cache, model, vae, vae_config, revision, output, count, seed, dataset, device):
+def preview(cache, output, count, seed, dataset, device, **model):
     """Decode a sample of cached latents into a PNG grid, each beside its source image's crop.
 
     \b
     Example:
       cachebuild preview ./cache --model sdxl --dataset ./dataset -n 16 -o preview.png
     """
-    from cachebuild.config import ModelSpec
     from cachebuild.consumers.preview import preview_cache
 
-    spec = ModelSpec(model=model, vae=vae, vae_config=vae_config, revision=revision)
-    summary = preview_cache(cache, spec, output, n=count, seed=seed, dataset=dataset, device=device)
+    summary = preview_cache(cache, _model_spec(model), output, n=count, seed=seed, dataset=dataset, device=device)
     click.echo(f"wrote {summary.path}: {len(summary.keys)} items, {summary.size[0]}x{summary.size[1]} px")
     if dataset is None:
         click.echo("source tiles are grey: pass --dataset to compare with the source images", err=True)
     for m in summary.missing_sources:
         click.echo(f"  no source for {m['key']}: {m['reason']}", err=True)
+
+
+def _latents_config(dataset: Path, o: dict):
+    """The one LatentsConfig that the latents command's options describe."""
+    from cachebuild.config import (
+        BucketConfig,
+        CropMode,
+        DType,
+        LatentsConfig,
+        LatentsMode,
+        StoreFormat,
+        default_workers,
+    )
+
+    buckets = BucketConfig(
+        _parse_resolution(o["resolution"]),
+        o["min_bucket_reso"],
+        o["max_bucket_reso"],
+        o["bucket_reso_steps"],
+        o["bucket_no_upscale"],
+    )
+    return LatentsConfig(
+        dataset=dataset,
+        out=o["out"],
+        model=_model_spec(o),
+        buckets=buckets,
+        crop=CropMode.RANDOM if o["random_crop"] else CropMode.CENTER,
+        seed=o["seed"],
+        flip=o["flip_aug"],
+        latents=LatentsMode(o["latents_mode"]),
+        dtype=DType(o["dtype"]),
+        dtype_out=DType(o["dtype_out"]),
+        batch_size=o["batch_size"],
+        workers=default_workers() if o["workers"] is None else o["workers"],
+        device=o["device"],
+        format=StoreFormat(o["fmt"]),
+        shard_mb=o["shard_mb"],
+        max_pixels=o["max_pixels"],
+        hash_files=o["hash_files"],
+        retry_failed=o["retry_failed"],
+        rebuild=o["rebuild"],
+    )
+
+
+def _textenc_config(captions: Path, o: dict):
+    """The one TextencConfig that the textenc command's options describe."""
+    from cachebuild.config import DType, StoreFormat, TextencConfig, TextFamily
+
+    return TextencConfig(
+        source=captions,
+        out=o["out"],
+        model=o["model"],
+        family=TextFamily(o["family"]) if o["family"] else None,
+        text_encoder=o["text_encoder"],
+        tokenizer=o["tokenizer"],
+        layer=o["layer"],
+        max_length=o["max_length"],
+        clip_skip=o["clip_skip"],
+        t5_max_length=o["t5_max_length"],
+        caption_ext=o["caption_ext"],
+        caption_column=o["caption_column"],
+        revision=o["revision"],
+        dtype=DType(o["dtype"]),
+        t5_dtype=DType(o["t5_dtype"]) if o["t5_dtype"] else None,
+        dtype_out=DType(o["dtype_out"]),
+        batch_size=o["batch_size"],
+        device=o["device"],
+        format=StoreFormat(o["fmt"]),
+        shard_mb=o["shard_mb"],
+        chunk_mb=o["chunk_mb"],
+        retry_failed=o["retry_failed"],
+        rebuild=o["rebuild"],
+    )
+
+
+def _model_spec(o: dict):
+    from cachebuild.config import ModelSpec
+
+    return ModelSpec(model=o["model"], vae=o["vae"], vae_config=o["vae_config"], revision=o["revision"])
+
+
+def _run_build(build, cfg, quiet: bool, as_json: bool, unit: str) -> None:
+    """Run one build with a progress bar, print its summary and exit with its code."""
+    with _progress_bar(quiet, unit=unit) as on_progress:
+        summary = build(cfg, on_progress)
+    _print_summary(summary, as_json)
+    sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
 
 
 def _parse_resolution(text: str) -> tuple[int, int]:
