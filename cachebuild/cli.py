@@ -31,12 +31,17 @@ def _library_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from cachebuild.errors import CachebuildError
+        from cachebuild.errors import CachebuildError, storage_error
 
         try:
             return fn(*args, **kwargs)
         except CachebuildError as exc:
             raise UsageError(str(exc)) from exc
+        except OSError as exc:  # the disk said no (full, read-only, ...): one line; any other OSError is a bug
+            problem = storage_error(exc)
+            if problem is None:
+                raise
+            raise UsageError(str(problem)) from exc
 
     return wrapper
 
@@ -271,7 +276,8 @@ def verify(cache, repair, as_json):
     """Check every shard's checksum, every tensor's shape, dtype and values against the manifest.
 
     Exits 0 when all is well and 3 when anything is wrong (the damaged items are named). With --repair the
-    damaged items are marked pending, so the next build command with the same settings re-encodes only them.
+    damaged items are marked pending, so the next build command with the same settings re-encodes only them,
+    and it exits 0 once everything damaged is queued. Leftover temporary files are listed, never an error.
 
     \b
     Example:
@@ -286,6 +292,12 @@ def verify(cache, repair, as_json):
         for p in report.problems:
             where = p.key if p.key is not None else p.shard
             click.echo(f"{p.store}: {where}: {p.message}")
+        if report.leftovers and not repair:
+            click.echo(
+                f"{len(report.leftovers)} leftover file(s) of an interrupted run (harmless; the next build or "
+                "--repair deletes them)",
+                err=True,
+            )
         click.echo(
             f"checked {report.items_checked} items in {report.shards_checked} shards "
             f"({_human_bytes(report.bytes_checked)}) in {report.seconds:.1f} s: "
@@ -297,7 +309,36 @@ def verify(cache, repair, as_json):
             click.echo(f"{report.repaired_items} item(s) marked pending: run `{stores}` again to re-encode them")
         elif not report.ok and not repair:
             click.echo(f"to re-queue the damaged items: cachebuild verify {cache} --repair")
-    sys.exit(EXIT_OK if report.ok else EXIT_ITEMS_FAILED)
+    # with --repair, success means every damage is queued for the next build (which the message names)
+    sys.exit(EXIT_OK if report.ok or (repair and report.repaired) else EXIT_ITEMS_FAILED)
+
+
+@cli.command("rebuild-manifest")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@_library_errors
+def rebuild_manifest(cache, as_json):
+    """Write a new manifest for CACHE from its shard files, when manifest.sqlite is damaged or lost.
+
+    The damaged file is moved aside, never deleted. Failed items are not in any shard: the next build tries
+    them again; nothing that was done is encoded again.
+
+    \b
+    Example:
+      cachebuild rebuild-manifest ./cache && cachebuild status ./cache
+    """
+    from cachebuild.cache.rebuild import rebuild_manifest as rebuild
+
+    summary = rebuild(cache)
+    if as_json:
+        click.echo(json.dumps(asdict(summary), indent=2))
+        return
+    restored = ", ".join(f"{store}: {n} items in {summary.shards[store]} shards" for store, n in summary.items.items())
+    click.echo(f"rebuilt the manifest of {cache}: {restored or 'nothing to restore'}")
+    if summary.moved_to:
+        click.echo(f"the old manifest was kept as {summary.moved_to}", err=True)
+    for s in summary.skipped:
+        click.echo(f"  skipped {s['shard']}: {s['reason']}", err=True)
 
 
 @cli.command()

@@ -8,6 +8,8 @@ never raise out of the pipeline: they become a ``failed`` manifest row with a re
 
 from __future__ import annotations
 
+import errno
+
 
 class CachebuildError(Exception):
     """Base class for errors that stop a run. The message always says how to fix it."""
@@ -42,3 +44,40 @@ class CacheError(CachebuildError):
 
 class ItemError(Exception):
     """A single input item cannot be cached; the message is the reason recorded in the manifest."""
+
+
+class StorageError(CachebuildError):
+    """The disk refused: full, read-only, not a folder, no permission. Committed shards are never lost."""
+
+
+# errno -> what it means for the user and what to do; anything else from the OS is a bug and keeps its traceback
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: (
+        "no space left on the device",
+        "committed shards are kept: free some space (or pass another --out) and run the same command again to "
+        "continue where it stopped",
+    ),
+    errno.EDQUOT: (
+        "disk quota exceeded",
+        "committed shards are kept: free some space or raise the quota, then run the same command again",
+    ),
+    errno.EROFS: ("read-only file system", "pass an --out on a writable disk"),
+    errno.EACCES: ("permission denied", "fix the folder's permissions or pass another --out"),
+    errno.EPERM: ("operation not permitted", "fix the folder's permissions or pass another --out"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "pass an --out whose parents are folders"),
+}
+
+
+def storage_error(exc: OSError) -> StorageError | None:
+    """One clear line for an environmental OSError (disk full, read-only, ...); None for anything else.
+
+    Example:
+        >>> str(storage_error(OSError(errno.EROFS, "Read-only file system", "/mnt/cache/latents")))
+        '/mnt/cache/latents: read-only file system; pass an --out on a writable disk'
+    """
+    known = _STORAGE_ERRNOS.get(exc.errno) if isinstance(exc.errno, int) else None
+    if known is None:
+        return None
+    what, fix = known
+    where = exc.filename if exc.filename is not None else "the cache"
+    return StorageError(f"{where}: {what}; {fix}")

@@ -6,6 +6,7 @@ build on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -63,11 +64,16 @@ def fsync_dir(folder: Path) -> None:
 def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, fsync it, rename it into place, fsync the folder."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a half-written file helps nobody (and fills the disk further)
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 

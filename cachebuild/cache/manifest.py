@@ -10,7 +10,6 @@ Several stores share one manifest (``latents``, ``textenc``): every table is key
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -20,10 +19,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachebuild.cache.files import ShardInfo, sha256_file
-from cachebuild.errors import CacheError
+from cachebuild.cache.files import ShardInfo, sha256_file, shard_index
+from cachebuild.errors import CacheError, StorageError, storage_error
 
 MANIFEST_NAME = "manifest.sqlite"
+LOCK_NAME, LOCK_OWNER_NAME = ".lock", ".lock.owner"  # the writer lock, and who holds it (pid), for the message
+REBUILD_HINT = "rebuild it from the shards with: cachebuild rebuild-manifest {root}"
 SCHEMA_VERSION = 1
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
@@ -117,53 +118,55 @@ class Manifest:
     def __init__(self, root: Path, conn: sqlite3.Connection):
         self.root = root
         self.conn = conn
-        self._lock_fd: int | None = None
+        self._lock = None  # the writer lock (a filelock.FileLock) while held
+        self.read_only = False
 
     @classmethod
     def open(cls, root: Path, create: bool = True, read_only: bool = False) -> Manifest:
-        """Open (or with ``create`` make) the manifest in ``root``; ``read_only`` never writes to it."""
+        """Open (or with ``create`` make) the manifest in ``root``; ``read_only`` never writes to it.
+
+        A read-only open works on read-only storage too (a finished cache copied to a read-only disk).
+
+        Raises:
+            CacheError: no manifest there, a damaged one (the message gives the rebuild command), or a newer schema.
+            StorageError: the folder cannot be created or written (read-only, not a folder, disk full).
+        """
         path = root / MANIFEST_NAME
         if not path.exists() and (not create or read_only):
             raise CacheError(f"{root} is not a cachebuild cache (no {MANIFEST_NAME}); check the path")
-        if read_only:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
-        else:
-            root.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a committed shard stays committed through power loss
-            conn.executescript(_SCHEMA)
-        try:
-            found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        except sqlite3.DatabaseError as exc:
+        with _sqlite_errors(root):
+            conn = _connect_read_only(path) if read_only else _connect_writer(root, path)
+            try:
+                found = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if found is None and not read_only:
+                    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            except BaseException:
+                conn.close()
+                raise
+        if found is not None and int(found[0]) > SCHEMA_VERSION:
             conn.close()
-            raise CacheError(f"the manifest {path} cannot be read ({exc}); it may be damaged") from exc
-        if found is None and not read_only:
-            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif found is not None and int(found[0]) > SCHEMA_VERSION:
             raise CacheError(f"{path} was written by a newer cachebuild (schema {found[0]}); upgrade cachebuild")
-        return cls(root, conn)
+        manifest = cls(root, conn)
+        manifest.read_only = read_only
+        return manifest
 
     def lock(self) -> None:
-        """Take the cache's writer lock, or fail naming the holder; released on close."""
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise CacheError(
-                f"another cachebuild run ({holder}) is writing to {self.root}; wait for it or use another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._lock_fd = fd
+        """Take the cache's writer lock, or fail naming the holder; released on close.
+
+        ``filelock`` gives the same exclusive, crash-released lock on Linux, macOS and Windows.
+        """
+        self._lock = acquire_writer_lock(self.root)
 
     def close(self) -> None:
+        """Close; a writer first folds the write-ahead log into the database file, so that a copy of a finished
+        cache is one self-contained file that opens on read-only storage."""
+        if not self.read_only:
+            with contextlib.suppress(sqlite3.Error):  # a reader elsewhere may hold the log; then it stays
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Manifest:
         return self
@@ -173,13 +176,28 @@ class Manifest:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        with _sqlite_errors(self.root):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction already
+                    self.conn.execute("ROLLBACK")
+                raise
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+
+    def next_shard_index(self, store: str) -> int:
+        """The lowest shard index never committed in ``store``: shard names are never reused, not even after
+        ``--rebuild``, so a reader opened before a rebuild cannot mistake a new shard for an old one."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (f"next_shard:{store}",)).fetchone()
+        names = [s["name"] for s in self.shards(store)]
+        used = [i for i in map(shard_index, names) if i is not None]
+        return max([int(json.loads(row[0])) if row else 0, max(used, default=-1) + 1])
 
     # -- fingerprints -------------------------------------------------------------------------------
     def fingerprint(self, store: str) -> dict | None:
@@ -197,7 +215,8 @@ class Manifest:
         return json.loads(row[0]) if row else None
 
     def set_meta(self, key: str, value: dict) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
     def clear_store(self, store: str) -> list[str]:
         """Forget every item and shard of ``store`` (for --rebuild); returns the shard names to delete."""
@@ -283,6 +302,18 @@ class Manifest:
             for k, p, s, r, sh, b, i in self.conn.execute(sql + " ORDER BY key", args)
         ]
 
+    def sources(self, store: str, keys: list[str]) -> dict[str, list]:
+        """``{key: [path, source fingerprint]}``: what a shard records about where its items came from."""
+        out: dict[str, list] = {}
+        for start in range(0, len(keys), 500):  # SQLite bounds the number of parameters of one statement
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            cur = self.conn.execute(
+                f"SELECT key, path, source_fp FROM items WHERE store=? AND key IN ({marks})", (store, *chunk)
+            )
+            out |= {k: [p, fp] for k, p, fp in cur}
+        return out
+
     def mark_failed(self, store: str, failures: Iterable[tuple[str, str]]) -> None:
         now = time.time()
         with self.transaction() as c:
@@ -299,6 +330,13 @@ class Manifest:
                 "INSERT OR REPLACE INTO shards VALUES (?,?,?,?,?,?)",
                 (store, shard.name, len(shard.keys), shard.bytes, shard.sha256, now),
             )
+            index = shard_index(shard.name)
+            if index is not None:  # never hand this name out again (see next_shard_index)
+                c.execute(
+                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                    (f"next_shard:{store}", str(index + 1)),
+                )
             c.executemany(
                 "UPDATE items SET status=?, reason=NULL, shard=?, bucket=?, info=?, updated=? WHERE store=? AND key=?",
                 [
@@ -394,10 +432,11 @@ class Manifest:
 
     def remember_hash(self, path: Path, sha256: str) -> None:
         st = path.stat()
-        self.conn.execute(
-            "INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?)",
-            (str(path.resolve()), st.st_size, st.st_mtime_ns, sha256),
-        )
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?)",
+                (str(path.resolve()), st.st_size, st.st_mtime_ns, sha256),
+            )
 
 
 def same_source(old_fp: str | None, new_fp: str) -> bool:
@@ -412,3 +451,81 @@ def same_source(old_fp: str | None, new_fp: str) -> bool:
     if len(old) == 3 and len(new) == 3:
         return old[0] == new[0] and old[2] == new[2]
     return old[:2] == new[:2]
+
+
+def acquire_writer_lock(root: Path):
+    """The cache's writer lock (a held ``filelock.FileLock``), or a CacheError naming the holder.
+
+    ``filelock`` gives the same exclusive lock, released by the OS when its holder dies, on Linux, macOS and
+    Windows.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(root / LOCK_NAME, timeout=0, thread_local=False)
+    owner = root / LOCK_OWNER_NAME
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = owner.read_text(encoding="utf-8").strip()
+        except OSError:
+            holder = ""
+        raise CacheError(
+            f"another cachebuild run ({holder or 'another process'}) is writing to {root}; wait for it or use "
+            "another --out"
+        ) from None
+    except OSError as exc:
+        raise (storage_error(exc) or exc) from exc
+    owner.write_text(f"pid {os.getpid()}", encoding="utf-8")
+    return lock
+
+
+def _connect_writer(root: Path, path: Path) -> sqlite3.Connection:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise (storage_error(exc) or exc) from exc
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # a committed shard stays committed through power loss
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Read-only, and on read-only storage ``immutable``: SQLite then creates no side files (-wal, -shm),
+    which it cannot where the folder is not writable. Writers fold the log into the file when they close, so
+    an immutable reader of a finished cache sees everything."""
+    uri = path.resolve().as_uri() + "?mode=ro"
+    if os.access(path.parent, os.W_OK):
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+            conn.execute("SELECT 1 FROM meta LIMIT 1")
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()  # side files cannot be made after all (permissions): fall back to immutable
+    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, timeout=30)
+
+
+@contextlib.contextmanager
+def _sqlite_errors(root: Path) -> Iterator[None]:
+    """SQLite's environmental errors as one clear line: disk full, read-only, damaged."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        text = str(exc).lower()
+        where = root / MANIFEST_NAME
+        if "full" in text:
+            raise StorageError(
+                f"{where}: no space left on the device; committed shards are kept: free some space (or pass another "
+                "--out) and run the same command again to continue where it stopped"
+            ) from exc
+        if "readonly" in text or "read-only" in text:
+            raise StorageError(f"{where}: the cache folder is read-only; pass an --out on a writable disk") from exc
+        if any(w in text for w in ("malformed", "not a database", "corrupt", "no such table")):
+            raise CacheError(f"the manifest {where} is damaged ({exc}); {REBUILD_HINT.format(root=root)}") from exc
+        raise

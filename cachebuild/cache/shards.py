@@ -143,6 +143,16 @@ class ShardFile:
                 f"`cachebuild verify {self.path.parent.parent}`"
             ) from exc
 
+    def describe(self) -> tuple[dict[str, str], dict[str, dict]]:
+        """(shard header, ``{entry: item metadata}``), read from the file alone, without the manifest."""
+        if self.hdf5:
+            from cachebuild.cache.hdf5 import read_items
+
+            header = {k: str(v) for k, v in self.handle.attrs.items()}
+            return header, read_items(self.path)
+        header = dict(self.handle.metadata() or {})
+        return header, json.loads(header.pop("items", "{}"))
+
     def close(self) -> None:
         if self.hdf5:
             self.handle.close()

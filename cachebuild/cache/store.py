@@ -7,6 +7,7 @@ its items; ``finish_run`` drops shards nothing needs and fills in the ``RunSumma
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from cachebuild.cache.files import TMP_SUFFIX, shard_index
 from cachebuild.cache.manifest import DONE, FAILED, PENDING, Manifest, ScanResult, SyncResult
 from cachebuild.cache.shards import ShardWriter, open_writer
-from cachebuild.errors import FingerprintMismatch
+from cachebuild.errors import FingerprintMismatch, storage_error
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +122,9 @@ class ShardSink:
         self._rows: list[tuple[str, str | None, dict]] = []
         self._opened = 0.0
         self._next = _next_shard_index(manifest, store, self.folder)
+        fingerprint = manifest.fingerprint(store)
+        # each shard describes itself well enough to rebuild the manifest from the shards (rebuild-manifest)
+        self.header = header | {"fingerprint": json.dumps(fingerprint, sort_keys=True)}
 
     def add(
         self, name: str, tensors: dict[str, torch.Tensor], meta: dict, rows: list[tuple[str, str | None, dict]]
@@ -128,7 +132,7 @@ class ShardSink:
         """Put ``tensors`` under ``name`` in the open shard; ``rows`` (item key, bucket, info) are the
         manifest items that become done with this shard's commit."""
         if self._writer is None:
-            self._writer = open_writer(self.fmt, self.folder, self._next, self.header)
+            self._writer = open_writer(self.fmt, self.folder, self._next, dict(self.header))
             self._next += 1
             self._opened = time.monotonic()
         self._writer.write(name, tensors, meta)
@@ -146,7 +150,12 @@ class ShardSink:
         """Write the open shard durably, then commit it with its items in one transaction."""
         if self._writer is None:
             return
-        info = self._writer.close()
+        sources = self.manifest.sources(self.store, [key for key, _, _ in self._rows])
+        self._writer.header["sources"] = json.dumps(sources, sort_keys=True)  # {key: [path, source fingerprint]}
+        try:
+            info = self._writer.close()
+        except OSError as exc:  # disk full, read-only: one clear line; the committed shards are untouched
+            raise (storage_error(exc) or exc) from exc
         self.manifest.commit_shard(self.store, info, self._rows)
         self.summary.shards_written += 1
         self.summary.bytes_written += info.bytes
@@ -182,6 +191,6 @@ def drop_dead_shards(manifest: Manifest, store: str) -> None:
 
 
 def _next_shard_index(manifest: Manifest, store: str, folder: Path) -> int:
-    names = [s["name"] for s in manifest.shards(store)] + [e.name for e in os.scandir(folder)]
-    indices = [i for i in map(shard_index, names) if i is not None]
-    return max(indices, default=-1) + 1
+    """Past every index the manifest ever committed and every shard file lying in the folder."""
+    on_disk = [i for i in (shard_index(e.name) for e in os.scandir(folder)) if i is not None]
+    return max(manifest.next_shard_index(store), max(on_disk, default=-1) + 1)

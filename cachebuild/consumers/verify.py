@@ -5,7 +5,7 @@ Checks, for every store in the cache (``latents``, ``textenc``):
   * every done item names a registered shard, and that shard holds the item's tensors with the shape and
     dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, in ``dtype_out``);
   * no tensor holds NaN or Inf;
-  * no shard file lies in the store folder that the manifest does not name.
+  * files the manifest does not name (left by an interrupted run) are listed as leftovers, never as problems.
 
 ``repair=True`` takes the cache's writer lock, marks every damaged item pending (its shard link cleared),
 forgets and deletes shards no done item needs any more, and deletes unreferenced shard files; the next
@@ -56,6 +56,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     repaired_items: int = 0  # items marked pending by --repair
     removed_files: list[str] = field(default_factory=list)  # shard files deleted by --repair
+    leftovers: list[str] = field(default_factory=list)  # files no manifest entry names (an interrupted run's)
+    repaired: bool = False  # --repair queued every damaged item and removed every bad or stray file
     seconds: float = 0.0
 
     @property
@@ -100,6 +102,7 @@ def verify_cache(path: str | os.PathLike, repair: bool = False) -> VerifyReport:
             _verify_store(manifest, store, fingerprint, report)
             if repair:
                 _repair_store(manifest, store, report)
+        report.repaired = repair
     report.seconds = time.monotonic() - start
     return report
 
@@ -128,8 +131,8 @@ def _verify_store(manifest: Manifest, store: str, fingerprint: dict, report: Ver
     if folder.is_dir():
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.name not in shards and (entry.name.endswith(TMP_SUFFIX) or shard_index(entry.name) is not None):
-                msg = "file not in the manifest (left by an interrupted run, or a run is writing it now)"
-                report.problems.append(Problem(store, msg, shard=entry.name))
+                # harmless: the manifest never names it, and the next build (or --repair) deletes it
+                report.leftovers.append(f"{store}/{entry.name}")
 
 
 def _check_file(path: Path, shard: dict) -> str | None:
@@ -221,6 +224,7 @@ def _repair_store(manifest: Manifest, store: str, report: VerifyReport) -> None:
     folder = manifest.root / store
     doomed = manifest.drop_dead_shards(store)  # shards no done item needs any more, damaged ones included
     doomed += [p.shard for p in report.problems if p.store == store and p.key is None and p.shard not in doomed]
+    doomed += [name.split("/", 1)[1] for name in report.leftovers if name.startswith(f"{store}/")]
     known = {s["name"] for s in manifest.shards(store)}
     for name in dict.fromkeys(doomed):
         if name and name not in known and (folder / name).exists():
