@@ -151,7 +151,7 @@ class CacheReader:
         names = [e["name"] for e in encoders if e.get("hidden")] + [
             f"{e['name']}_pooled" for e in encoders if e.get("pooled")
         ]
-        stored = self._text_handles.get(shard).read(text_id, names)
+        stored = self._read(self._text_handles, TEXTENC, key, shard, text_id, names)
         for enc in encoders:
             if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
                 name = enc["name"]
@@ -182,7 +182,7 @@ class CacheReader:
         flip = json.loads(info).get("flip", False)
         names = ["mean", "std"] if self.latents_mode == "moments" else ["latents"]
         names += [n + "_flipped" for n in names] if flip else []
-        return self._handles.get(shard).read(key, names)
+        return self._read(self._handles, LATENTS, key, shard, key, names)
 
     # -- torch -----------------------------------------------------------------------------------------
     def dataset(
@@ -234,6 +234,28 @@ class CacheReader:
                 (self.unmatched["latents_only"] + self.unmatched["text_only"])[0],
             )
         return [r for r in rows if r[0] in self._text]
+
+    def _read(self, handles, store: str, key: str, shard: str, entry: str, names: list[str]) -> dict:
+        """Tensors of ``entry`` from ``shard``; a shard that is gone because the cache was rebuilt or re-encoded
+        after this reader opened it is reported as that, not as damage."""
+        try:
+            return handles.get(shard).read(entry, names)
+        except CacheError:
+            if self._moved(store, key, shard):
+                raise CacheError(
+                    f"the cache at {self.root} changed since it was opened; reopen it (call open_cache again): it was "
+                    "rebuilt or re-encoded meanwhile"
+                ) from None
+            raise
+
+    def _moved(self, store: str, key: str, shard: str) -> bool:
+        """Whether the manifest now puts ``key`` somewhere other than ``shard`` (or nowhere)."""
+        try:
+            with Manifest.open(self.root, create=False, read_only=True) as manifest:
+                row = manifest.conn.execute("SELECT shard FROM items WHERE store=? AND key=?", (store, key)).fetchone()
+        except CacheError:
+            return True  # the manifest itself is gone or unreadable now
+        return row is None or row[0] != shard
 
     def _entry(self, key: str) -> tuple[str, str, str]:
         try:
