@@ -148,6 +148,12 @@ _text_encoder_options = _options(  # which encoders run and which of their outpu
     click.option("--max-length", type=int, help="Generic: token limit (default 77 for CLIP, 512 otherwise)."),
     click.option("--clip-skip", default=1, show_default=True, help="sd15: 2 stores the penultimate CLIP layer."),
     click.option("--t5-max-length", type=int, help="T5 token limit (default: sd3 256, flux 512)."),
+    click.option(
+        "--t5-mask",
+        is_flag=True,
+        help="Run T5 with the attention mask and store only the real tokens (kohya's --apply_t5_attn_mask); "
+        "default: unmasked over every position, as the Flux.1 and SD3 pipelines run it.",
+    ),
 )
 
 _caption_options = _options(
@@ -473,6 +479,7 @@ def _textenc_config(captions: Path, o: dict):
         max_length=o["max_length"],
         clip_skip=o["clip_skip"],
         t5_max_length=o["t5_max_length"],
+        t5_mask=o["t5_mask"],
         caption_ext=o["caption_ext"],
         caption_column=o["caption_column"],
         revision=o["revision"],

@@ -209,6 +209,8 @@ class TextencConfig:
     max_length: int | None = None  # generic: token limit (default: the tokenizer's model_max_length)
     clip_skip: int = 1  # sd15: 2 stores the penultimate layer (with the final layer norm, as trainers do)
     t5_max_length: int | None = None  # sd3: 256, flux: 512 unless set
+    t5_mask: bool = False  # False: T5 runs unmasked over all max-length positions and is stored whole, exactly as
+    # the Flux.1 and SD3 pipelines run it; True: masked and stored trimmed (kohya's --apply_t5_attn_mask)
     caption_ext: str = ".txt"
     caption_column: str = "text"  # the text column of a metadata file
     revision: str | None = None

@@ -11,7 +11,7 @@ import torch
 from cachebuild.config import DType, TextencConfig
 from cachebuild.consumers.export.kohya import export_kohya
 from cachebuild.consumers.reader import open_cache
-from cachebuild.errors import CacheError
+from cachebuild.errors import CacheError, ConfigError
 from cachebuild.jobs.latents import build_latents
 from cachebuild.jobs.textenc import build_textenc
 from cachebuild.testing import make_tiny_text_pipeline, make_tiny_vae
@@ -20,7 +20,7 @@ from tests.test_reader import small_cfg, small_dataset
 CAPTIONS = {"im0": "a photo of a cat", "sub/im1": "red car near the river", "im2": "a photo of a cat", "orphan": "dog"}
 
 
-def build_both(root: Path, family: str) -> tuple[Path, Path]:
+def build_both(root: Path, family: str, **text_options) -> tuple[Path, Path]:
     """(dataset, cache): latents for im0..im3 and captions for im0, sub/im1, im2 and orphan."""
     ds = small_dataset(root / "ds", n=4)
     captions = root / "captions"
@@ -34,13 +34,22 @@ def build_both(root: Path, family: str) -> tuple[Path, Path]:
     out = root / "cache"
     build_latents(small_cfg(ds, out, vae))
     pipe = make_tiny_text_pipeline(root / "pipe", family)
-    build_textenc(TextencConfig(captions, out, model=str(pipe), device="cpu", dtype=DType.FP32, dtype_out=DType.FP32))
+    build_textenc(
+        TextencConfig(
+            captions, out, model=str(pipe), device="cpu", dtype=DType.FP32, dtype_out=DType.FP32, **text_options
+        )
+    )
     return ds, out
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory) -> tuple[Path, Path]:
     return build_both(tmp_path_factory.mktemp("flux"), "flux")
+
+
+@pytest.fixture(scope="module")
+def flux_masked(tmp_path_factory) -> tuple[Path, Path]:
+    return build_both(tmp_path_factory.mktemp("flux-masked"), "flux", t5_mask=True)
 
 
 def test_latents_and_text_join_by_key_and_one_sided_items_are_reported(flux):
@@ -50,8 +59,19 @@ def test_latents_and_text_join_by_key_and_one_sided_items_are_reported(flux):
     assert len(open_cache(flux[1], text=False)) == 4 and "t5" not in open_cache(flux[1], text=False)["im0"]
 
 
-def test_t5_comes_back_padded_to_max_length_with_its_mask(flux):
+def test_unmasked_t5_comes_back_whole_with_a_mask_of_its_real_tokens(flux):
     cache = open_cache(flux[1])
+    rec = cache["sub/im1"]
+    assert rec["t5"].shape[0] == 512 and rec["t5_mask"].shape == (512,)  # the Flux.1 pipeline's length
+    n = int(rec["t5_mask"].sum())
+    assert n == 6 and rec["t5_mask"][:n].all() and not rec["t5_mask"][n:].any()
+    assert rec["t5"][n:].abs().sum() > 0  # padding rows are real encoder outputs, not zeros
+    with pytest.raises(ConfigError, match="--t5-mask"):
+        cache.dataset(t5_max_length=16)[0]
+
+
+def test_masked_t5_comes_back_padded_to_max_length_with_its_mask(flux_masked):
+    cache = open_cache(flux_masked[1])
     t5_len = next(e["max_length"] for e in cache.text_fingerprint["encoders"] if e["name"] == "t5")
     rec = cache["sub/im1"]
     assert rec["t5"].shape[0] == t5_len and rec["t5_mask"].shape == (t5_len,)
@@ -88,7 +108,7 @@ def test_flux_text_outputs_export_as_sd_scripts_flux_te_files(flux):
             np.testing.assert_array_equal(npz["t5_attn_mask"], rec["t5_mask"].numpy())
             assert npz["txt_ids"].shape == (t5_len, 3) and not npz["txt_ids"].any()
             np.testing.assert_array_equal(npz["l_pooled"], rec["clip_l_pooled"].numpy())
-            assert bool(npz["apply_t5_attn_mask"]) is True
+            assert bool(npz["apply_t5_attn_mask"]) is False  # unmasked, as the pipeline: train without the flag
     assert not (ds / "im3_flux_te.npz").exists()  # no caption
     assert {
         "key": "orphan",
@@ -96,6 +116,13 @@ def test_flux_text_outputs_export_as_sd_scripts_flux_te_files(flux):
     } in (summary.skipped)
     again = export_kohya(out, ds)
     assert again.written == 0 and again.unchanged == summary.written
+
+
+def test_masked_flux_text_exports_with_apply_t5_attn_mask(flux_masked):
+    ds, out = flux_masked
+    export_kohya(out, ds)
+    with np.load(ds / "im0_flux_te.npz") as npz:
+        assert bool(npz["apply_t5_attn_mask"]) is True
 
 
 def test_sdxl_text_outputs_export_as_te_outputs_files(tmp_path):

@@ -109,8 +109,16 @@ def test_sdxl_penultimate_layers_and_pooled_projection(tmp_path, captions, pipel
     torch.testing.assert_close(got["clip_g_pooled"], out_g.text_embeds[0], rtol=1e-5, atol=1e-5)
 
 
-def test_sd3_clips_and_trimmed_t5(tmp_path, captions, pipelines):
+def test_sd3_t5_by_default_unmasked_and_whole(tmp_path, captions, pipelines):
     build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd3"], t5_max_length=32))
+    got = read_text_cache(tmp_path / "c")["img003"]
+    out_t5, _, _ = direct(pipelines["sd3"] / "text_encoder_3", "T5EncoderModel", CAPTIONS["img003"], 32, mask=False)
+    assert got["t5"].shape == (32, 32)  # every position, as the pipeline runs it
+    torch.testing.assert_close(got["t5"], out_t5.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_clips_and_trimmed_t5_with_t5_mask(tmp_path, captions, pipelines):
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd3"], t5_max_length=32, t5_mask=True))
     got = read_text_cache(tmp_path / "c")["img003"]
     text = CAPTIONS["img003"]
     assert set(got) == {"clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5"}
@@ -125,7 +133,7 @@ def test_sd3_clips_and_trimmed_t5(tmp_path, captions, pipelines):
 
 @pytest.mark.parametrize("max_length", [16, 64])
 def test_flux_pooled_clip_and_t5_padded_back_to_any_length(tmp_path, captions, pipelines, max_length):
-    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["flux"], t5_max_length=64))
+    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["flux"], t5_max_length=64, t5_mask=True))
     got = read_text_cache(tmp_path / "c")["sub/img002"]
     text = CAPTIONS["sub/img002"]
     out_l, _, _ = direct(pipelines["flux"] / "text_encoder", "CLIPTextModel", text, 77)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache i
 
     from cachebuild.consumers.dataset import LatentDataset
     from cachebuild.consumers.sampler import BucketBatchSampler
-from cachebuild.errors import CacheError
+from cachebuild.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class CacheReader:
                     f"{root} holds no text outputs; build them with: cachebuild textenc CAPTIONS --out {root}"
                 )
             text_rows = _text_rows(conn) if joined else []
-        self._text: dict[str, tuple[str, str]] = {k: (shard, tid) for k, shard, tid in text_rows}
+        self._text: dict[str, tuple[str, str, str]] = {k: (shard, tid, tokens) for k, shard, tid, tokens in text_rows}
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
         if joined:
             rows = self._join(rows)
@@ -144,18 +144,27 @@ class CacheReader:
 
     def text_tensors(self, key: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""
-        from cachebuild.families.text import pad_tokens
+        from cachebuild.families.text import pad_tokens, token_mask
 
-        shard, text_id = self._text[key]
+        shard, text_id, tokens = self._text[key]
         encoders = self.text_fingerprint.get("encoders", [])
         names = [e["name"] for e in encoders if e.get("hidden")] + [
             f"{e['name']}_pooled" for e in encoders if e.get("pooled")
         ]
         stored = self._read(self._text_handles, TEXTENC, key, shard, text_id, names)
         for enc in encoders:
+            name = enc["name"]
             if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
-                name = enc["name"]
                 stored[name], stored[name + "_mask"] = pad_tokens(stored[name], max_length or enc["max_length"])
+            elif enc.get("hidden") and name == "t5":  # stored whole, unmasked: the mask only marks the real tokens
+                if max_length not in (None, enc["max_length"]):
+                    raise ConfigError(
+                        f"T5 was encoded unmasked over {enc['max_length']} positions (as the Flux.1 and SD3 pipelines "
+                        f"run it), so it cannot be read at {max_length}; build the text cache with --t5-mask for "
+                        "outputs that pad to any length"
+                    )
+                n = json.loads(tokens or "{}").get(name, enc["max_length"])
+                stored[name + "_mask"] = token_mask(n, enc["max_length"])
         return stored
 
     def info(self, key: str) -> dict:
@@ -318,8 +327,10 @@ class ShardFileHandles:
         return shard
 
 
-def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
-    """(key, shard, text id) of every done text item: identical captions share one stored entry."""
+def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
+    """(key, shard, text id, tokens JSON) of every done text item: identical captions share one stored entry."""
     return conn.execute(
-        "SELECT key, shard, json_extract(info, '$.text_id') FROM items WHERE store=? AND status='done'", (TEXTENC,)
+        "SELECT key, shard, json_extract(info, '$.text_id'), json_extract(info, '$.tokens') FROM items "
+        "WHERE store=? AND status='done'",
+        (TEXTENC,),
     ).fetchall()

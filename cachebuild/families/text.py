@@ -37,7 +37,8 @@ class EncoderSpec:
     hidden: bool  # store hidden states as `<name>`: (77, D), or (T, D) trimmed
     pooled: str | None  # output field stored as `<name>_pooled`: (D,)
     max_length: int
-    trim: bool  # encode with the attention mask and store only the real tokens (T5)
+    trim: bool  # encode with the attention mask and store only the real tokens (T5 with --t5-mask); False: the
+    # encoder sees every max-length position unmasked and all of them are stored (Flux.1 and SD3 T5's default)
     dtype: DType
 
     def fingerprint(self, manifest: Manifest) -> dict:
@@ -76,7 +77,7 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
 
     def t5(sub, tok):
         return EncoderSpec(
-            "t5", root / sub, root / tok, "T5EncoderModel", -1, False, True, None, t5_len, True, t5_dtype
+            "t5", root / sub, root / tok, "T5EncoderModel", -1, False, True, None, t5_len, cfg.t5_mask, t5_dtype
         )
 
     table = {
@@ -166,9 +167,14 @@ def pad_tokens(hidden: torch.Tensor, max_length: int) -> tuple[torch.Tensor, tor
     n = min(hidden.shape[0], max_length)
     padded = hidden.new_zeros((max_length, hidden.shape[1]))
     padded[:n] = hidden[:n]
-    mask = torch.zeros(max_length, dtype=torch.long)
-    mask[:n] = 1
-    return padded, mask
+    return padded, token_mask(n, max_length)
+
+
+def token_mask(n: int, length: int) -> torch.Tensor:
+    """(length,) int64: 1 at the first ``n`` positions (the real tokens), 0 at the padding."""
+    mask = torch.zeros(length, dtype=torch.long)
+    mask[: min(n, length)] = 1
+    return mask
 
 
 def output_dims(spec: EncoderSpec) -> tuple[int, int]:

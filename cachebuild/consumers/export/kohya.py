@@ -189,13 +189,15 @@ def kohya_text_arrays(reader: CacheReader, key: str, family: str) -> dict[str, n
     }
     if family == "sdxl":  # both CLIPs' penultimate layer, and the bigG projection of the pooled output
         return {"hidden_state1": t["clip_l"], "hidden_state2": t["clip_g"], "pool2": t["clip_g_pooled"]}
-    length = t["t5"].shape[0]  # T5 padded back to its max length; the mask marks the real tokens
+    length = t["t5"].shape[0]  # T5 at its max length; the mask marks the real tokens
+    t5 = next(e for e in reader.text_fingerprint.get("encoders", []) if e["name"] == "t5")
     return {
         "l_pooled": t["clip_l_pooled"],
         "t5_out": t["t5"],
         "txt_ids": np.zeros((length, 3), dtype=np.float32),
         "t5_attn_mask": t["t5_mask"],
-        "apply_t5_attn_mask": np.array(True),  # encoded with the mask: train with --apply_t5_attn_mask
+        # masked (--t5-mask): train with --apply_t5_attn_mask; unmasked (the default, as the Flux.1 pipeline): without
+        "apply_t5_attn_mask": np.array(bool(t5.get("attention_mask", t5.get("trim")))),
     }
 
 
