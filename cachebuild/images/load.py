@@ -16,10 +16,12 @@ Colour rules, applied in this order:
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +29,19 @@ from PIL import Image, ImageCms, ImageOps
 
 from cachebuild.errors import ItemError
 from cachebuild.images.plan import ItemPlan
+from cachebuild.images.workers import describe_exit, run_alone, start_pool
+
+log = logging.getLogger(__name__)
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, the usual dataset-viewer background
 PREFETCH_BATCHES = 2  # decoded batches waiting for the encoder, beyond one per worker: keeps the device
 # fed through slow files while host memory stays at a few batches of pixels
 DRAFT_MIN_REDUCTION = 2  # use JPEG draft decoding when the source is at least this many times the target
+BATCH_RETRIES_AFTER_CRASH = 1  # a batch unfinished when a worker died is decoded once more, alone in a fresh
+# process: most deaths (the OOM killer's pick, a neighbouring batch's bad file) do not repeat, and a retry
+# costs one process start
+ITEM_TRIES_AFTER_CRASH = 1  # then each of its items gets one fresh process: a file that kills its decoder
+# does so every time, so a second try would only repeat the crash
 LOADER_VERSION = 1  # bump when decoding changes the pixels handed to the encoder; part of the fingerprint
 
 _SRGB = None
@@ -106,27 +116,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def iter_batches(batches: list[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
-    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight."""
+    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight.
+
+    A worker that dies (the OOM killer, a codec crash) costs at most its batch: see ``_Prefetch``. With
+    ``workers == 0`` decoding runs in this process, so a crashing decoder ends the run as any crash of this
+    process would; there is no worker to restart.
+    """
     if workers == 0:
         for batch in batches:
             yield load_batch(batch, max_pixels)
         return
-    import multiprocessing
-
-    in_flight: deque[Future] = deque()
-    limit = workers + PREFETCH_BATCHES
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        todo = iter(batches)
-        try:
-            for batch in todo:
-                in_flight.append(pool.submit(load_batch, batch, max_pixels))
-                if len(in_flight) >= limit:
-                    yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        finally:
-            for fut in in_flight:
-                fut.cancel()
+    prefetch = _Prefetch(workers, max_pixels)
+    try:
+        for batch in batches:
+            prefetch.put(batch)
+            if len(prefetch.pending) >= workers + PREFETCH_BATCHES:
+                yield prefetch.take()
+        while prefetch.pending:
+            yield prefetch.take()
+    finally:
+        prefetch.close()
 
 
 def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
@@ -141,6 +150,87 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
         except Exception as exc:  # per-item boundary: any decoder surprise fails this item only
             failures.append((item, f"could not decode: {type(exc).__name__}: {exc}"))
     return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)
+
+
+class _Prefetch:
+    """Batches decoding in a worker pool, handed back in the order they were put.
+
+    When a worker dies the pool is broken and every batch that was unfinished in it is a suspect: the pool
+    is restarted for the batches still to come, and each suspect is decoded again alone when its turn
+    comes (``_recover``), so the order and the in-flight bound hold whatever dies.
+    """
+
+    def __init__(self, workers: int, max_pixels: int):
+        self.workers, self.max_pixels = workers, max_pixels
+        self.pool = start_pool(workers)
+        self.pending: deque[tuple[list[ItemPlan], Future | None]] = deque()  # None: a suspect, not in any pool
+
+    def put(self, batch: list[ItemPlan]) -> None:
+        try:
+            future = self.pool.submit(load_batch, batch, self.max_pixels)
+        except BrokenProcessPool:
+            self._restart()
+            future = self.pool.submit(load_batch, batch, self.max_pixels)
+        self.pending.append((batch, future))
+
+    def take(self) -> LoadedBatch:
+        batch, future = self.pending.popleft()
+        if future is not None:
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                self._restart()
+        return _recover(batch, self.max_pixels)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _restart(self) -> None:
+        log.warning("a decode worker died; restarting the pool, its unfinished batches are decoded again alone")
+        self.pending = deque((b, f if f is not None and _succeeded(f) else None) for b, f in self.pending)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = start_pool(self.workers)
+
+
+def _succeeded(future: Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _recover(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
+    """A batch whose worker died: once more alone, then each item in its own process, so only a file that
+    kills its decoder fails."""
+    for _ in range(BATCH_RETRIES_AFTER_CRASH):
+        loaded, exitcode = run_alone(load_batch, batch, max_pixels)
+        if loaded is not None:
+            return loaded
+        log.warning("decoding a batch of %d killed its process again (%s)", len(batch), describe_exit(exitcode))
+    ok, arrays, failures = [], [], []
+    for item in batch:
+        loaded, exitcode = _load_item_alone(item, max_pixels)
+        if loaded is None:
+            failures.append((item, _crash_reason(exitcode)))
+            continue
+        failures.extend(loaded.failures)
+        if loaded.pixels is not None:
+            ok.extend(loaded.items)
+            arrays.append(loaded.pixels)
+    return LoadedBatch(ok, np.concatenate(arrays) if arrays else None, failures)
+
+
+def _load_item_alone(item: ItemPlan, max_pixels: int) -> tuple[LoadedBatch | None, int | None]:
+    exitcode = None
+    for _ in range(ITEM_TRIES_AFTER_CRASH):
+        loaded, exitcode = run_alone(load_batch, [item], max_pixels)
+        if loaded is not None:
+            return loaded, None
+    return None, exitcode
+
+
+def _crash_reason(exitcode: int | None) -> str:
+    return (
+        f"the decoder crashed on this file (worker process died: {describe_exit(exitcode)}); re-save the file "
+        "or remove it (a SIGKILL can also be the system out of memory: then lower --workers)"
+    )
 
 
 def _open(path: str, max_pixels: int) -> Image.Image:
