@@ -84,6 +84,7 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
             img.seek(0)
             _maybe_draft(img, item)
             img.load()
+            _refuse_early_end(img, item.path)
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
             img = _resize(img, item.resized)
@@ -253,6 +254,61 @@ def _open(path: str, max_pixels: int) -> Image.Image:
         img.close()
         raise ItemError(_bomb_reason(w * h, max_pixels))
     return img
+
+
+def _refuse_early_end(img: Image.Image, path: str) -> None:
+    """A JPEG whose data stops early but still ends with an end-of-image marker: libjpeg fills the missing
+    blocks with zeros (flat grey, 128) and Pillow reports nothing, not even with ``LOAD_TRUNCATED_IMAGES``
+    off. A grey last pixel is the cheap hint; the proof is decoding the file again with junk bytes before its
+    end marker: complete data ignores them, data that ended early decodes them into the missing blocks.
+    """
+    if img.format not in ("JPEG", "MPO") or img.mode not in ("L", "RGB"):
+        return
+    corner = img.getpixel((img.size[0] - 1, img.size[1] - 1))
+    if corner not in (128, (128, 128, 128)):
+        return
+    data = _read_bytes(path)
+    end = _jpeg_end_marker(data)
+    if end is not None and not np.array_equal(_tiny_decode(data), _tiny_decode(data[:end] + _JUNK + data[end:])):
+        raise ItemError("truncated JPEG: the image data ends early; re-export or re-download it")
+
+
+_JUNK = bytes(range(0x10, 0xFF)) * 8  # about 2 KB of varied entropy-coded bits, never 0xFF (a marker)
+_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0..7 markers carry no length field
+
+
+def _jpeg_end_marker(data: bytes) -> int | None:
+    """Offset of the end-of-image marker (FF D9) of the first image in ``data``, walking its segments."""
+    pos = 2  # after start-of-image
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return pos
+        if marker == 0xFF or marker in _NO_LENGTH:
+            pos += 1 if marker == 0xFF else 2  # fill byte, or a marker alone
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker that is not 00 or RSTn
+            pos = data.find(b"\xff", pos)
+            while pos != -1 and pos + 1 < len(data) and (data[pos + 1] == 0 or 0xD0 <= data[pos + 1] <= 0xD7):
+                pos = data.find(b"\xff", pos + 2)
+            if pos == -1:
+                return None
+    return None
+
+
+def _tiny_decode(data: bytes) -> np.ndarray:
+    """The image at 1/8 scale: libjpeg still decodes every block's data, at a fraction of the cost."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft(img.mode, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+        return np.asarray(img)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _maybe_draft(img: Image.Image, item: ItemPlan) -> None:
