@@ -2,6 +2,8 @@
 
 Decoding runs in worker processes (spawned, so they never inherit a CUDA context), a bounded number of
 batches ahead of the encoder. Each image becomes a (H, W, 3) uint8 array exactly the size of its bucket.
+A worker that dies costs at most the batches it held (``_Prefetch``), and workers die with the run
+(``workers.py``).
 
 Colour rules, applied in this order:
   * the first frame of an animated file;
