@@ -1,9 +1,10 @@
 """Encode: one batch on the device, outputs moved off it at once, with the two guards every run needs.
 
-* Out of memory: the batch is split in half and each half retried, down to a single image; an image that
-  does not fit alone fails with the reason, and the run goes on.
+* Out of memory (CUDA's or MPS's): the batch is split in half and each half retried, down to a single
+  image; an image that does not fit alone fails with the reason, and the run goes on.
 * Non-finite output (the original SDXL VAE overflows in fp16): the affected images are encoded again in
-  fp32; if still non-finite they fail. Nothing non-finite is ever returned.
+  fp32; if still non-finite, or if the fp32 weights do not fit, they fail. Nothing non-finite is ever
+  returned, and the module is always left whole in the run's dtype.
 
 Randomness never depends on the batch: ``sample`` draws its noise on the CPU from a generator seeded by
 the item key, so a latent is the same whatever batch, worker count or interruption it went through.
@@ -94,21 +95,18 @@ class GuardedForward:
         n = len(inputs[0])
         try:
             results = self.forward(inputs, dtype)
-        except torch.cuda.OutOfMemoryError:  # the same class as torch.OutOfMemoryError
-            free_device_memory(self.device)
-            if n == 1:
-                return [
-                    f"out of device memory even for this item alone in the {self.what}; lower --resolution, "
-                    "--max-bucket-reso or the max length, or use --dtype bf16"
-                ]
-            self.oom_splits += 1
-            half = n // 2
-            log.warning("out of memory at batch size %d; retrying as %d + %d", n, half, n - half)
-            return self._run(tuple(t[:half] for t in inputs), dtype) + self._run(tuple(t[half:] for t in inputs), dtype)
+        except RuntimeError as exc:  # torch's OutOfMemoryError is a RuntimeError, and so is MPS's
+            if not is_out_of_memory(exc):
+                raise
+            results = None
+        # Recover outside the except block: there the traceback keeps the failed attempt's tensors alive, so
+        # the halves would run out of memory too. Leaving it drops them; free_device_memory returns them.
+        if results is None:
+            return self._split(inputs, dtype, n)
         bad = [i for i, out in enumerate(results) if not _all_finite(out)]
         if bad and dtype != torch.float32:
             self.upcasts += len(bad)
-            redo = self._in_fp32(lambda: self._run(tuple(t[bad] for t in inputs), torch.float32))
+            redo = self._in_fp32(lambda: self._run(tuple(t[bad] for t in inputs), torch.float32), len(bad))
             for i, r in zip(bad, redo, strict=True):
                 results[i] = r
         elif bad:
@@ -116,14 +114,63 @@ class GuardedForward:
                 results[i] = f"the {self.what} produced non-finite values (NaN/Inf) even in fp32; check the input"
         return results
 
-    def _in_fp32(self, fn: Callable[[], list]) -> list:
-        """Run ``fn`` with the module temporarily in fp32, then put it back in the run's dtype."""
-        self.module.to(torch.float32)
+    def _split(self, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, n: int) -> list:
+        free_device_memory(self.device)
+        if n == 1:
+            return [
+                f"out of device memory even for this item alone in the {self.what}; lower --resolution, "
+                "--max-bucket-reso or the max length, or use --dtype bf16"
+            ]
+        self.oom_splits += 1
+        half = n // 2
+        log.warning("out of memory at batch size %d; retrying as %d + %d", n, half, n - half)
+        return self._run(tuple(t[:half] for t in inputs), dtype) + self._run(tuple(t[half:] for t in inputs), dtype)
+
+    def _in_fp32(self, fn: Callable[[], list], n: int) -> list:
+        """Run ``fn`` with the module temporarily in fp32, then put it back in the run's dtype.
+
+        Converting needs room for an fp32 copy of every weight; on a small card that alone can run out of
+        memory half way, so a failed conversion puts the module back in the run's dtype (never a module of
+        mixed dtypes) and fails the ``n`` items instead.
+        """
+        try:
+            self.module.to(torch.float32)
+            converted = True
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                self.module.to(self.dtype)
+                raise
+            converted = False
+        if not converted:  # outside the except block, for the same reason as in _run
+            self.module.to(self.dtype)
+            free_device_memory(self.device)
+            return [
+                f"the {self.what} produced non-finite values (NaN/Inf) in {_dtype_name(self.dtype)} and there "
+                "was not enough device memory to redo it in fp32; use --dtype bf16 (or fp32)"
+            ] * n
         try:
             return fn()
         finally:
             self.module.to(self.dtype)
             free_device_memory(self.device)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory error from any device: ``torch.OutOfMemoryError`` (named ``torch.cuda.OutOfMemoryError``
+    before torch 2.5, the same class since), or the plain RuntimeError that MPS and torch before 1.13 raise."""
+    if _OOM_TYPES and isinstance(exc, _OOM_TYPES):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OOM_MESSAGES)
+
+
+_OOM_TYPES = tuple(
+    {t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t}
+)
+_OOM_MESSAGES = ("MPS backend out of memory", "CUDA out of memory")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _all_finite(out) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cachebuild.config import DType, LatentsMode, ModelSpec
-from cachebuild.encode import pick_device, resolve_dtype
+from cachebuild.encode import GuardedForward, is_out_of_memory, pick_device, resolve_dtype
 from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of
 from cachebuild.hub import resolve_vae
 from cachebuild.testing import make_tiny_taesd
@@ -254,6 +255,86 @@ def test_image_that_does_not_fit_alone_fails_and_the_rest_encode(vae, monkeypatc
     for i in (0, 2, 3):
         assert results[i].reason is None
         torch.testing.assert_close(results[i].tensors["latents"], reference[i], atol=1e-5, rtol=0)
+
+
+def identity_forward(inputs, dtype):
+    """One float32 CPU output per item, as a GuardedForward forward returns them."""
+    return [x.float() for x in inputs[0]]
+
+
+def test_oom_recovery_runs_after_the_failed_attempt_has_let_go_of_its_tensors():
+    attempts = []  # weak references to the activations of attempts that ran out of memory
+
+    def forward(inputs, dtype):
+        if any(ref() is not None for ref in attempts):  # a real allocator has no room while they are alive
+            raise torch.OutOfMemoryError("CUDA out of memory: the last attempt's tensors are still held")
+        activations = torch.zeros(len(inputs[0]), 256)  # allocated before the device gives up
+        if len(inputs[0]) > 2:
+            attempts.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return identity_forward(inputs, dtype)
+
+    guard = GuardedForward(None, CPU, torch.float32, forward, "VAE")
+    x = torch.arange(8.0)[:, None]
+    results = guard((x,))
+    assert [r if isinstance(r, str) else float(r) for r in results] == [float(i) for i in range(8)]
+    assert guard.oom_splits == 3  # 8 -> 4 + 4 -> 2 + 2, 2 + 2
+
+
+def test_mps_out_of_memory_is_split_like_cuda_s():
+    def forward(inputs, dtype):
+        if len(inputs[0]) > 1:  # what MPS raises: a plain RuntimeError
+            raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)")
+        return identity_forward(inputs, dtype)
+
+    guard = GuardedForward(None, CPU, torch.float32, forward, "VAE")
+    results = guard((torch.arange(3.0)[:, None],))
+    assert [float(r) for r in results] == [0.0, 1.0, 2.0] and guard.oom_splits == 2
+
+
+@pytest.mark.parametrize(
+    "error", [torch.cuda.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA out of memory")]
+)
+def test_out_of_memory_is_recognised_under_every_name(error):
+    assert is_out_of_memory(error)
+    assert not is_out_of_memory(RuntimeError("expected scalar type Float but found Half"))
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory():
+    def forward(inputs, dtype):
+        raise RuntimeError("expected scalar type Float but found Half")
+
+    with pytest.raises(RuntimeError, match="scalar type"):
+        GuardedForward(None, CPU, torch.float32, forward, "VAE")((torch.zeros(2, 1),))
+
+
+class NoRoomForFp32(torch.nn.Module):
+    """Two fp16 layers; converting to fp32 runs out of memory after the first, as on a small card."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        self.half()
+
+    def to(self, dtype):
+        if dtype == torch.float32:
+            self.first.float()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+        return super().to(dtype)
+
+
+def test_fp32_redo_without_room_for_fp32_weights_fails_those_items_and_restores_the_module():
+    module = NoRoomForFp32()
+
+    def forward(inputs, dtype):  # item 1 overflows in fp16
+        return [torch.full((2,), float("nan") if v == 1 else float(v)) for v in inputs[0][:, 0].tolist()]
+
+    guard = GuardedForward(module, CPU, torch.float16, forward, "VAE")
+    results = guard((torch.arange(3.0)[:, None],))
+    assert isinstance(results[1], str)
+    assert "non-finite" in results[1] and "not enough device memory to redo it in fp32" in results[1]
+    assert not isinstance(results[0], str) and not isinstance(results[2], str)
+    assert {p.dtype for p in module.parameters()} == {torch.float16}  # never a half-converted module
 
 
 # -- device and dtype choice ----------------------------------------------------------------------------

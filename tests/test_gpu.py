@@ -57,3 +57,41 @@ def test_out_of_memory_splits_the_batch_and_every_image_is_done(tmp_path, tiny_v
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert summary.oom_splits > 0 and summary.done == 8 and summary.failed == 0
+
+
+def test_a_batch_sized_past_the_memory_cap_is_split_and_every_image_encodes(tiny_vae):
+    """A real allocator's out-of-memory error, not a stand-in: the batch is sized from a measured per-image
+    peak to need twice the memory the process may use, and the split runs after the failed attempt's tensors
+    are released (inside the except block its traceback would hold them and every half would fail too)."""
+    from diffusers import AutoencoderKL
+
+    from cachebuild.config import LatentsMode
+    from cachebuild.families.vae import VaeEncoder
+    from tests.test_encode import FAMILY
+
+    device = torch.device("cuda")
+    vae = AutoencoderKL.from_pretrained(tiny_vae).to(device).eval().requires_grad_(False)
+    one = torch.randint(0, 256, (1, 2048, 2048, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    alone = VaeEncoder(vae, FAMILY, device, DType.FP32, LatentsMode.MEAN, False, 0).encode(["a"], one)[0]
+    per_image = torch.cuda.max_memory_allocated() - base
+    cap = base + 4 * per_image  # room for the model and about four images at once
+    n = 8  # twice what fits under the cap
+    free, total = torch.cuda.mem_get_info()
+    assert cap < free, "the card is too busy for this test"
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        enc = VaeEncoder(vae, FAMILY, device, DType.FP32, LatentsMode.MEAN, False, 0)
+        results = enc.encode([f"k{i}" for i in range(n)], one.expand(n, -1, -1, -1).contiguous())
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert enc.oom_splits > 0
+    assert [r.reason for r in results] == [None] * n
+    for r in results:
+        torch.testing.assert_close(
+            r.tensors["latents"], alone.tensors["latents"], atol=1e-2, rtol=1e-2
+        )  # TF32 convs vary by batch
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() - base < per_image  # nothing of the failed attempts stays behind

@@ -262,6 +262,49 @@ def test_truncated_jpeg_fails_on_decode_as_truncated(tmp_path):
     assert "re-copy" in str(info.value)
 
 
+def _cut_entropy_data_at_half(data: bytes) -> bytes:
+    """The JPEG with its (last) scan's data cut at half and an end-of-image marker appended."""
+    sos = data.rindex(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    end = data.rindex(b"\xff\xd9")
+    return data[: start + (end - start) // 2] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("source", ["flower.jpg", "hopper.jpg", "grey.jpg"])
+def test_jpeg_whose_data_stops_early_but_ends_with_an_end_marker_fails(tmp_path, source):
+    if source == "grey.jpg":
+        whole = write_image(tmp_path / source, (96, 64), mode="L", quality=90)
+    else:
+        whole = ODD_IMAGES / source
+    cut = tmp_path / f"cut-{source}"
+    cut.write_bytes(_cut_entropy_data_at_half(whole.read_bytes()))
+    size = read_size(str(cut), MAX_PIXELS)
+    assert read_size(str(whole), MAX_PIXELS) == size  # the header is intact: only decoding can tell
+    with pytest.raises(ItemError, match="truncated JPEG: the image data ends early; re-export or re-download"):
+        decode(plan_for(cut), MAX_PIXELS)
+    small = plan_item(
+        BucketPlan(BucketConfig(resolution=(32, 32), min_reso=16, max_reso=64, steps=16)),
+        "cut",
+        str(cut),
+        size,
+        CropMode.CENTER,
+        0,
+    )
+    with pytest.raises(ItemError, match="truncated JPEG"):  # also when Pillow decodes at a draft scale
+        decode(small, MAX_PIXELS)
+    decode(plan_for(whole), MAX_PIXELS)
+
+
+def test_complete_jpeg_that_ends_in_flat_grey_still_decodes(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = np.full((96, 128, 3), 128, dtype=np.uint8)  # a 50% grey background, exactly what a cut file shows
+    pixels[:32] = rng.integers(0, 256, (32, 128, 3), dtype=np.uint8)
+    path = tmp_path / "grey-background.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    out = decode(plan_for(path), MAX_PIXELS)
+    assert (out[-8:] == 128).all()
+
+
 def test_vanished_file(tmp_path):
     with pytest.raises(ItemError, match="vanished"):
         read_size(str(tmp_path / "gone.jpg"), MAX_PIXELS)

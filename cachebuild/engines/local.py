@@ -4,6 +4,8 @@ An engine decides *where* a job's stages run; the stages themselves are the job'
 its batches (in order) and one function that encodes and stores a decoded batch; the engine decodes the
 batches a bounded number ahead (``images.load.iter_batches``: ``workers + PREFETCH_BATCHES`` in flight) and
 calls the function once per batch, in order, in this process, so the manifest keeps exactly one writer.
+A decode worker that dies (OOM killer, codec crash) costs at most its batch: the pool is restarted and
+only a file that kills its decoder again fails, as a failed item; the workers die with this process.
 """
 
 from __future__ import annotations

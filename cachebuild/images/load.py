@@ -2,6 +2,8 @@
 
 Decoding runs in worker processes (spawned, so they never inherit a CUDA context), a bounded number of
 batches ahead of the encoder. Each image becomes a (H, W, 3) uint8 array exactly the size of its bucket.
+A worker that dies costs at most the batches it held (``_Prefetch``), and workers die with the run
+(``workers.py``).
 
 Colour rules, applied in this order:
   * the first frame of an animated file;
@@ -16,10 +18,12 @@ Colour rules, applied in this order:
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +31,19 @@ from PIL import Image, ImageCms, ImageOps
 
 from cachebuild.errors import ItemError
 from cachebuild.images.plan import ItemPlan
+from cachebuild.images.workers import describe_exit, run_alone, start_pool
+
+log = logging.getLogger(__name__)
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, the usual dataset-viewer background
 PREFETCH_BATCHES = 2  # decoded batches waiting for the encoder, beyond one per worker: keeps the device
 # fed through slow files while host memory stays at a few batches of pixels
 DRAFT_MIN_REDUCTION = 2  # use JPEG draft decoding when the source is at least this many times the target
+BATCH_RETRIES_AFTER_CRASH = 1  # a batch unfinished when a worker died is decoded once more, alone in a fresh
+# process: most deaths (the OOM killer's pick, a neighbouring batch's bad file) do not repeat, and a retry
+# costs one process start
+ITEM_TRIES_AFTER_CRASH = 1  # then each of its items gets one fresh process: a file that kills its decoder
+# does so every time, so a second try would only repeat the crash
 LOADER_VERSION = 1  # bump when decoding changes the pixels handed to the encoder; part of the fingerprint
 
 _SRGB = None
@@ -74,6 +86,7 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
             img.seek(0)
             _maybe_draft(img, item)
             img.load()
+            _refuse_early_end(img, item.path)
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
             img = _resize(img, item.resized)
@@ -106,27 +119,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def iter_batches(batches: list[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
-    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight."""
+    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight.
+
+    A worker that dies (the OOM killer, a codec crash) costs at most its batch: see ``_Prefetch``. With
+    ``workers == 0`` decoding runs in this process, so a crashing decoder ends the run as any crash of this
+    process would; there is no worker to restart.
+    """
     if workers == 0:
         for batch in batches:
             yield load_batch(batch, max_pixels)
         return
-    import multiprocessing
-
-    in_flight: deque[Future] = deque()
-    limit = workers + PREFETCH_BATCHES
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        todo = iter(batches)
-        try:
-            for batch in todo:
-                in_flight.append(pool.submit(load_batch, batch, max_pixels))
-                if len(in_flight) >= limit:
-                    yield in_flight.popleft().result()
-            while in_flight:
-                yield in_flight.popleft().result()
-        finally:
-            for fut in in_flight:
-                fut.cancel()
+    prefetch = _Prefetch(workers, max_pixels)
+    try:
+        for batch in batches:
+            prefetch.put(batch)
+            if len(prefetch.pending) >= workers + PREFETCH_BATCHES:
+                yield prefetch.take()
+        while prefetch.pending:
+            yield prefetch.take()
+    finally:
+        prefetch.close()
 
 
 def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
@@ -141,6 +153,87 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
         except Exception as exc:  # per-item boundary: any decoder surprise fails this item only
             failures.append((item, f"could not decode: {type(exc).__name__}: {exc}"))
     return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)
+
+
+class _Prefetch:
+    """Batches decoding in a worker pool, handed back in the order they were put.
+
+    When a worker dies the pool is broken and every batch that was unfinished in it is a suspect: the pool
+    is restarted for the batches still to come, and each suspect is decoded again alone when its turn
+    comes (``_recover``), so the order and the in-flight bound hold whatever dies.
+    """
+
+    def __init__(self, workers: int, max_pixels: int):
+        self.workers, self.max_pixels = workers, max_pixels
+        self.pool = start_pool(workers)
+        self.pending: deque[tuple[list[ItemPlan], Future | None]] = deque()  # None: a suspect, not in any pool
+
+    def put(self, batch: list[ItemPlan]) -> None:
+        try:
+            future = self.pool.submit(load_batch, batch, self.max_pixels)
+        except BrokenProcessPool:
+            self._restart()
+            future = self.pool.submit(load_batch, batch, self.max_pixels)
+        self.pending.append((batch, future))
+
+    def take(self) -> LoadedBatch:
+        batch, future = self.pending.popleft()
+        if future is not None:
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                self._restart()
+        return _recover(batch, self.max_pixels)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _restart(self) -> None:
+        log.warning("a decode worker died; restarting the pool, its unfinished batches are decoded again alone")
+        self.pending = deque((b, f if f is not None and _succeeded(f) else None) for b, f in self.pending)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = start_pool(self.workers)
+
+
+def _succeeded(future: Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def _recover(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
+    """A batch whose worker died: once more alone, then each item in its own process, so only a file that
+    kills its decoder fails."""
+    for _ in range(BATCH_RETRIES_AFTER_CRASH):
+        loaded, exitcode = run_alone(load_batch, batch, max_pixels)
+        if loaded is not None:
+            return loaded
+        log.warning("decoding a batch of %d killed its process again (%s)", len(batch), describe_exit(exitcode))
+    ok, arrays, failures = [], [], []
+    for item in batch:
+        loaded, exitcode = _load_item_alone(item, max_pixels)
+        if loaded is None:
+            failures.append((item, _crash_reason(exitcode)))
+            continue
+        failures.extend(loaded.failures)
+        if loaded.pixels is not None:
+            ok.extend(loaded.items)
+            arrays.append(loaded.pixels)
+    return LoadedBatch(ok, np.concatenate(arrays) if arrays else None, failures)
+
+
+def _load_item_alone(item: ItemPlan, max_pixels: int) -> tuple[LoadedBatch | None, int | None]:
+    exitcode = None
+    for _ in range(ITEM_TRIES_AFTER_CRASH):
+        loaded, exitcode = run_alone(load_batch, [item], max_pixels)
+        if loaded is not None:
+            return loaded, None
+    return None, exitcode
+
+
+def _crash_reason(exitcode: int | None) -> str:
+    return (
+        f"the decoder crashed on this file (worker process died: {describe_exit(exitcode)}); re-save the file "
+        "or remove it (a SIGKILL can also be the system out of memory: then lower --workers)"
+    )
 
 
 def _open(path: str, max_pixels: int) -> Image.Image:
@@ -163,6 +256,61 @@ def _open(path: str, max_pixels: int) -> Image.Image:
         img.close()
         raise ItemError(_bomb_reason(w * h, max_pixels))
     return img
+
+
+def _refuse_early_end(img: Image.Image, path: str) -> None:
+    """A JPEG whose data stops early but still ends with an end-of-image marker: libjpeg fills the missing
+    blocks with zeros (flat grey, 128) and Pillow reports nothing, not even with ``LOAD_TRUNCATED_IMAGES``
+    off. A grey last pixel is the cheap hint; the proof is decoding the file again with junk bytes before its
+    end marker: complete data ignores them, data that ended early decodes them into the missing blocks.
+    """
+    if img.format not in ("JPEG", "MPO") or img.mode not in ("L", "RGB"):
+        return
+    corner = img.getpixel((img.size[0] - 1, img.size[1] - 1))
+    if corner not in (128, (128, 128, 128)):
+        return
+    data = _read_bytes(path)
+    end = _jpeg_end_marker(data)
+    if end is not None and not np.array_equal(_tiny_decode(data), _tiny_decode(data[:end] + _JUNK + data[end:])):
+        raise ItemError("truncated JPEG: the image data ends early; re-export or re-download it")
+
+
+_JUNK = bytes(range(0x10, 0xFF)) * 8  # about 2 KB of varied entropy-coded bits, never 0xFF (a marker)
+_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0..7 markers carry no length field
+
+
+def _jpeg_end_marker(data: bytes) -> int | None:
+    """Offset of the end-of-image marker (FF D9) of the first image in ``data``, walking its segments."""
+    pos = 2  # after start-of-image
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return pos
+        if marker == 0xFF or marker in _NO_LENGTH:
+            pos += 1 if marker == 0xFF else 2  # fill byte, or a marker alone
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker that is not 00 or RSTn
+            pos = data.find(b"\xff", pos)
+            while pos != -1 and pos + 1 < len(data) and (data[pos + 1] == 0 or 0xD0 <= data[pos + 1] <= 0xD7):
+                pos = data.find(b"\xff", pos + 2)
+            if pos == -1:
+                return None
+    return None
+
+
+def _tiny_decode(data: bytes) -> np.ndarray:
+    """The image at 1/8 scale: libjpeg still decodes every block's data, at a fraction of the cost."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft(img.mode, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+        return np.asarray(img)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _maybe_draft(img: Image.Image, item: ItemPlan) -> None:
