@@ -55,7 +55,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
         manifest.lock()
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
-        sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild)
+        sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
         if manifest.get_meta(f"source:{LATENTS}") != source:
