@@ -19,6 +19,7 @@ from cachebuild.cache.files import TMP_SUFFIX, shard_index
 from cachebuild.cache.manifest import DONE, FAILED, PENDING, Manifest, ScanResult, SyncResult
 from cachebuild.cache.shards import ShardWriter, open_writer
 from cachebuild.errors import ConfigError, FingerprintMismatch
+from cachebuild.keys import path_text
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +180,8 @@ class ShardSink:
             self.flush()
 
     def fail(self, failures: list[tuple[str, str]]) -> None:
+        # a reason may quote a file name the OS gave with undecodable bytes: store it as text
+        failures = [(key, path_text(reason)) for key, reason in failures]
         if failures:
             self.manifest.mark_failed(self.store, failures)
             self.summary.failed_now += len(failures)
