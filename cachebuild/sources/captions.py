@@ -180,7 +180,7 @@ def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict | None, str | None
 
 
 def _csv_rows(name: str, text: str) -> list[tuple[int, dict | None, str | None]]:
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(text.splitlines(keepends=True))  # ends kept: a quoted field may hold a line break
     header = next(reader, [])
     rows, end = [], reader.line_num
     for fields in reader:

@@ -116,7 +116,7 @@ def _source_file(path: str, rel_os: str, content_hash: bool) -> SourceFile | Non
         kind = next((name for test, name in _KINDS if test(st.st_mode)), None)
         if kind is not None:  # opening a FIFO or a device would block or read forever
             return SourceFile(
-                key, rel, 0, 0, None, f"not a regular file ({kind}); remove it or replace it with the file"
+                key, rel, 0, 0, None, f"not a regular file ({kind}); remove it or replace it with a regular file"
             )
         digest = sha256_file(Path(path)) if content_hash else None
     except FileNotFoundError:
