@@ -20,7 +20,6 @@ import codecs
 import csv
 import hashlib
 import json
-import logging
 import posixpath
 import re
 from dataclasses import dataclass, replace
@@ -29,8 +28,6 @@ from pathlib import Path
 from cachebuild.errors import ConfigError
 from cachebuild.keys import fs_path, path_text
 from cachebuild.sources.scan import ScanResult, SourceFile, scan_files
-
-log = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows absolute path, C:/...
