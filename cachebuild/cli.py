@@ -88,6 +88,11 @@ _build_options = _options(  # every cache-building command
     click.option("--shard-mb", default=64.0, show_default=True, help="Shard size on disk, MiB."),
     click.option("--retry-failed", is_flag=True, help="Encode items that failed before again."),
     click.option("--rebuild", is_flag=True, help="Discard entries made with other settings and encode again."),
+    click.option(
+        "--prune",
+        is_flag=True,
+        help="Confirm removing entries whose source is gone when the scan finds nothing or loses many of them.",
+    ),
 )
 
 _vae_options = _options(  # where the VAE comes from: latents and preview
@@ -461,6 +466,7 @@ def _latents_config(dataset: Path, o: dict):
         hash_files=o["hash_files"],
         retry_failed=o["retry_failed"],
         rebuild=o["rebuild"],
+        prune=o["prune"],
     )
 
 
@@ -493,6 +499,7 @@ def _textenc_config(captions: Path, o: dict):
         chunk_mb=o["chunk_mb"],
         retry_failed=o["retry_failed"],
         rebuild=o["rebuild"],
+        prune=o["prune"],
     )
 
 

@@ -167,6 +167,7 @@ class LatentsConfig:
     hash_files: bool = False  # add a content hash to each file's fingerprint (size + mtime_ns otherwise)
     retry_failed: bool = False  # encode items that failed in an earlier run again
     rebuild: bool = False  # discard entries made with other settings instead of refusing
+    prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -224,6 +225,7 @@ class TextencConfig:
     chunk_mb: float = 2048.0  # encoder outputs held in host memory while encoders take turns on the device
     retry_failed: bool = False
     rebuild: bool = False
+    prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
 
     def __post_init__(self) -> None:
         if not self.source.exists():

@@ -6,7 +6,11 @@ import hashlib
 import os
 from pathlib import Path
 
-from cachebuild.cache.manifest import SourceFile
+import pytest
+
+from cachebuild.cache.manifest import Manifest, SourceFile
+from cachebuild.errors import ConfigError
+from cachebuild.keys import fs_path, path_text
 from cachebuild.sources.scan import scan_files
 
 
@@ -141,3 +145,106 @@ def test_fingerprint_format():
 def test_empty_folder(tmp_path):
     result = scan_files(tmp_path)
     assert result.files == [] and result.clashes == {}
+
+
+# -- links, special files, unlisted folders, names that are not UTF-8 -----------------------------------------
+def test_linked_folders_are_followed_and_a_loop_ends(tmp_path):
+    outside = tmp_path / "raw"
+    touch(outside / "p.jpg")
+    root = tmp_path / "ds"
+    touch(root / "sub" / "a.jpg")
+    (root / "10_concept").symlink_to(outside, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # back to an ancestor
+    (root / "sub" / "here").symlink_to(".", target_is_directory=True)  # to itself
+    (root / "link.jpg").symlink_to(root / "sub" / "a.jpg")  # a linked file is a file
+    assert keys(root) == ["10_concept/p", "link", "sub/a"]
+
+
+def test_a_folder_linked_twice_is_scanned_once_at_its_first_path(tmp_path):
+    root = tmp_path / "ds"
+    touch(root / "raw" / "p.jpg")
+    (root / "10_concept").symlink_to(root / "raw", target_is_directory=True)
+    assert keys(root) == ["10_concept/p"]  # "10_concept" sorts before "raw"
+
+
+def test_special_files_and_dangling_links_fail_with_a_reason(tmp_path):
+    touch(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    os.mkfifo(tmp_path / "ignored.txt")  # not an image suffix: not listed at all
+    reasons = {f.key: f.reason for f in scan_files(tmp_path).files}
+    assert reasons == {
+        "fifo": "not a regular file (FIFO); remove it or replace it with a regular file",
+        "gone": f"symbolic link to a missing file ({tmp_path / 'missing.jpg'}); fix or remove the link",
+        "ok": None,
+    }
+
+
+def test_a_file_that_cannot_be_stat_ed_fails_naming_it(tmp_path, monkeypatch):
+    touch(tmp_path / "sub" / "locked.png")
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if os.fspath(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    [f] = scan_files(tmp_path).files
+    assert f.reason == "cannot read sub/locked.png: permission denied; fix its permissions"
+
+
+def test_unlisted_subfolder_is_reported_and_covers_its_keys(tmp_path, monkeypatch):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "locked" / "b.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = scan_files(tmp_path)
+    assert result.unlisted == ("locked",) and result.covers("locked/b") and not result.covers("a")
+    assert {f.key: f.reason for f in result.files} == {
+        "a": None,
+        "locked/": "cannot list locked/: permission denied; fix its permissions",
+    }
+
+
+def test_an_unlisted_dataset_root_is_a_config_error(tmp_path, monkeypatch):
+    def scandir(path="."):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ConfigError, match="cannot list the dataset folder .*fix its permissions"):
+        scan_files(tmp_path)
+
+
+def test_names_that_are_not_utf8_get_text_keys_that_lead_back_to_the_file(tmp_path):
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9 \xff.png")
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    [found] = scan_files(tmp_path).files
+    assert (found.key, found.path, found.reason) == ("caf\\xe9 \\xff", "caf\\xe9 \\xff.png", None)
+    assert os.path.exists(os.path.join(str(tmp_path), fs_path(found.path)))
+
+
+def test_path_text_and_fs_path_round_trip():
+    for name in [os.fsdecode(b"a\xe9/b\xff.png"), "café.png", "日本.png", "a b#%'\".png", "-x.png", "back\\slash"]:
+        assert fs_path(path_text(name)) == name
+        path_text(name).encode("utf-8")  # always storable
+    assert path_text(os.fsdecode(b"caf\xe9")) == "caf\\xe9"
+    assert fs_path("caf\\xc3\\xa9") == "caf\\xc3\\xa9"  # valid UTF-8 once unescaped: the name holds these characters
+    assert fs_path("caf\\x41") == "caf\\x41"  # backslashreplace never writes bytes below 0x80
+
+
+def test_sync_keeps_items_under_unlisted_folders(tmp_path):
+    files = [SourceFile(k, f"{k}.jpg", 1, 0) for k in ("a", "locked/b", "locked/c")]
+    with Manifest.open(tmp_path) as m:
+        m.sync_items("latents", files, {}, False, {})
+        r = m.sync_items("latents", files[:1], {}, False, {}, unlisted=("locked",))
+        assert r.removed == 0 and [row.key for row in m.items("latents")] == ["a", "locked/b", "locked/c"]
+        r = m.sync_items("latents", files[:1], {}, False, {})
+        assert r.removed == 2

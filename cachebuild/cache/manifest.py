@@ -71,6 +71,7 @@ class SourceFile:
     size: int  # bytes
     mtime_ns: int
     sha256: str | None = None  # content hash, only with --hash
+    reason: str | None = None  # why this file cannot be used (a FIFO, a dangling link...): the item fails
 
     @property
     def fingerprint(self) -> str:
@@ -81,8 +82,13 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class ScanResult:
-    files: list[SourceFile]  # one per key, sorted by key
+    files: list[SourceFile]  # one per key, sorted by key; those with a reason fail
     clashes: dict[str, list[str]]  # key -> the relative paths that share it; these items fail
+    unlisted: tuple[str, ...] = ()  # folders that could not be listed: the items under them are kept as they are
+
+    def covers(self, key: str) -> bool:
+        """Whether ``key`` lies under a folder this scan could not see into (so its absence says nothing)."""
+        return under_folders(key, self.unlisted)
 
 
 @dataclass(frozen=True)
@@ -235,11 +241,13 @@ class Manifest:
         clashes: dict[str, list[str]],
         retry_failed: bool,
         fingerprint: dict,
+        unlisted: tuple[str, ...] = (),
     ) -> SyncResult:
         """Make the index match a scan, in one transaction with the fingerprint.
 
         New keys become pending; keys whose source changed become pending again; keys whose file is gone
-        leave the index; with ``retry_failed`` failed items become pending. Clashing keys fail.
+        leave the index, except under the ``unlisted`` folders the scan could not see into; with
+        ``retry_failed`` failed items become pending. Clashing keys, and files the scan gave a reason, fail.
         """
         now = time.time()
         new = changed = removed = retried = 0
@@ -253,9 +261,11 @@ class Manifest:
                 seen.add(f.key)
                 clash = clashes.get(f.key)
                 old = known.get(f.key)
-                if clash:
-                    reason = f"several files share the key {f.key!r}: {', '.join(clash)}; rename all but one"
-                    # no source fingerprint: once the clash is resolved the item counts as changed
+                if clash or f.reason:
+                    reason = f.reason
+                    if clash:
+                        reason = f"several files share the key {f.key!r}: {', '.join(clash)}; rename all but one"
+                    # no source fingerprint: once the cause is fixed the item counts as changed
                     c.execute(
                         "INSERT OR REPLACE INTO items (store, key, path, source_fp, status, reason, updated) "
                         "VALUES (?,?,?,?,?,?,?)",
@@ -285,6 +295,8 @@ class Manifest:
                             (PENDING, now, store, f.key),
                         )
             for key in known.keys() - seen:
+                if under_folders(key, unlisted):  # its folder could not be listed: not evidence that the file is gone
+                    continue
                 removed += 1
                 c.execute("DELETE FROM items WHERE store=? AND key=?", (store, key))
             if self.fingerprint(store) != fingerprint:
@@ -437,6 +449,11 @@ class Manifest:
                 "INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?)",
                 (str(path.resolve()), st.st_size, st.st_mtime_ns, sha256),
             )
+
+
+def under_folders(key: str, folders: Iterable[str]) -> bool:
+    """Whether ``key`` lies inside one of ``folders`` (relative, '/'-separated, no trailing '/')."""
+    return any(key.startswith(folder + "/") for folder in folders)
 
 
 def same_source(old_fp: str | None, new_fp: str) -> bool:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from cachebuild.cache.files import TMP_SUFFIX, shard_index
 from cachebuild.cache.manifest import DONE, FAILED, PENDING, Manifest, ScanResult, SyncResult
 from cachebuild.cache.shards import ShardWriter, open_writer
-from cachebuild.errors import FingerprintMismatch, storage_error
+from cachebuild.errors import ConfigError, FingerprintMismatch, storage_error
+from cachebuild.keys import path_text
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHARD_MAX_SECONDS = 300.0  # commit a shard at least this often, so a crash loses minutes, not a shard's hours
+# A scan may drop done items whose source is gone without --prune only while they are at most PRUNE_SHARE of
+# the store's done items or at most PRUNE_FREE items: a user who deleted a few images never needs the flag,
+# while a wrong, empty or half-mounted dataset folder cannot empty a cache that took hours to build.
+PRUNE_SHARE = 0.10
+PRUNE_FREE = 10
 
 
 @dataclass
@@ -77,13 +83,23 @@ def finish_run(manifest: Manifest, summary: RunSummary, start: float) -> RunSumm
 
 
 def open_store(
-    manifest: Manifest, store: str, fingerprint: dict, scan: ScanResult, retry_failed: bool, rebuild: bool
+    manifest: Manifest,
+    store: str,
+    fingerprint: dict,
+    scan: ScanResult,
+    retry_failed: bool,
+    rebuild: bool,
+    prune: bool = False,
 ) -> SyncResult:
-    """Check the fingerprint, clean up after a crash and sync the index with the scan.
+    """Check removals and the fingerprint, clean up after a crash and sync the index with the scan.
 
     Raises:
+        ConfigError: the scan would remove too much of the store (see :func:`check_removals`); nothing is
+            touched.
         FingerprintMismatch: the store holds entries made with other byte-changing settings.
     """
+    if not prune:
+        check_removals(manifest, store, scan)
     folder = manifest.root / store
     old = manifest.fingerprint(store)
     if rebuild or (old is not None and old != fingerprint):
@@ -93,7 +109,34 @@ def open_store(
             (folder / name).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     clean_after_crash(manifest, store, folder)
-    return manifest.sync_items(store, scan.files, scan.clashes, retry_failed, fingerprint)
+    return manifest.sync_items(store, scan.files, scan.clashes, retry_failed, fingerprint, scan.unlisted)
+
+
+def check_removals(manifest: Manifest, store: str, scan: ScanResult) -> None:
+    """Refuse a scan that finds nothing while the store holds items, or whose sync would drop more done items
+    than ``PRUNE_SHARE`` and ``PRUNE_FREE`` allow; run before anything is touched. ``--rebuild`` does not
+    lift it: a rebuild re-encodes what the scan finds, it does not confirm losing the rest.
+
+    Raises:
+        ConfigError: naming the counts and ``--prune``, the flag that confirms the removal.
+    """
+    rows = manifest.items(store)
+    if not rows:
+        return
+    if not scan.files:
+        raise ConfigError(
+            f"the scan found no files, but the {store} store holds {len(rows)} item(s); refusing to remove them "
+            "(is the dataset folder empty, wrong or not mounted?); check the path, or pass --prune to remove them"
+        )
+    found = {f.key for f in scan.files}
+    done = [r.key for r in rows if r.status == DONE]
+    gone = [k for k in done if k not in found and not scan.covers(k)]
+    if len(gone) > PRUNE_FREE and len(gone) > PRUNE_SHARE * len(done):
+        raise ConfigError(
+            f"{len(gone)} of the {len(done)} done item(s) in the {store} store have no source in this scan "
+            f"(e.g. {gone[0]!r}); refusing to remove more than {PRUNE_SHARE:.0%} and {PRUNE_FREE} at once; "
+            "check the dataset path, or pass --prune to remove them"
+        )
 
 
 def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
@@ -141,6 +184,8 @@ class ShardSink:
             self.flush()
 
     def fail(self, failures: list[tuple[str, str]]) -> None:
+        # a reason may quote a file name the OS gave with undecodable bytes: store it as text
+        failures = [(key, path_text(reason)) for key, reason in failures]
         if failures:
             self.manifest.mark_failed(self.store, failures)
             self.summary.failed_now += len(failures)

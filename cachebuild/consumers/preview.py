@@ -25,6 +25,7 @@ from cachebuild.families.vae import family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import decode
 from cachebuild.images.plan import ItemPlan
+from cachebuild.keys import fs_path
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _source_crop(key: str, info: dict, rel: str | None, dataset, summary: Previe
     w, h = info["bucket"]
     if dataset is None or rel is None:
         return Image.new("RGB", (w, h), PLACEHOLDER)
-    path = Path(dataset) / rel
+    path = Path(dataset) / fs_path(rel)  # the stored text names the file's real bytes
     plan = ItemPlan(key, str(path), tuple(info["original_size"]), (w, h), tuple(info["resized"]), tuple(info["crop"]))
     try:
         return Image.fromarray(decode(plan, MAX_PIXELS), "RGB")

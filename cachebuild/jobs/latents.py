@@ -24,6 +24,7 @@ from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.keys import fs_path, path_text
 from cachebuild.sources.scan import scan_files
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
         manifest.lock()
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
-        sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild)
+        sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
         if manifest.get_meta(f"source:{LATENTS}") != source:
@@ -155,14 +156,16 @@ def _plan_pending(manifest: Manifest, cfg: LatentsConfig, pending, summary: RunS
     root = cfg.dataset.resolve()
 
     def one(row):
-        path = str(root / row.path)
+        path = str(root / fs_path(row.path))  # the stored text names the file's real bytes (keys.fs_path)
         try:
             size = read_size(path, cfg.max_pixels)
             return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed), None
         except ItemError as exc:
-            return None, (row.key, str(exc))
+            if isinstance(exc.__cause__, PermissionError):
+                return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
+            return None, (row.key, path_text(str(exc)))
         except Exception as exc:  # per-item boundary
-            return None, (row.key, f"could not read the image header: {type(exc).__name__}: {exc}")
+            return None, (row.key, path_text(f"could not read the image header: {type(exc).__name__}: {exc}"))
 
     with ThreadPoolExecutor(HEADER_THREADS) as pool:
         results = list(pool.map(one, pending))

@@ -62,7 +62,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
             "format": cfg.format.value,
             "caption_rules": CAPTION_RULES_VERSION,
         }
-        sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild)
+        sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         pending = manifest.items(TEXTENC, PENDING)
         if pending:

@@ -5,26 +5,32 @@ so a trainer joins latents and text by key. Each caption's fingerprint is a hash
 file re-encodes nothing and editing one caption re-encodes that caption alone.
 
 Rules, documented in docs/format.md:
-  * text is decoded as UTF-8 (a BOM is dropped) and stripped of surrounding whitespace;
+  * text is decoded as UTF-8 (a BOM is dropped) and stripped of surrounding whitespace; text that starts
+    with a UTF-16 byte-order mark is decoded as UTF-16, since the mark says which it is;
   * an empty caption is encoded as the empty string (the unconditional caption trainers use for dropout);
-  * text that is not valid UTF-8 fails with a reason; so does a metadata row with no file name or text.
+  * text that is not valid UTF-8, or holds NUL bytes (UTF-16 without a mark), fails with a reason; so does a
+    metadata row with no file name or text;
+  * a metadata row whose file name is unusable (absolute, a '..' part), that is not valid JSON or has the wrong
+    number of CSV fields has no key: it fails as ``<metadata file name>:<line>``.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
-import logging
 import posixpath
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cachebuild.errors import ConfigError
+from cachebuild.keys import fs_path, path_text
 from cachebuild.sources.scan import ScanResult, SourceFile, scan_files
 
-log = logging.getLogger(__name__)
-
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+_DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows absolute path, C:/...
 
 
 @dataclass(frozen=True)
@@ -60,34 +66,51 @@ def _scan_caption_files(root: Path, ext: str) -> CaptionScan:
     listing = scan_files(root, frozenset({ext}))
     files, texts, bad = [], {}, {}
     for f in listing.files:
-        try:
-            data = (root / f.path).read_bytes()
-        except OSError as exc:
-            bad[f.key] = f"caption file cannot be read ({exc.strerror or exc}); check its permissions"
+        if f.reason:  # not a regular file, a dangling link...: never opened
             files.append(f)
             continue
-        files.append(SourceFile(f.key, f.path, f.size, 0, hashlib.sha256(data).hexdigest()))
         try:
-            texts[f.key] = data.decode("utf-8-sig").strip()
-        except UnicodeDecodeError as exc:
-            bad[f.key] = (
-                f"caption is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
+            data = (root / fs_path(f.path)).read_bytes()
+        except OSError as exc:
+            files.append(
+                replace(f, reason=f"caption file {f.path} cannot be read ({exc.strerror or exc}); fix its permissions")
             )
-    return CaptionScan(ScanResult(files, listing.clashes), texts, bad)
+            continue
+        files.append(SourceFile(f.key, f.path, f.size, 0, hashlib.sha256(data).hexdigest()))
+        text, reason = decode_text(data)
+        if reason is None:
+            texts[f.key] = text.strip()
+        else:
+            bad[f.key] = f"caption {reason}"
+    return CaptionScan(ScanResult(files, listing.clashes, listing.unlisted), texts, bad)
+
+
+def decode_text(data: bytes) -> tuple[str, str | None]:
+    """(text, None), or ("", why it cannot be read and the fix)."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            text = data.decode("utf-16")  # the mark says which byte order
+        except UnicodeDecodeError:
+            return "", "is damaged UTF-16; re-save it as UTF-8"
+        if "\0" not in text:
+            return text, None
+    if b"\0" in data:
+        return "", "has NUL bytes: it looks like UTF-16 without a byte-order mark; re-save it as UTF-8"
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError as exc:
+        return "", f"is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
 
 
 def _scan_metadata(path: Path, column: str) -> CaptionScan:
-    rows = _read_rows(path)
     files: dict[str, SourceFile] = {}
     texts, bad, clashes = {}, {}, {}
-    for line, row in rows:
-        name = row.get("file_name") if isinstance(row, dict) else None
-        if not isinstance(name, str) or not name.strip():
-            key = f"{path.name}#{line}"
-            bad[key] = f"{path.name} line {line} has no file_name; fix or remove the row"
-            files[key] = SourceFile(key, key, 0, 0, "-")
+    for line, row, problem in _read_rows(path):
+        rel, problem = (None, problem) if problem else _relative_name(row, path.name, line)
+        if rel is None:  # no usable key: the row fails under its line
+            key = f"{path.name}:{line}"
+            files[key] = SourceFile(key, key, 0, 0, None, problem)
             continue
-        rel = posixpath.normpath(name.strip().replace("\\", "/"))
         key = posixpath.splitext(rel)[0]
         text = row.get(column)
         digest = hashlib.sha256(json.dumps(text).encode()).hexdigest()
@@ -103,18 +126,67 @@ def _scan_metadata(path: Path, column: str) -> CaptionScan:
     return CaptionScan(ScanResult(ordered, clashes), texts, bad)
 
 
-def _read_rows(path: Path) -> list[tuple[int, object]]:
-    """(line number, row) pairs; a JSON line that does not parse becomes a row of its own that fails."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        return [(i + 2, row) for i, row in enumerate(csv.DictReader(text.splitlines()))]
+def _relative_name(row: dict, source: str, line: int) -> tuple[str | None, str | None]:
+    """(the row's file name as a stored relative path, None), or (None, why it has no usable one)."""
+    name = row.get("file_name")
+    where = f"{source} line {line}"
+    if not isinstance(name, str) or not name.strip():
+        return None, f"{where} has no file_name; fix or remove the row"
+    raw = name.strip().replace("\\", "/")
+    if raw.startswith("/") or _DRIVE.match(raw):
+        return None, f"{where}: file_name {name!r} is absolute; make it relative to the folder of {source}"
+    if ".." in raw.split("/"):
+        return None, f"{where}: file_name {name!r} leads out of the folder of {source} ('..'); name a file inside it"
+    try:
+        return path_text(posixpath.normpath(raw)), None
+    except UnicodeEncodeError:  # a lone surrogate written as a JSON escape: no file can have that name
+        return None, f"{where}: file_name {name!r} is not valid text; fix the row"
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict | None, str | None]]:
+    """(line number, row, None), or (line number, None, why the row cannot be used) for a line that is not
+    a JSON object or a CSV row with the wrong number of fields.
+
+    Raises:
+        ConfigError: the file cannot be read or is not text.
+    """
+    try:
+        text, reason = decode_text(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions") from None
+    if reason is not None:
+        raise ConfigError(f"{path} {reason}")
+    return _csv_rows(path.name, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path.name, text)
+
+
+def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict | None, str | None]]:
     rows = []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append((i, json.loads(line)))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not JSON; it is reported as a failed item", path.name, i)
-            rows.append((i, None))
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rows.append((i, None, f"{name} line {i} is not valid JSON ({exc.msg}); fix or remove the line"))
+            continue
+        if not isinstance(row, dict):
+            rows.append((i, None, f'{name} line {i} is not a JSON object; write it as {{"file_name": ..., ...}}'))
+            continue
+        rows.append((i, row, None))
+    return rows
+
+
+def _csv_rows(name: str, text: str) -> list[tuple[int, dict | None, str | None]]:
+    reader = csv.reader(text.splitlines(keepends=True))  # ends kept: a quoted field may hold a line break
+    header = next(reader, [])
+    rows, end = [], reader.line_num
+    for fields in reader:
+        start, end = end + 1, reader.line_num  # a quoted field may span lines: report where the row starts
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            why = f"has {len(fields)} fields, the header {len(header)}; quote fields that hold commas, or fix the row"
+            rows.append((start, None, f"{name} line {start} {why}"))
+            continue
+        rows.append((start, dict(zip(header, fields, strict=True)), None))
     return rows

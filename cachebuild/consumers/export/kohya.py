@@ -31,7 +31,7 @@ import torch
 
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.keys import item_seed
+from cachebuild.keys import fs_path, item_seed, path_text
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ def export_kohya(
         summary.warnings.append(
             f"this VAE downsamples by {downsample}, sd-scripts assumes {KOHYA_DOWNSAMPLE}: it will not use these files"
         )
-    paths = reader.source_paths()
+    # stored paths are text; the files beside the images are named after the images' real bytes
+    paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
     for key in reader:
         _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary)
     if reader.text_fingerprint is not None:
@@ -163,7 +164,7 @@ def _export_one(
     target = image.with_name(os.path.basename(kohya_npz_name(rel, original, family)))
     written = _write_npz(target, kohya_arrays(reader, key, info, family, seed), root, overwrite, s)
     if written and family != "flux" and image.with_suffix(".npz").exists():
-        s.shadowed.append(str(image.with_suffix(".npz").relative_to(root.resolve())))
+        s.shadowed.append(path_text(str(image.with_suffix(".npz").relative_to(root.resolve()))))
 
 
 def _export_text(reader: CacheReader, paths: dict[str, str], root: Path, family: str, overwrite: bool, s) -> None:
@@ -211,7 +212,7 @@ def _write_npz(target: Path, arrays: dict[str, np.ndarray], root: Path, overwrit
             s.unchanged += 1
             return False
         if not overwrite:
-            s.conflicts.append(str(target.relative_to(root.resolve())))
+            s.conflicts.append(path_text(str(target.relative_to(root.resolve()))))
             return False
     _write_replace(target, data)
     s.written += 1
@@ -258,10 +259,11 @@ def _check_family(family: str, fingerprint: dict) -> str:
 
 
 def _inside(root: Path, rel: str) -> Path:
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):  # a path from the manifest never leads out of --to
-        raise ConfigError(f"item path {rel!r} points outside --to {root}; the manifest may be damaged")
-    return path
+    # a path from the manifest never leads out of --to; checked on the path's parts, not where it resolves,
+    # because a linked concept folder (10_concept -> elsewhere) is followed by the scan and used by sd-scripts
+    if os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise ConfigError(f"item path {path_text(rel)!r} points outside --to {root}; the manifest may be damaged")
+    return root.resolve() / rel
 
 
 def _unusable(image: Path | None, original: tuple[int, int]) -> str | None:
