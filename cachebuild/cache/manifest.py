@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cachebuild.cache.files import ShardInfo, sha256_file, shard_index
 from cachebuild.errors import CacheError, StorageError, storage_error
+from cachebuild.keys import path_text
 
 MANIFEST_NAME = "manifest.sqlite"
 LOCK_NAME, LOCK_OWNER_NAME = ".lock", ".lock.owner"  # the writer lock, and who holds it (pid), for the message
@@ -331,7 +332,8 @@ class Manifest:
         with self.transaction() as c:
             c.executemany(
                 "UPDATE items SET status=?, reason=?, shard=NULL, updated=? WHERE store=? AND key=?",
-                [(FAILED, reason, now, store, key) for key, reason in failures],
+                # a reason may quote a name with undecodable bytes; SQLite stores text only
+                [(FAILED, path_text(reason), now, store, key) for key, reason in failures],
             )
 
     def commit_shard(self, store: str, shard: ShardInfo, rows: list[tuple[str, str | None, dict]]) -> None:
