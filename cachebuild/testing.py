@@ -167,9 +167,18 @@ def make_tiny_tokenizer(path: Path, kind: str = "clip", max_length: int | None =
 
 
 def make_tiny_clip(
-    path: Path, projection: bool = False, hidden_size: int = 32, seed: int = 0, layers: int = 3, heads: int = 4
+    path: Path,
+    projection: bool = False,
+    hidden_size: int = 32,
+    seed: int = 0,
+    layers: int = 3,
+    heads: int = 4,
+    init_scale: float = 1.0,
 ) -> Path:
-    """A small CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer."""
+    """A small CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer.
+
+    ``init_scale`` multiplies the initial weights' spread: with transformers' default (1) the layers of a tiny
+    random encoder come out nearly equal, so only a larger one (e.g. 15) makes a wrong layer visible."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -186,14 +195,19 @@ def make_tiny_clip(
         bos_token_id=n - 2,
         eos_token_id=n - 1,
         pad_token_id=n - 1,
+        initializer_range=0.02 * init_scale,
+        initializer_factor=init_scale,
     )
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     model.save_pretrained(path)
     return path
 
 
-def make_tiny_t5(path: Path, seed: int = 0, d_model: int = 32, layers: int = 2, d_kv: int = 8) -> Path:
-    """A small T5 encoder for the tiny ``t5`` tokenizer (``d_model`` wide: the width of what it outputs)."""
+def make_tiny_t5(
+    path: Path, seed: int = 0, d_model: int = 32, layers: int = 2, d_kv: int = 8, init_scale: float = 1.0
+) -> Path:
+    """A small T5 encoder for the tiny ``t5`` tokenizer (``d_model`` wide: the width of what it outputs);
+    ``init_scale`` as for :func:`make_tiny_clip`."""
     import torch
     from transformers import T5Config, T5EncoderModel
 
@@ -209,6 +223,7 @@ def make_tiny_t5(path: Path, seed: int = 0, d_model: int = 32, layers: int = 2, 
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
+        initializer_factor=init_scale,
     )
     T5EncoderModel(config).save_pretrained(path)
     return path
@@ -234,8 +249,9 @@ TEXT_PIPELINES = {
 }
 
 
-def make_tiny_text_pipeline(path: Path, family: str) -> Path:
-    """A pipeline folder with the text encoders and tokenizers of ``family`` (no UNet, no VAE)."""
+def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) -> Path:
+    """A pipeline folder with the text encoders and tokenizers of ``family`` (no UNet, no VAE); ``init_scale``
+    as for :func:`make_tiny_clip` (parity tests raise it so that a wrong layer or mask shows)."""
     import json
 
     cls, parts = TEXT_PIPELINES[family]
@@ -243,11 +259,13 @@ def make_tiny_text_pipeline(path: Path, family: str) -> Path:
     (path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
     for i, (enc, tok, kind) in enumerate(parts):
         if kind == "t5":
-            make_tiny_t5(path / enc, seed=i)
+            make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")
         else:
             hidden = 40 if kind == "clip_h" or enc == "text_encoder_2" else 32
-            make_tiny_clip(path / enc, projection=kind == "clip_proj", hidden_size=hidden, seed=i)
+            make_tiny_clip(
+                path / enc, projection=kind == "clip_proj", hidden_size=hidden, seed=i, init_scale=init_scale
+            )
             make_tiny_tokenizer(path / tok, "clip")
     return path
 

@@ -142,6 +142,30 @@ class CacheReader:
             record |= self.text_tensors(key, t5_max_length)
         return record
 
+    def pipeline_inputs(self, key: str, family: str | None = None) -> dict[str, torch.Tensor]:
+        """The item's tensors exactly as the family's diffusers pipeline hands them to its denoiser, under the
+        pipeline's own names and without the batch dimension: ``latents`` normalised as the pipeline normalises
+        them (in its layout before any packing), and what ``encode_prompt`` returns (``prompt_embeds``,
+        ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
+
+        Args:
+            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3`` or ``flux``; default: the text cache's family.
+
+        Example:
+            >>> open_cache("./cache").pipeline_inputs("img001")["prompt_embeds"].shape
+            torch.Size([512, 4096])
+        """
+        from cachebuild.families import MODULES, pipeline_inputs_for
+
+        family = family or (self.text_fingerprint or {}).get("family")
+        if family not in MODULES:
+            raise ConfigError(
+                f"pipeline_inputs needs the model family ({', '.join(sorted(MODULES))}); this cache "
+                + (f"has {family!r}" if family else "has no text outputs to tell it")
+                + ": pass family=..."
+            )
+        return pipeline_inputs_for(family)(self.record(key), self.fingerprint.get("vae", {}))
+
     def text_tensors(self, key: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""
         from cachebuild.families.text import pad_tokens, token_mask

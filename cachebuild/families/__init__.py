@@ -1,1 +1,15 @@
-"""families"""
+"""Model families: one module per family (VAE normalisation, text encoders, what its pipeline hands its
+denoiser). ``pipeline_inputs_for(name)`` finds a family's ``pipeline_inputs`` without importing the others."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+# family name (as the text fingerprint records it) -> module under cachebuild.families
+MODULES = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+
+
+def pipeline_inputs_for(family: str) -> Callable[[dict, dict], dict]:
+    """``pipeline_inputs(record, vae_fingerprint)`` of ``family``; KeyError for one with no adapter."""
+    return importlib.import_module(f"cachebuild.families.{MODULES[family]}").pipeline_inputs

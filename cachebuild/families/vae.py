@@ -111,6 +111,15 @@ def _read_state_dict(path: Path) -> dict:
     return load_file(str(path))
 
 
+def normalize_latents(z: torch.Tensor, vae: dict) -> torch.Tensor:
+    """Raw latents as the pipelines feed them: ``(z - shift_factor) * scaling_factor`` (no shift: 0), in float32.
+
+    ``vae`` is the cache fingerprint's ``vae`` object (``scaling_factor``, ``shift_factor``).
+    """
+    shift = vae.get("shift_factor") or 0.0
+    return (z.float() - float(shift)) * float(vae["scaling_factor"])
+
+
 @dataclass
 class EncodedItem:
     """What one image encodes to, on the CPU in float32. Shapes are (C, H/f, W/f)."""
