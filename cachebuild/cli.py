@@ -17,7 +17,15 @@ import click
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
 _LISTED = 20  # skipped items and conflicts printed by name; --json has them all
-TEXT_FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux", "generic")  # mirrors config.TextFamily, without importing
+TEXT_FAMILIES = (
+    "sd15",
+    "sd2",
+    "sdxl",
+    "sd3",
+    "flux",
+    "chroma",
+    "generic",
+)  # mirrors config.TextFamily, without importing
 
 
 class UsageError(click.ClickException):

@@ -55,7 +55,11 @@ PRESETS: dict[str, str] = {
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
     "flux": "black-forest-labs/FLUX.1-dev",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "chroma": "lodestones/Chroma1-HD",
 }
+PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3"}  # presets whose family goes by another name
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:
@@ -193,6 +197,7 @@ class TextFamily(str, Enum):
     SDXL = "sdxl"  # CLIP-L penultimate + OpenCLIP-bigG penultimate and pooled projection
     SD3 = "sd3"  # CLIP-L and CLIP-G penultimate + pooled projections, and T5-XXL
     FLUX = "flux"  # CLIP-L pooled output and T5-XXL last hidden state
+    CHROMA = "chroma"  # T5-XXL with its attention mask: the real tokens and the first padding token
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

@@ -246,6 +246,7 @@ TEXT_PIPELINES = {
         ],
     ),
     "flux": ("FluxPipeline", [("text_encoder", "tokenizer", "clip"), ("text_encoder_2", "tokenizer_2", "t5")]),
+    "chroma": ("ChromaPipeline", [("text_encoder", "tokenizer", "t5")]),
 }
 
 

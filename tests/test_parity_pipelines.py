@@ -25,6 +25,7 @@ VAE_FACTORS = {  # the VAE config each family's pipeline normalises with
     "sdxl": dict(latent_channels=4, scaling_factor=0.13025),
     "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
     "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+    "chroma": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
 }
 
 
@@ -81,6 +82,14 @@ def reference_pipeline(family: str, root: Path):
             text_encoder_3=load(root / "text_encoder_3", "T5EncoderModel"),
             tokenizer_3=tokenizer(root / "tokenizer_3"),
         )
+    if family == "chroma":
+        return diffusers.ChromaPipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=load(root / "text_encoder", "T5EncoderModel"),
+            tokenizer=tokenizer(root / "tokenizer"),
+            transformer=None,
+        )
     return diffusers.FluxPipeline(
         scheduler=None,
         vae=None,
@@ -107,6 +116,9 @@ def encode_prompt(family: str, pipe, text: str) -> dict[str, torch.Tensor]:
                 text, None, None, device=cpu, do_classifier_free_guidance=False, max_sequence_length=256
             )
             return {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+        if family == "chroma":
+            embeds, text_ids, mask, *_ = pipe.encode_prompt(text, device=cpu, do_classifier_free_guidance=False)
+            return {"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0], "text_ids": text_ids}
         embeds, pooled, text_ids = pipe.encode_prompt(text, prompt_2=None, device=cpu)
         return {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0], "text_ids": text_ids}
 
@@ -125,7 +137,7 @@ def reference_latents(vae_folder: Path, image: Path) -> torch.Tensor:
     return (z - shift) * vae.config.scaling_factor
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3", "flux"])
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3", "flux", "chroma"])
 def built(request, tmp_path_factory):
     """(family, pipeline folder, vae folder, dataset, cache) built through the CLI."""
     family = request.param
@@ -155,6 +167,10 @@ def test_pipeline_inputs_equal_the_family_pipeline(built):
     for key, text in CAPTIONS.items():
         got = cache.pipeline_inputs(key)
         want = encode_prompt(family, pipe, text)
+        if "prompt_attention_mask" in want:  # only the rows under the mask reach the transformer (and are stored)
+            keep = want["prompt_attention_mask"].bool()
+            assert torch.equal(got["prompt_attention_mask"], want["prompt_attention_mask"])
+            got["prompt_embeds"], want["prompt_embeds"] = got["prompt_embeds"][keep], want["prompt_embeds"][keep]
         for name, tensor in want.items():
             assert got[name].shape == tensor.shape, (family, name)
             if tensor.abs().sum() == 0:
@@ -170,6 +186,13 @@ def test_a_wrong_layer_or_mask_would_fail(built):
     pipe = reference_pipeline(family, pipe_folder)
     text = CAPTIONS["b"]
     right = encode_prompt(family, pipe, text)["prompt_embeds"]
+    if family == "chroma":  # T5 masked: an unmasked encode must fail at the real tokens
+        enc = pipe.tokenizer([text], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            unmasked = pipe.text_encoder(enc.input_ids).last_hidden_state[0]
+        n = int(enc.attention_mask.sum())
+        assert relative_difference(unmasked[:n], right[:n]) > 100 * TOLERANCE
+        return
     tok = pipe.tokenizer
     ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():

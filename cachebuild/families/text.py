@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from cachebuild.cache.manifest import Manifest
-from cachebuild.config import PRESETS, DType, TextencConfig, TextFamily
+from cachebuild.config import PRESET_FAMILY, PRESETS, DType, TextencConfig, TextFamily
 from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
 
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
-DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512}  # the pipelines' own defaults
+DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,11 @@ class EncoderSpec:
     trim: bool  # encode with the attention mask and store only the real tokens (T5 with --t5-mask); False: the
     # encoder sees every max-length position unmasked and all of them are stored (Flux.1 and SD3 T5's default)
     dtype: DType
+    extra_rows: int = 0  # trimmed: rows past the real tokens that are kept too (Chroma attends to one padding token)
 
     def fingerprint(self, manifest: Manifest) -> dict:
-        return {
+        extra = {"extra_rows": self.extra_rows} if self.extra_rows else {}  # absent: older caches keep theirs
+        return extra | {
             "name": self.name,
             "class": self.cls,
             "weights_sha256": manifest.files_sha256(weight_files(self.folder)),
@@ -98,6 +100,22 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
             clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -1, hidden=False, pooled="pooler_output"),
             t5("text_encoder_2", "tokenizer_2"),
         ],
+        TextFamily.CHROMA: lambda: [  # masked, as ChromaPipeline runs it; its transformer sees one padding token
+            EncoderSpec(
+                "t5",
+                root / "text_encoder",
+                root / "tokenizer",
+                "T5EncoderModel",
+                -1,
+                False,
+                True,
+                None,
+                t5_len,
+                True,
+                t5_dtype,
+                extra_rows=1,
+            )
+        ],
     }
     specs = table[family]()
     for spec in specs:
@@ -144,7 +162,9 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
                 h = h.float().cpu()  # (B, L, D)
                 lengths = mask.sum(dim=1).tolist()
                 for i, n in enumerate(lengths):
-                    results[i][spec.name] = h[i, :n].clone() if spec.trim else h[i]  # (T, D) or (L, D)
+                    results[i][spec.name] = (
+                        h[i, : n + spec.extra_rows].clone() if spec.trim else h[i]
+                    )  # (T, D) | (L, D)
             if spec.pooled:
                 pooled = getattr(out, spec.pooled).float().cpu()  # (B, D)
                 for i in range(len(ids)):
@@ -209,13 +229,14 @@ def _generic_spec(cfg: TextencConfig, dtype: DType) -> EncoderSpec:
 
 def _detect_family(model: str | None, root: Path) -> TextFamily:
     if model in PRESETS:
-        return TextFamily(model)
+        return TextFamily(PRESET_FAMILY.get(model, model))
     index = root / "model_index.json"
     cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
     by_class = {
         "StableDiffusionXLPipeline": TextFamily.SDXL,
         "StableDiffusion3Pipeline": TextFamily.SD3,
         "FluxPipeline": TextFamily.FLUX,
+        "ChromaPipeline": TextFamily.CHROMA,
     }
     if cls in by_class:
         return by_class[cls]

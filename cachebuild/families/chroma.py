@@ -1,0 +1,28 @@
+"""Chroma: T5-XXL alone, run *with* its attention mask, and Flux.1's 16-channel VAE.
+
+What ``ChromaPipeline`` hands its transformer: ``prompt_embeds`` (512, 4096); ``prompt_attention_mask`` (512,),
+1 at the real tokens and the first padding token (the transformer attends to exactly those); ``text_ids``
+(512, 3) zeros; latents ``(z - shift_factor) * scaling_factor`` in ``(16, H/8, W/8)`` (packed like Flux.1's).
+
+Only the rows under the mask are stored: the transformer never reads the others, so the stored cache is
+lossless for it, and ``prompt_embeds`` comes back with zeros there (the pipeline's own rows there are T5's
+outputs at masked padding, which nothing uses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cachebuild.families.vae import normalize_latents
+
+PIPELINE = "ChromaPipeline"
+
+
+def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
+    """The pipeline's names for one record's tensors (no batch dimension)."""
+    out = {"latents": normalize_latents(rec["latents"], vae)}
+    if "t5" in rec:
+        out["prompt_embeds"] = rec["t5"]
+        out["prompt_attention_mask"] = rec["t5_mask"].to(rec["t5"].dtype)
+        out["text_ids"] = torch.zeros(rec["t5"].shape[0], 3, dtype=rec["t5"].dtype)
+    return out
