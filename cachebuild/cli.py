@@ -104,7 +104,11 @@ _build_options = _options(  # every cache-building command
 )
 
 _vae_options = _options(  # where the VAE comes from: latents and preview
-    click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder."),
+    click.option(
+        "--model",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma), pipeline hub id or local "
+        "pipeline folder.",
+    ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
     click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
@@ -144,7 +148,11 @@ _latents_options = _options(  # what is stored per image and how the encoder run
 )
 
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
-    click.option("--model", help="Preset (sd15, sd2, sdxl, sd3, flux), pipeline hub id or local pipeline folder."),
+    click.option(
+        "--model",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma), pipeline hub id or local "
+        "pipeline folder.",
+    ),
     click.option(
         "--family",
         type=click.Choice(TEXT_FAMILIES),

@@ -131,7 +131,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not self.model and not self.vae:
             raise ConfigError(
-                "no model given: pass --model sd15|sdxl|sd3|flux (or a pipeline hub id / folder), or --vae "
+                "no model given: pass --model sd15|sdxl|sd3|flux|chroma|... (or a pipeline hub id / folder), or --vae "
                 "<hub id | folder | file.safetensors>"
             )
 

@@ -68,7 +68,7 @@ def _resolve_single_file(spec: ModelSpec, path: Path) -> ResolvedVae:
     config_source = spec.vae_config or spec.pipeline
     if config_source is None:
         raise ModelLoadError(
-            f"{path} is a single weights file, which carries no config; add --model sd15|sdxl|sd3|flux (or "
+            f"{path} is a single weights file, which carries no config; add --model sd15|sdxl|sd3|flux|chroma|... (or "
             "--vae-config <folder | hub id>) to say which VAE architecture it is"
         )
     cfg_path = Path(config_source).expanduser()

@@ -65,8 +65,8 @@ def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     scaling = cfg.get("scaling_factor", fallback.get("scaling_factor"))
     if scaling is None:
         raise ModelLoadError(
-            f"the VAE config from {vae.source} has no scaling_factor; pass --model sd15|sdxl|sd3|flux so the "
-            "family's factor is used"
+            f"the VAE config from {vae.source} has no scaling_factor; pass --model sd15|sdxl|sd3|flux|chroma|... so "
+            "the family's factor is used"
         )
     return VaeFamily(
         cls=cls,
