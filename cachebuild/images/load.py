@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -105,8 +105,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def iter_batches(batches: list[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
-    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight."""
+def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
+    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight; ``batches``
+    is read lazily, never held whole."""
     if workers == 0:
         for batch in batches:
             yield load_batch(batch, max_pixels)
