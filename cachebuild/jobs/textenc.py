@@ -40,9 +40,12 @@ from cachebuild.sources.captions import CaptionScan, scan_captions, text_id
 log = logging.getLogger(__name__)
 
 CAPTION_RULES_VERSION = 1  # bump when caption reading changes the text handed to the tokenizers
-TEXT_CHUNK_CAPTIONS = 4096  # pending captions tokenized and encoded at a time: their tokens (two int64 rows of
-# max length each, 8 KB a caption for T5 at 512) and outputs stay bounded however many captions there are,
-# while a chunk is still seconds of device work for each encoder that is loaded once per chunk
+TEXT_CHUNK_CAPTIONS = 2048  # pending captions read, tokenized and encoded at a time: their rows, tokens (5 bytes
+# a position: 2.5 KB a caption for T5 at 512) and outputs stay bounded however many captions there are. Each
+# encoder loads once per chunk, so a chunk should be seconds of device work; the --chunk-mb output budget
+# already cuts Flux-sized T5 outputs (about 0.8 MB a caption) into chunks of this order
+TOKENIZE_TEXTS = 256  # captions per tokenizer call: a fast tokenizer builds per-token objects (about 100 bytes a
+# padded position, 200 MB for 4096 captions at 512) before its tensors; this many keep that transient small
 PAD_MULTIPLE = 64  # masked (T5) inputs are padded to a multiple of this, not to max length: with the mask the
 # outputs at real tokens do not depend on the padding, and most captions are far shorter than 512 tokens
 
@@ -137,7 +140,7 @@ def _encode_texts(
     """Tokenize one chunk's new captions, run the encoders over them in turns and store the outputs."""
     ids = sorted(new_texts)
     texts = [new_texts[t][0] for t in ids]
-    tokens = {spec.name: tokenize(load_tokenizer(spec), spec, texts) for spec in specs}
+    tokens = {spec.name: _tokenize(spec, texts) for spec in specs}
     # Order by padded length, then text id: a fixed order whatever the order items arrived in, and batches
     # whose trimmed encoders run at one padded length for every caption in them.
     pads = [_pad_key(specs, tokens, i) for i in range(len(ids))]
@@ -183,7 +186,7 @@ def _run_encoder(
         guard = GuardedForward(model, device, spec.dtype.torch, encoder_forward(model, spec, device), spec.name)
         for b, e in _batches(pads, lo, hi, cfg.batch_size):
             width = _padded_length(spec, int(mask[b:e].sum(dim=1).max())) if spec.trim else spec.max_length
-            for j, res in enumerate(guard((input_ids[b:e, :width], mask[b:e, :width]))):
+            for j, res in enumerate(guard((input_ids[b:e, :width].long(), mask[b:e, :width].long()))):
                 slot = b - lo + j
                 if isinstance(outputs[slot], dict):
                     outputs[slot] = res if isinstance(res, str) else outputs[slot] | _cast(res, out_dtype)
@@ -232,6 +235,20 @@ def _reuse_stored(manifest: Manifest, todo: dict[str, str], summary: RunSummary)
         manifest.point_items(TEXTENC, reuse)
         summary.encoded += len(reuse)
     return new_texts
+
+
+def _tokenize(spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """``tokenize`` in slices of ``TOKENIZE_TEXTS``, kept compact: int32 ids and a bool mask, 5 bytes a position
+    instead of 16. ``_run_encoder`` hands the encoder int64 again: the same values, so the same outputs."""
+    tokenizer = load_tokenizer(spec)
+    ids = torch.empty(len(texts), spec.max_length, dtype=torch.int32)  # (N, max length)
+    mask = torch.empty(len(texts), spec.max_length, dtype=torch.bool)
+    truncated: list[bool] = []
+    for i in range(0, len(texts), TOKENIZE_TEXTS):
+        part_ids, part_mask, part_truncated = tokenize(tokenizer, spec, texts[i : i + TOKENIZE_TEXTS])
+        ids[i : i + len(part_truncated)], mask[i : i + len(part_truncated)] = part_ids, part_mask
+        truncated += part_truncated
+    return ids, mask, truncated
 
 
 def _padded_length(spec: EncoderSpec, tokens: int) -> int:
