@@ -62,6 +62,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild)
+        del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
         if manifest.get_meta(f"source:{LATENTS}") != source:
@@ -172,15 +173,18 @@ def _plan_batches(
     Batches are bucket-homogeneous within a chunk, so the chunk size decides which items share a batch;
     the tensors do not depend on it (promise 6), as they do not depend on the batch size.
     """
-    for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
-        plans = _plan_chunk(manifest, cfg, page, summary)
-        tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
-        yield from batch_by_bucket(plans, cfg.batch_size)
-
-
-def _plan_chunk(manifest: Manifest, cfg: LatentsConfig, pending, summary: RunSummary) -> list[ItemPlan]:
-    """Header reads (threaded) and geometry for one chunk of pending items; unreadable ones fail here."""
     bucket_plan = BucketPlan(cfg.buckets)
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
+        for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
+            plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary)
+            tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
+            yield from batch_by_bucket(plans, cfg.batch_size)
+
+
+def _plan_chunk(
+    manifest: Manifest, cfg: LatentsConfig, bucket_plan: BucketPlan, pool: ThreadPoolExecutor, pending, summary
+) -> list[ItemPlan]:
+    """Header reads (threaded) and geometry for one chunk of pending items; unreadable ones fail here."""
     root = cfg.dataset.resolve()
 
     def one(row):
@@ -193,8 +197,7 @@ def _plan_chunk(manifest: Manifest, cfg: LatentsConfig, pending, summary: RunSum
         except Exception as exc:  # per-item boundary
             return None, (row.key, f"could not read the image header: {type(exc).__name__}: {exc}")
 
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:
-        results = list(pool.map(one, pending))
+    results = list(pool.map(one, pending))
     failures = [f for _, f in results if f]
     if failures:
         manifest.mark_failed(LATENTS, failures)
