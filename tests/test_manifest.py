@@ -315,3 +315,27 @@ def test_remembered_hash_follows_the_file_stat(m, tmp_path):
     assert m.remembered_hash(weights) == "deadbeef"
     weights.write_bytes(b"12345")
     assert m.remembered_hash(weights) is None
+
+
+def test_item_pages_walk_one_status_in_key_order_while_the_caller_commits(m):
+    keys = [f"k{i:02d}" for i in range(10)]
+    m.sync_items(STORE, [sf(k) for k in keys], {}, False, FP)
+    m.mark_failed(STORE, [("k03", "bad")])
+    seen = []
+    for i, page in enumerate(m.item_pages(STORE, PENDING, 4)):
+        assert len(page) <= 4
+        read = [r.key for r in page]
+        seen += read
+        # committing what was read must not repeat or skip anything ahead of the cursor
+        m.commit_shard(STORE, shard(f"shard-{i:05d}.safetensors", read), done_rows(read))
+    assert seen == [k for k in keys if k != "k03"]
+    assert list(m.item_pages(STORE, PENDING, 4)) == []
+
+
+def test_done_by_info_finds_the_first_done_item_per_value(m):
+    m.sync_items(STORE, [sf(k) for k in ("a", "b", "c", "d")], {}, False, FP)
+    rows = [("b", None, {"text_id": "t1"}), ("a", None, {"text_id": "t1", "n": 0}), ("c", None, {"text_id": "t2"})]
+    m.commit_shard(STORE, shard("shard-00000.safetensors", ["a", "b", "c"]), rows)
+    found = m.done_by_info(STORE, "text_id", ["t1", "t3"])
+    assert found == {"t1": ("shard-00000.safetensors", {"text_id": "t1", "n": 0})}  # "a" sorts first
+    assert m.done_by_info(STORE, "text_id", []) == {}

@@ -17,7 +17,11 @@ from cachebuild.cli import cli
 from cachebuild.testing import make_tiny_text_pipeline, make_tiny_vae
 from tests.conftest import write_image
 
-CAPTIONS = {"a": "a photo of a cat", "b": "red car near the river at sunset"}
+CAPTIONS = {
+    "a": "a photo of a cat",
+    "b": "red car near the river at sunset",
+    "c": " ".join(["cat"] * 63),  # 64 T5 tokens with </s>: a masked encode runs past one multiple of 64
+}
 INIT_SCALE = 10.0  # spreads the tiny encoders' weights so their layers (and a mask) differ visibly
 TOLERANCE = 1e-5  # relative difference allowed against the pipeline, in fp32
 VAE_FACTORS = {  # the VAE config each family's pipeline normalises with

@@ -146,6 +146,18 @@ def test_results_do_not_depend_on_batch_size_or_workers(tmp_path, tiny_vae, data
     assert_same_cache(read_cache(a), read_cache(b))  # bit for bit: CPU kernels here ignore the batch shape
 
 
+def test_results_do_not_depend_on_the_planning_chunk(tmp_path, tiny_vae, dataset, monkeypatch):
+    (dataset / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")  # a header failure inside a chunk
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_latents(make_cfg(dataset, a, tiny_vae, dtype_out=DType.FP32))
+    monkeypatch.setattr(pipeline, "PLAN_CHUNK_ITEMS", 3)  # 9 items: three chunks, batches cut at each boundary
+    seen = []
+    summary = build_latents(make_cfg(dataset, b, tiny_vae, dtype_out=DType.FP32), progress=seen.append)
+    assert (summary.done, summary.failed) == (8, 1)
+    assert_same_cache(read_cache(a), read_cache(b))
+    assert seen[-1].processed == seen[-1].total == 9  # the header failure counts as finished
+
+
 def test_odd_and_broken_files_end_done_or_failed_with_a_reason(tmp_path, tiny_vae):
     if not ODD_IMAGES.is_dir():
         pytest.skip("shared odd-images corpus not present")

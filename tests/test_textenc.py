@@ -17,6 +17,7 @@ from cachebuild.config import DType, TextencConfig, TextFamily
 from cachebuild.errors import ConfigError, FingerprintMismatch
 from cachebuild.families import text as text_families
 from cachebuild.families.text import pad_tokens
+from cachebuild.jobs import textenc
 from cachebuild.jobs.textenc import build_textenc
 from cachebuild.testing import make_tiny_clip, make_tiny_text_pipeline, make_tiny_tokenizer
 from tests.conftest import done_count, kill_while_running
@@ -213,6 +214,34 @@ def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, mon
     assert [name for name, _ in loads[:3]] == ["clip_l", "clip_g", "t5"]
     assert len(loads) > 3  # the small chunk budget made it take turns more than once
     assert all(alive == 0 for _, alive in loads), loads
+
+
+def test_results_do_not_depend_on_the_caption_chunk(tmp_path, pipelines, monkeypatch):
+    root = tmp_path / "caps"
+    root.mkdir()
+    words = ["cat", "dog", "red", "blue", "tree", "house", "car", "sky", "river", "night"]
+    for i in range(20):  # lengths 1..9 words; every fourth caption repeats one from another chunk
+        text = " ".join(words[(i * k) % len(words)] for k in range(1, 2 + i % 9)) if i % 4 else "a photo of a cat"
+        (root / f"c{i:03d}.txt").write_text(text)
+    (root / "c005.txt").write_bytes(b"\xff not utf-8")  # an unreadable caption inside a chunk
+    whole = build_textenc(cfg_for(root, tmp_path / "whole", pipelines["flux"]))
+    monkeypatch.setattr(textenc, "TEXT_CHUNK_CAPTIONS", 3)  # seven chunks
+    seen = []
+    chunked = build_textenc(cfg_for(root, tmp_path / "chunked", pipelines["flux"]), progress=seen.append)
+    assert (chunked.done, chunked.failed) == (whole.done, whole.failed) == (19, 1)
+    a, b = read_text_cache(tmp_path / "whole"), read_text_cache(tmp_path / "chunked")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)  # bit for bit
+    with Manifest.open(tmp_path / "chunked", create=False) as m:
+        distinct = m.distinct_done("textenc", "text_id")
+    stored = 0
+    for shard in (tmp_path / "chunked" / "textenc").glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            stored += sum(1 for n in f.keys() if n.endswith("/t5"))  # noqa: SIM118
+    assert stored == distinct < 19  # the caption repeated across chunks is encoded and stored once
+    assert seen[-1].processed == seen[-1].total == 20 * 2  # items times encoders (CLIP, T5)
 
 
 def test_long_captions_are_truncated_and_counted(tmp_path, pipelines):

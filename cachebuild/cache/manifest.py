@@ -327,6 +327,35 @@ class Manifest:
             out |= {k: [p, fp] for k, p, fp in cur}
         return out
 
+    def item_pages(self, store: str, status: str, page_size: int) -> Iterator[list[ItemRow]]:
+        """The items of one status in key order, ``page_size`` rows at a time, so a caller holds one page of
+        a million-item store. Each page starts after the previous page's last key, so items that change status
+        behind the cursor (the caller committing what it read) neither repeat nor shift the pages."""
+        sql = (
+            "SELECT key, path, status, reason, shard, bucket, info FROM items "
+            "WHERE store=? AND status=? AND key>? ORDER BY key LIMIT ?"
+        )
+        after = ""
+        while True:
+            page = [
+                ItemRow(k, p, s, r, sh, b, json.loads(i) if i else {})
+                for k, p, s, r, sh, b, i in self.conn.execute(sql, (store, status, after, page_size)).fetchall()
+            ]
+            if not page:
+                return
+            yield page
+            after = page[-1].key
+
+    def done_by_info(self, store: str, field: str, values: list[str]) -> dict[str, tuple[str, dict]]:
+        """For each of ``values`` that a done item has as ``info.<field>``: (shard, info) of the first such item
+        by key. Text stores use it to find captions already stored, one chunk of text ids at a time."""
+        cur = self.conn.execute(
+            "SELECT json_extract(info, ?) AS v, MIN(key), shard, info FROM items "
+            "WHERE store=? AND status=? AND v IN (SELECT value FROM json_each(?)) GROUP BY v",
+            (f"$.{field}", store, DONE, json.dumps(values)),
+        )
+        return {v: (shard, json.loads(info)) for v, _, shard, info in cur}
+
     def mark_failed(self, store: str, failures: Iterable[tuple[str, str]]) -> None:
         now = time.time()
         with self.transaction() as c:

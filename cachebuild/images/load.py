@@ -21,7 +21,7 @@ import io
 import logging
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -118,8 +118,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def iter_batches(batches: list[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
-    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight.
+def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
+    """Decode ``batches`` in order, with at most ``workers + PREFETCH_BATCHES`` of them in flight; ``batches``
+    is read lazily, never held whole.
 
     A worker that dies (the OOM killer, a codec crash) costs at most its batch: see ``_Prefetch``. With
     ``workers == 0`` decoding runs in this process, so a crashing decoder ends the run as any crash of this

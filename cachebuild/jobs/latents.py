@@ -8,9 +8,12 @@ fingerprint, its tensors and metadata.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +33,9 @@ from cachebuild.sources.scan import scan_files
 log = logging.getLogger(__name__)
 
 HEADER_THREADS = 8  # parallel header reads while planning; I/O-bound, so threads beyond the core count help
+PLAN_CHUNK_ITEMS = 8192  # pending items planned at a time (rows, header reads, plans, batches): planning memory
+# stays at one chunk (under 1 KB an item) however large the dataset, while the partial batch a chunk leaves at
+# the end of each bucket (one per bucket at most) stays a small share of the chunk's batches
 
 
 def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> RunSummary:
@@ -57,20 +63,22 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
+        del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
         if manifest.get_meta(f"source:{LATENTS}") != source:
             manifest.set_meta(f"source:{LATENTS}", source)
-        pending = manifest.items(LATENTS, PENDING)
-        if pending:
-            plans = _plan_pending(manifest, cfg, pending, summary)
-            if plans:
+        tally = _Tally(total=manifest.counts(LATENTS)[PENDING])
+        if tally.total:
+            batches = _plan_batches(manifest, cfg, summary, tally)
+            first = next(batches, None)  # plans the first chunk; None when no pending header could be read
+            if first is not None:
                 model = load_vae(vae, family, dtype.torch, device)
                 summary.model_loaded = True
                 encoder = VaeEncoder(model, family, device, dtype, cfg.latents, cfg.flip, cfg.seed)
                 header = _shard_header(cfg, family)
                 with ShardSink(manifest, LATENTS, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
-                    _encode_all(cfg, plans, encoder, sink, summary, progress)
+                    _encode_all(cfg, itertools.chain([first], batches), encoder, sink, summary, tally, progress)
                 summary.oom_splits, summary.fp32_redos = encoder.guard.oom_splits, encoder.guard.upcasts
                 del model, encoder
                 free_device_memory(device)
@@ -111,20 +119,28 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
     return fp
 
 
+@dataclass
+class _Tally:
+    """Progress of one run, shared by the planner (items whose header failed) and the encoder."""
+
+    total: int  # pending items when the run started: the items this run has to finish
+    processed: int = 0  # items finished (done or failed) so far
+
+
 def _encode_all(
     cfg: LatentsConfig,
-    plans: list[ItemPlan],
+    batches: Iterator[list[ItemPlan]],
     encoder: VaeEncoder,
     sink: ShardSink,
     summary: RunSummary,
+    tally: _Tally,
     progress: ProgressFn | None,
 ) -> None:
-    batches = list(batch_by_bucket(plans, cfg.batch_size))
-    processed, last_bucket = 0, None
+    last_bucket = None
     out_dtype = cfg.dtype_out.torch
 
     def encode_and_store(loaded: LoadedBatch) -> None:
-        nonlocal processed, last_bucket
+        nonlocal last_bucket
         failures = [(item.key, reason) for item, reason in loaded.failures]
         if loaded.pixels is not None:
             bucket = loaded.items[0].bucket
@@ -143,16 +159,33 @@ def _encode_all(
                 meta = _item_meta(item, cfg)
                 sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
         sink.fail(failures)
-        processed += len(loaded.items) + len(loaded.failures)
+        tally.processed += len(loaded.items) + len(loaded.failures)
         if progress:
-            progress(Progress(processed, len(plans), summary.failed_now, device_memory_bytes(encoder.device)))
+            progress(Progress(tally.processed, tally.total, summary.failed_now, device_memory_bytes(encoder.device)))
 
     LocalEngine(cfg.workers, cfg.max_pixels).run(batches, encode_and_store)
 
 
-def _plan_pending(manifest: Manifest, cfg: LatentsConfig, pending, summary: RunSummary) -> list[ItemPlan]:
-    """Header reads (threaded) and geometry for pending items; unreadable ones fail here."""
+def _plan_batches(
+    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally
+) -> Iterator[list[ItemPlan]]:
+    """Bucket batches of the pending items, planned one chunk of ``PLAN_CHUNK_ITEMS`` at a time, lazily.
+
+    Batches are bucket-homogeneous within a chunk, so the chunk size decides which items share a batch;
+    the tensors do not depend on it (promise 6), as they do not depend on the batch size.
+    """
     bucket_plan = BucketPlan(cfg.buckets)
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
+        for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
+            plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary)
+            tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
+            yield from batch_by_bucket(plans, cfg.batch_size)
+
+
+def _plan_chunk(
+    manifest: Manifest, cfg: LatentsConfig, bucket_plan: BucketPlan, pool: ThreadPoolExecutor, pending, summary
+) -> list[ItemPlan]:
+    """Header reads (threaded) and geometry for one chunk of pending items; unreadable ones fail here."""
     root = cfg.dataset.resolve()
 
     def one(row):
@@ -167,8 +200,7 @@ def _plan_pending(manifest: Manifest, cfg: LatentsConfig, pending, summary: RunS
         except Exception as exc:  # per-item boundary
             return None, (row.key, path_text(f"could not read the image header: {type(exc).__name__}: {exc}"))
 
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:
-        results = list(pool.map(one, pending))
+    results = list(pool.map(one, pending))
     failures = [f for _, f in results if f]
     if failures:
         manifest.mark_failed(LATENTS, failures)

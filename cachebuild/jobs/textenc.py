@@ -1,9 +1,10 @@
 """Text-encoder caches: the same scan -> manifest -> shard -> commit machinery as latents, for captions.
 
-Memory: encoders are resident one at a time. The pending unique captions go through encoder 1 in chunks
-of at most ``--chunk-mb`` of outputs; it is freed (host and device) before encoder 2 is loaded, and so on,
-so peak device memory is the largest encoder plus one batch. Only a set larger than one chunk loads each
-encoder once per chunk.
+Memory: pending captions are read from the manifest, tokenized and encoded one chunk at a time (at most
+``TEXT_CHUNK_CAPTIONS`` captions and ``--chunk-mb`` of outputs), so host memory does not grow with the
+dataset. Encoders are resident one at a time: a chunk goes through encoder 1, which is freed (host and
+device) before encoder 2 is loaded, and so on, so peak device memory is the largest encoder plus one batch.
+A set larger than one chunk loads each encoder once per chunk.
 
 Storage: identical caption text is encoded once per store; tensors live under the caption's text id
 (``<text_id>/clip_l``) and every item with that text points at them. T5 outputs are encoded with the
@@ -16,10 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
-from cachebuild.cache.manifest import DONE, PENDING, TEXTENC, Manifest
+from cachebuild.cache.manifest import PENDING, TEXTENC, Manifest
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig
 from cachebuild.encode import GuardedForward, pick_device
@@ -32,11 +35,17 @@ from cachebuild.families.text import (
     resolve_encoders,
     tokenize,
 )
-from cachebuild.sources.captions import scan_captions, text_id
+from cachebuild.sources.captions import CaptionScan, scan_captions, text_id
 
 log = logging.getLogger(__name__)
 
 CAPTION_RULES_VERSION = 1  # bump when caption reading changes the text handed to the tokenizers
+TEXT_CHUNK_CAPTIONS = 2048  # pending captions read, tokenized and encoded at a time: their rows, tokens (5 bytes
+# a position: 2.5 KB a caption for T5 at 512) and outputs stay bounded however many captions there are. Each
+# encoder loads once per chunk, so a chunk should be seconds of device work; the --chunk-mb output budget
+# already cuts Flux-sized T5 outputs (about 0.8 MB a caption) into chunks of this order
+TOKENIZE_TEXTS = 256  # captions per tokenizer call: a fast tokenizer builds per-token objects (about 100 bytes a
+# padded position, 200 MB for 4096 captions at 512) before its tensors; this many keep that transient small
 PAD_MULTIPLE = 64  # masked (T5) inputs are padded to a multiple of this, not to max length: with the mask the
 # outputs at real tokens do not depend on the padding, and most captions are far shorter than 512 tokens
 
@@ -64,56 +73,92 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
         }
         sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
-        pending = manifest.items(TEXTENC, PENDING)
-        if pending:
-            bad = [(r.key, captions.bad[r.key]) for r in pending if r.key in captions.bad]
-            _record_failures(manifest, bad, summary)
-            todo = {r.key: captions.texts[r.key] for r in pending if r.key in captions.texts}
-            new_texts = _reuse_stored(manifest, todo, summary)
-            if new_texts:
-                header = {"store": TEXTENC, "family": family.value, "dtype": cfg.dtype_out.value}
-                with ShardSink(manifest, TEXTENC, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
-                    _encode_all(cfg, specs, device, new_texts, sink, summary, progress)
+        tally = _Tally(manifest.counts(TEXTENC)[PENDING] * len(specs), summary, progress)
+        if tally.total:
+            header = {"store": TEXTENC, "family": family.value, "dtype": cfg.dtype_out.value}
+            with ShardSink(manifest, TEXTENC, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
+                _encode_pending(cfg, specs, device, captions, sink, summary, tally)
+            if summary.truncated:
+                log.warning("%d caption(s) longer than an encoder's max length were truncated", summary.truncated)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
 
 
-def _encode_all(
+@dataclass
+class _Tally:
+    """Progress of one run in (item, encoder) steps: an item counts once per encoder when its caption has been
+    through that encoder, or for every encoder at once when it fails or reuses a stored caption."""
+
+    total: int  # pending items when the run started, times the encoders
+    summary: RunSummary
+    progress: ProgressFn | None
+    steps: int = 0  # steps finished so far
+
+    def add(self, steps: int) -> None:
+        self.steps += steps
+        self.show(0)
+
+    def show(self, extra: int) -> None:
+        """Report the finished steps plus ``extra`` steps of the encoder pass under way."""
+        if self.progress:
+            self.progress(Progress(self.steps + extra, self.total, self.summary.failed_now, None))
+
+
+def _encode_pending(
+    cfg: TextencConfig,
+    specs: list[EncoderSpec],
+    device: torch.device,
+    captions: CaptionScan,
+    sink: ShardSink,
+    summary: RunSummary,
+    tally: _Tally,
+) -> None:
+    """Pending items, one chunk of ``TEXT_CHUNK_CAPTIONS`` at a time in key order: fail the unreadable, point
+    those whose caption is stored, encode the rest."""
+    manifest = sink.manifest
+    for page in manifest.item_pages(TEXTENC, PENDING, TEXT_CHUNK_CAPTIONS):
+        bad = [(r.key, captions.bad[r.key]) for r in page if r.key in captions.bad]
+        _record_failures(manifest, bad, summary)
+        todo = {r.key: captions.texts[r.key] for r in page if r.key in captions.texts}
+        new_texts = _reuse_stored(manifest, todo, summary)
+        tally.add((len(bad) + len(todo) - sum(len(keys) for _, keys in new_texts.values())) * len(specs))
+        if new_texts:
+            _encode_texts(cfg, specs, device, new_texts, sink, summary, tally)
+            sink.flush()  # committed now, a later chunk finds these captions stored: identical text is encoded once
+
+
+def _encode_texts(
     cfg: TextencConfig,
     specs: list[EncoderSpec],
     device: torch.device,
     new_texts: dict[str, tuple[str, list[str]]],
     sink: ShardSink,
     summary: RunSummary,
-    progress: ProgressFn | None,
+    tally: _Tally,
 ) -> None:
+    """Tokenize one chunk's new captions, run the encoders over them in turns and store the outputs."""
     ids = sorted(new_texts)
     texts = [new_texts[t][0] for t in ids]
-    tokens = {spec.name: tokenize(load_tokenizer(spec), spec, texts) for spec in specs}
+    tokens = {spec.name: _tokenize(spec, texts) for spec in specs}
     # Order by padded length, then text id: a fixed order whatever the order items arrived in, and batches
     # whose trimmed encoders run at one padded length for every caption in them.
     pads = [_pad_key(specs, tokens, i) for i in range(len(ids))]
     order = sorted(range(len(ids)), key=lambda i: (pads[i], ids[i]))
     ids, texts, pads = [ids[i] for i in order], [texts[i] for i in order], [pads[i] for i in order]
     tokens = {name: (t[0][order], t[1][order], [t[2][i] for i in order]) for name, t in tokens.items()}
-    summary.truncated = sum(any(tokens[s.name][2][i] for s in specs) for i in range(len(ids)))
-    if summary.truncated:
-        log.warning("%d caption(s) longer than an encoder's max length were truncated", summary.truncated)
+    summary.truncated += sum(any(tokens[s.name][2][i] for s in specs) for i in range(len(ids)))
+    keys_before = list(accumulate((len(new_texts[t][1]) for t in ids), initial=0))  # items behind texts [0, i)
     out_dtype = cfg.dtype_out.torch
-    steps, total_steps = 0, len(ids) * len(specs)  # progress counts (caption, encoder) passes
-
-    def report(n: int, base: int) -> None:
-        if progress:
-            progress(Progress(base + n, total_steps, summary.failed_now, None))
-
     for lo, hi in _chunks(specs, tokens, len(ids), out_dtype.itemsize, cfg.chunk_bytes):
         outputs: list[dict | str] = [{} for _ in range(hi - lo)]
+
+        def report(e: int, lo: int = lo) -> None:  # texts [lo, e) are through the encoder under way
+            tally.show(keys_before[e] - keys_before[lo])
+
         for spec in specs:
-            base = steps
-            steps += _run_encoder(
-                cfg, spec, device, tokens[spec.name], pads, (lo, hi), outputs, summary, lambda n, b=base: report(n, b)
-            )
+            _run_encoder(cfg, spec, device, tokens[spec.name], pads, (lo, hi), outputs, summary, report)
+            tally.add(keys_before[hi] - keys_before[lo])
         for j, tid in enumerate(ids[lo:hi]):
             _store_text(sink, specs, tid, new_texts[tid], outputs[j], tokens, lo + j)
             outputs[j] = {}  # release as it goes into the shard
@@ -129,9 +174,10 @@ def _run_encoder(
     outputs: list[dict | str],
     summary: RunSummary,
     report: Callable[[int], None],
-) -> int:
-    """One encoder's pass over texts [lo, hi), merging into ``outputs``. A function of its own so that the
-    model, the guard and the forward closure are all gone when it returns, before the next encoder loads."""
+) -> None:
+    """One encoder's pass over texts [lo, hi), merging into ``outputs``; ``report(e)`` after texts [lo, e).
+    A function of its own so that the model, the guard and the forward closure are all gone when it returns,
+    before the next encoder loads."""
     input_ids, mask, _ = tokens
     lo, hi = span
     out_dtype = cfg.dtype_out.torch
@@ -140,14 +186,13 @@ def _run_encoder(
         guard = GuardedForward(model, device, spec.dtype.torch, encoder_forward(model, spec, device), spec.name)
         for b, e in _batches(pads, lo, hi, cfg.batch_size):
             width = _padded_length(spec, int(mask[b:e].sum(dim=1).max())) if spec.trim else spec.max_length
-            for j, res in enumerate(guard((input_ids[b:e, :width], mask[b:e, :width]))):
+            for j, res in enumerate(guard((input_ids[b:e, :width].long(), mask[b:e, :width].long()))):
                 slot = b - lo + j
                 if isinstance(outputs[slot], dict):
                     outputs[slot] = res if isinstance(res, str) else outputs[slot] | _cast(res, out_dtype)
-            report(e - lo)
+            report(e)
         summary.oom_splits += guard.oom_splits
         summary.fp32_redos += guard.upcasts
-    return hi - lo
 
 
 def _store_text(
@@ -175,13 +220,12 @@ def _store_text(
 
 
 def _reuse_stored(manifest: Manifest, todo: dict[str, str], summary: RunSummary) -> dict[str, tuple[str, list[str]]]:
-    """Point items at already-stored identical captions; return the texts still to encode, by text id."""
-    stored = {}
-    for row in manifest.items(TEXTENC, DONE):
-        stored.setdefault(row.info.get("text_id"), (row.shard, row.info))
+    """Point one chunk's items at already-stored identical captions; return the texts still to encode, by id."""
+    tids = {key: text_id(text) for key, text in todo.items()}
+    stored = manifest.done_by_info(TEXTENC, "text_id", sorted(set(tids.values())))
     reuse, new_texts = [], {}
     for key, text in sorted(todo.items()):
-        tid = text_id(text)
+        tid = tids[key]
         if tid in stored:
             shard, info = stored[tid]
             reuse.append((key, shard, info))
@@ -193,9 +237,24 @@ def _reuse_stored(manifest: Manifest, todo: dict[str, str], summary: RunSummary)
     return new_texts
 
 
+def _tokenize(spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """``tokenize`` in slices of ``TOKENIZE_TEXTS``, kept compact: int32 ids and a bool mask, 5 bytes a position
+    instead of 16. ``_run_encoder`` hands the encoder int64 again: the same values, so the same outputs."""
+    tokenizer = load_tokenizer(spec)
+    ids = torch.empty(len(texts), spec.max_length, dtype=torch.int32)  # (N, max length)
+    mask = torch.empty(len(texts), spec.max_length, dtype=torch.bool)
+    truncated: list[bool] = []
+    for i in range(0, len(texts), TOKENIZE_TEXTS):
+        part_ids, part_mask, part_truncated = tokenize(tokenizer, spec, texts[i : i + TOKENIZE_TEXTS])
+        ids[i : i + len(part_truncated)], mask[i : i + len(part_truncated)] = part_ids, part_mask
+        truncated += part_truncated
+    return ids, mask, truncated
+
+
 def _padded_length(spec: EncoderSpec, tokens: int) -> int:
-    """Masked encoders run at the caption's length rounded up to PAD_MULTIPLE, not at max length."""
-    return min(spec.max_length, -(-tokens // PAD_MULTIPLE) * PAD_MULTIPLE)
+    """Masked encoders run at the caption's length (and the rows kept past it) rounded up to PAD_MULTIPLE, not
+    at max length."""
+    return min(spec.max_length, -(-(tokens + spec.extra_rows) // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
 def _pad_key(specs: list[EncoderSpec], tokens: dict, i: int) -> tuple[int, ...]:
@@ -221,7 +280,7 @@ def _chunks(specs, tokens, n: int, itemsize: int, budget: int) -> Iterator[tuple
         size = 0
         for s in specs:
             hidden, pooled = dims[s.name]
-            rows = int(tokens[s.name][1][i].sum()) if s.trim else s.max_length
+            rows = min(int(tokens[s.name][1][i].sum()) + s.extra_rows, s.max_length) if s.trim else s.max_length
             size += ((rows * hidden if s.hidden else 0) + (pooled if s.pooled else 0)) * itemsize
         if i > lo and used + size > budget:
             yield lo, i
