@@ -270,6 +270,20 @@ class RssSampler:
                 return
 
 
+def run_parent_or_child(args: argparse.Namespace, parent, child, prefix: str) -> None:
+    """The entry point of the memory benchmarks: a ``--child`` run builds one cache in this fresh process;
+    otherwise ``parent`` runs the children in ``--workdir`` (or a temporary folder, removed afterwards)."""
+    if args.child:
+        child(args)
+        return
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        parent(args, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def maxrss_bytes(who: int) -> int:
     """Peak resident set size; Linux reports KiB, macOS bytes."""
     peak = resource.getrusage(who).ru_maxrss

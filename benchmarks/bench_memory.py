@@ -19,26 +19,16 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_latents import RssSampler, generate_images, maxrss_bytes
+from bench_latents import RssSampler, generate_images, maxrss_bytes, run_parent_or_child
 
 SMALL_LONG_SIDE = (256, 512)  # pixels; small images keep 1000 of them quick to make and to encode on a CPU
 
 
 def main() -> None:
-    args = parse_args()
-    if args.child:
-        child(args)
-        return
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cachebuild-mem-"))
-    try:
-        parent(args, work)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    run_parent_or_child(parse_args(), parent, child, "cachebuild-mem-")
 
 
 def parse_args() -> argparse.Namespace:

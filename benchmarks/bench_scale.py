@@ -23,11 +23,10 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_latents import RssSampler, maxrss_bytes
+from bench_latents import RssSampler, maxrss_bytes, run_parent_or_child
 
 DEFAULT_N = {"text": 2000, "images": 10000}  # the small run; the large one has --factor times more
 CAPTION_WORDS = (5, 15)  # short captions: the text itself stays small, so growth would be the job's own
@@ -40,16 +39,7 @@ VOCABULARY = (  # caption words, split on spaces
 
 
 def main() -> None:
-    args = parse_args()
-    if args.child:
-        child(args)
-        return
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cachebuild-scale-"))
-    try:
-        parent(args, work)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    run_parent_or_child(parse_args(), parent, child, "cachebuild-scale-")
 
 
 def parse_args() -> argparse.Namespace:

@@ -451,7 +451,6 @@ def _latents_config(dataset: Path, o: dict):
         DType,
         LatentsConfig,
         LatentsMode,
-        StoreFormat,
         default_workers,
     )
 
@@ -464,7 +463,6 @@ def _latents_config(dataset: Path, o: dict):
     )
     return LatentsConfig(
         dataset=dataset,
-        out=o["out"],
         model=_model_spec(o),
         buckets=buckets,
         crop=CropMode.RANDOM if o["random_crop"] else CropMode.CENTER,
@@ -472,27 +470,20 @@ def _latents_config(dataset: Path, o: dict):
         flip=o["flip_aug"],
         latents=LatentsMode(o["latents_mode"]),
         dtype=DType(o["dtype"]),
-        dtype_out=DType(o["dtype_out"]),
         batch_size=o["batch_size"],
         workers=default_workers() if o["workers"] is None else o["workers"],
-        device=o["device"],
-        format=StoreFormat(o["fmt"]),
-        shard_mb=o["shard_mb"],
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
-        retry_failed=o["retry_failed"],
-        rebuild=o["rebuild"],
-        prune=o["prune"],
+        **_build_settings(o),
     )
 
 
 def _textenc_config(captions: Path, o: dict):
     """The one TextencConfig that the textenc command's options describe."""
-    from cachebuild.config import DType, StoreFormat, TextencConfig, TextFamily
+    from cachebuild.config import DType, TextencConfig, TextFamily
 
     return TextencConfig(
         source=captions,
-        out=o["out"],
         model=o["model"],
         family=TextFamily(o["family"]) if o["family"] else None,
         text_encoder=o["text_encoder"],
@@ -507,16 +498,26 @@ def _textenc_config(captions: Path, o: dict):
         revision=o["revision"],
         dtype=DType(o["dtype"]),
         t5_dtype=DType(o["t5_dtype"]) if o["t5_dtype"] else None,
-        dtype_out=DType(o["dtype_out"]),
         batch_size=o["batch_size"],
-        device=o["device"],
-        format=StoreFormat(o["fmt"]),
-        shard_mb=o["shard_mb"],
         chunk_mb=o["chunk_mb"],
-        retry_failed=o["retry_failed"],
-        rebuild=o["rebuild"],
-        prune=o["prune"],
+        **_build_settings(o),
     )
+
+
+def _build_settings(o: dict) -> dict:
+    """The config fields of ``_build_options``, which every cache-building command shares."""
+    from cachebuild.config import DType, StoreFormat
+
+    return {
+        "out": o["out"],
+        "dtype_out": DType(o["dtype_out"]),
+        "device": o["device"],
+        "format": StoreFormat(o["fmt"]),
+        "shard_mb": o["shard_mb"],
+        "retry_failed": o["retry_failed"],
+        "rebuild": o["rebuild"],
+        "prune": o["prune"],
+    }
 
 
 def _model_spec(o: dict):
