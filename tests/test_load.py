@@ -270,7 +270,10 @@ def _cut_entropy_data_at_half(data: bytes) -> bytes:
     return data[: start + (end - start) // 2] + b"\xff\xd9"
 
 
-@pytest.mark.parametrize("source", ["flower.jpg", "hopper.jpg", "grey.jpg"])
+@pytest.mark.parametrize(
+    "source",
+    [pytest.param("flower.jpg", marks=needs_corpus), pytest.param("hopper.jpg", marks=needs_corpus), "grey.jpg"],
+)
 def test_jpeg_whose_data_stops_early_but_ends_with_an_end_marker_fails(tmp_path, source):
     if source == "grey.jpg":
         whole = write_image(tmp_path / source, (96, 64), mode="L", quality=90)
