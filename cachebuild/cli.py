@@ -106,8 +106,8 @@ _build_options = _options(  # every cache-building command
 _vae_options = _options(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma), pipeline hub id or local "
-        "pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, qwen-image, flux2-dev), "
+        "pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),

@@ -58,8 +58,11 @@ PRESETS: dict[str, str] = {
     "sd35-large": "stabilityai/stable-diffusion-3.5-large",
     "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
     "chroma": "lodestones/Chroma1-HD",
+    "qwen-image": "Qwen/Qwen-Image",  # latents only so far
+    "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
 }
-PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3"}  # presets whose family goes by another name
+# presets whose family goes by another name
+PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:

@@ -42,6 +42,50 @@ def make_tiny_vae(
     return path
 
 
+def make_tiny_qwen_vae(path: Path, z_dim: int = 4, seed: int = 0) -> Path:
+    """Save a tiny AutoencoderKLQwenImage (causal 3D, downsampling 2: one spatial stage) to ``path``, with
+    per-channel ``latents_mean``/``latents_std`` far from 0 and 1 so that normalisation shows."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=torch.linspace(-1.0, 1.0, z_dim).tolist(),
+        latents_std=torch.linspace(0.5, 3.0, z_dim).tolist(),
+    )
+    vae.save_pretrained(path)
+    return path
+
+
+def make_tiny_flux2_vae(path: Path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """Save a tiny AutoencoderKLFlux2 (downsampling 2) to ``path``; its batch norm over the 4C patch channels
+    gets random running statistics (a fresh one has mean 0, variance 1) so that normalisation shows."""
+    import torch
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+    n = vae.bn.num_features
+    vae.bn.running_mean.copy_(torch.randn(n))
+    vae.bn.running_var.copy_(torch.rand(n) * 3.0 + 0.25)
+    vae.save_pretrained(path)
+    return path
+
+
 def make_tiny_taesd(path: Path, seed: int = 0) -> Path:
     """Save a tiny AutoencoderTiny (downsampling 8) to ``path``."""
     import torch
@@ -273,6 +317,7 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
 
 def main(argv: list[str]) -> int:
     makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
+    makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae}
     makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)

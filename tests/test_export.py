@@ -164,6 +164,8 @@ def test_families_without_a_kohya_layout_are_refused_with_the_way_out():
         detect_family({"vae": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}})
     with pytest.raises(ConfigError, match="--family"):
         detect_family({"vae": {"latent_channels": 8, "scaling_factor": 0.5, "shift_factor": None}})
+    with pytest.raises(ConfigError, match="AutoencoderKLQwenImage"):  # 16 channels, but not Flux.1's latents
+        detect_family({"vae": {"class": "AutoencoderKLQwenImage", "latent_channels": 16, "scaling_factor": 1.0}})
 
 
 def test_cli_export_reports_and_exits_3_on_conflicts(sdxl, dataset):

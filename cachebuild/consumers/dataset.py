@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cachebuild.errors import ConfigError
+
 if TYPE_CHECKING:
     from cachebuild.consumers.reader import CacheReader
 
@@ -17,6 +19,12 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: CacheReader, scale: bool, dtype: torch.dtype, t5_max_length: int | None = None):
         self.cache, self.scale, self.dtype, self.t5_max_length = cache, scale, dtype, t5_max_length
+        vae = cache.fingerprint.get("vae", {})
+        if scale and ("latents_mean" in vae or "bn_running_mean" in vae):
+            raise ConfigError(
+                f"{vae.get('class')} latents are normalised per channel, not by scaling_factor; read them with "
+                "cache.pipeline_inputs(key, family=...) (or dataset(scale=False) and normalise them yourself)"
+            )
         self._keys = cache.keys()
 
     def __len__(self) -> int:

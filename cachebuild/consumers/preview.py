@@ -94,7 +94,7 @@ def preview_cache(
         raise ConfigError(f"{cache} has no done items to preview; see `cachebuild status {cache}`")
     if dataset is None:
         dataset = _recorded_dataset(Path(cache))
-    vae = _load_decoder(model, reader.fingerprint, torch.device(device or "cpu"))
+    vae, frames = _load_decoder(model, reader.fingerprint, torch.device(device or "cpu"))
     summary = PreviewSummary(str(out), keys, grid_size(len(keys), tile))
     canvas = Image.new("RGB", summary.size, BACKGROUND)
     paths = reader.source_paths()
@@ -103,7 +103,7 @@ def preview_cache(
         x, y = PAD + (i % cols) * (2 * tile + 3 * PAD), PAD + (i // cols) * (tile + PAD)
         source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary)
         _paste_fitted(canvas, source, x, y, tile)
-        _paste_fitted(canvas, _decode(vae, reader[key]["latents"]), x + tile + PAD, y, tile)
+        _paste_fitted(canvas, _decode(vae, reader[key]["latents"], frames), x + tile + PAD, y, tile)
     canvas.save(out, format="PNG")
     return summary
 
@@ -119,14 +119,17 @@ def _load_decoder(model: ModelSpec, fingerprint: dict, device: torch.device):
             f"this VAE ({', '.join(f'{k} {mine[k]}' for k in differ)}) cannot decode this cache "
             f"({', '.join(f'{k} {cached[k]}' for k in differ)}); pass the VAE the cache was built with"
         )
-    return load_vae(resolved, family, torch.float32, device)
+    return load_vae(resolved, family, torch.float32, device), family.frames
 
 
-def _decode(vae, latents: torch.Tensor) -> Image.Image:
-    """Raw (C, h, w) latents -> the decoded RGB image; the decoder takes raw latents, unscaled."""
+def _decode(vae, latents: torch.Tensor, frames: bool = False) -> Image.Image:
+    """Raw (C, h, w) latents -> the decoded RGB image; the decoder takes raw latents, unscaled (and, for Flux.2,
+    unpatchified: the stored latents are). A 3D VAE decodes them as one frame, (1, C, 1, h, w)."""
     device = next(vae.parameters()).device
+    z = latents[None].float().to(device)
     with torch.inference_mode():
-        x = vae.decode(latents[None].float().to(device)).sample[0]  # (3, H, W) in [-1, 1]
+        x = vae.decode(z[:, :, None] if frames else z).sample[0]  # (3, H, W) in [-1, 1]
+        x = x[:, 0] if frames else x
     pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(pixels, "RGB")
 

@@ -149,7 +149,8 @@ class CacheReader:
         ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
 
         Args:
-            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3`` or ``flux``; default: the text cache's family.
+            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``chroma``, ``qwen-image`` or ``flux2``;
+                default: the text cache's family (a cache with latents only needs it named).
 
         Example:
             >>> open_cache("./cache").pipeline_inputs("img001")["prompt_embeds"].shape

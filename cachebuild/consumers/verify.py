@@ -186,7 +186,9 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         c, f = vae.get("latent_channels"), vae.get("downsample")
         w, h = info["bucket"]
         shape = (c, h // f, w // f) if c and f else None
-        if fingerprint.get("latents") == "moments" and vae.get("class", "AutoencoderKL") == "AutoencoderKL":
+        # raw latents as the VAE returns them, (C, H/f, W/f) for every class (a 3D VAE's one frame squeezed out;
+        # Flux.2's 2x2 patches are made on reading); moments only exist for VAEs with a posterior
+        if fingerprint.get("latents") == "moments" and vae.get("class", "AutoencoderKL") != "AutoencoderTiny":
             names = ["mean", "std"]
         else:
             names = ["latents"]

@@ -229,7 +229,10 @@ def _generic_spec(cfg: TextencConfig, dtype: DType) -> EncoderSpec:
 
 def _detect_family(model: str | None, root: Path) -> TextFamily:
     if model in PRESETS:
-        return TextFamily(PRESET_FAMILY.get(model, model))
+        name = PRESET_FAMILY.get(model, model)
+        if name not in {f.value for f in TextFamily}:
+            raise ConfigError(f"--model {model}: its text encoders are not supported yet (its latents are)")
+        return TextFamily(name)
     index = root / "model_index.json"
     cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
     by_class = {

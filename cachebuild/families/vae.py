@@ -8,7 +8,7 @@ there is work to do.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,28 +35,46 @@ PRESET_FACTORS: dict[str, dict] = {
     "sd35-large": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
     "sd35-medium": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
 }
+POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # encode -> latent_dist
+FRAME_CLASSES = ("AutoencoderKLQwenImage",)  # causal 3D VAEs: an image goes in as one frame, (B, 3, 1, H, W)
+PACKED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # their pipelines take 2x2 latent patches,
+# so a bucket side must be a multiple of twice the downsampling
 
 
 @dataclass(frozen=True)
 class VaeFamily:
     """What a trainer needs to know about latents from this VAE."""
 
-    cls: str  # "AutoencoderKL" or "AutoencoderTiny"
+    cls: str  # "AutoencoderKL", "AutoencoderTiny", "AutoencoderKLQwenImage" or "AutoencoderKLFlux2"
     latent_channels: int  # C of the stored (C, H/f, W/f) latents
     downsample: int  # f: pixels per latent cell along each side
-    scaling_factor: float  # raw -> scaled: (z - shift_factor) * scaling_factor
+    scaling_factor: float  # raw -> scaled: (z - shift_factor) * scaling_factor (1.0 where `normalization` rules)
     shift_factor: float | None
+    normalization: dict | None = field(default=None, hash=False)  # per-channel statistics replacing the scalar
+    # factors: Qwen-Image's `latents_mean`/`latents_std`, Flux.2's batch-norm running stats (see normalization_of)
 
     @property
     def has_posterior(self) -> bool:
-        """AutoencoderKL returns a distribution; AutoencoderTiny returns latents directly."""
-        return self.cls == "AutoencoderKL"
+        """AutoencoderKL and its Qwen-Image and Flux.2 variants return a distribution; AutoencoderTiny does not."""
+        return self.cls in POSTERIOR_CLASSES
+
+    @property
+    def frames(self) -> bool:
+        """A video VAE: images are encoded as one frame, (B, 3, 1, H, W) -> (B, 2C, 1, h, w)."""
+        return self.cls in FRAME_CLASSES
+
+    @property
+    def pixel_multiple(self) -> int:
+        """What a bucket side must be a multiple of for this VAE's pipeline."""
+        return self.downsample * (2 if self.cls in PACKED_CLASSES else 1)
 
 
 def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     """Latent channels, downsampling and scaling, from the VAE's config first and the preset second."""
     cfg = vae.config
     cls = cfg.get("_class_name", "AutoencoderKL")
+    if cls in PACKED_CLASSES:
+        return _normalized_family(vae, cls)
     fallback = PRESET_FACTORS.get(preset or "", {})
     if cls == "AutoencoderTiny":
         downsample = 2 ** (len(cfg.get("encoder_block_out_channels", (64, 64, 64, 64))) - 1)
@@ -77,6 +95,65 @@ def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     )
 
 
+def _normalized_family(vae: ResolvedVae, cls: str) -> VaeFamily:
+    """Qwen-Image's and Flux.2's VAEs: channels and downsampling from their own config fields, per-channel
+    normalisation instead of scalar factors."""
+    cfg = vae.config
+    if cls == "AutoencoderKLQwenImage":  # z_dim channels; each temporal-downsample entry is a 2x spatial stage
+        channels, downsample = int(cfg.get("z_dim", 16)), 2 ** len(cfg.get("temperal_downsample", (0, 0, 0)))
+    else:
+        channels = int(cfg.get("latent_channels", 32))
+        downsample = 2 ** (len(cfg.get("block_out_channels", (128, 256, 512, 512))) - 1)
+    return VaeFamily(cls, channels, downsample, 1.0, None, normalization_of(vae, cls, channels))
+
+
+def normalization_of(vae: ResolvedVae, cls: str, channels: int) -> dict:
+    """The per-channel statistics the pipeline normalises with, as JSON-ready lists, read without building
+    the model: Qwen-Image's from its config (``latents_mean``, ``latents_std``: ``(z - mean) / std`` per
+    channel); Flux.2's from the ``bn`` buffers in its weights (``bn_running_mean``, ``bn_running_var``,
+    ``batch_norm_eps``, over the 4C channels of 2x2 patches: ``(p - mean) / sqrt(var + eps)``)."""
+    cfg = vae.config
+    if cls == "AutoencoderKLQwenImage":
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is None or std is None:  # a hand-written config: the class's own defaults apply
+            import inspect
+
+            import diffusers
+
+            params = inspect.signature(diffusers.AutoencoderKLQwenImage.__init__).parameters
+            mean, std = mean or params["latents_mean"].default, std or params["latents_std"].default
+        if len(mean) != channels or len(std) != channels:
+            raise ModelLoadError(f"the VAE config from {vae.source} has latents_mean/std not of z_dim {channels}")
+        return {"latents_mean": [float(v) for v in mean], "latents_std": [float(v) for v in std]}
+    patch = [int(v) for v in cfg.get("patch_size", (2, 2))]
+    stats = _read_buffers(vae, ("bn.running_mean", "bn.running_var"))
+    return {
+        "patch_size": patch,
+        "bn_running_mean": stats["bn.running_mean"].float().tolist(),
+        "bn_running_var": stats["bn.running_var"].float().tolist(),
+        "batch_norm_eps": float(cfg.get("batch_norm_eps", 1e-4)),
+    }
+
+
+def _read_buffers(vae: ResolvedVae, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Named tensors from the VAE's safetensors weights, without reading the rest."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for path in vae.weight_files:
+        if path.suffix != ".safetensors":
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            found |= {n: f.get_tensor(n) for n in names if n in f.keys()}  # noqa: SIM118 (not a dict)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ModelLoadError(
+            f"the VAE weights from {vae.source} hold no {', '.join(missing)} (the batch-norm statistics Flux.2 "
+            "normalises with); pass the diffusers VAE folder (safetensors) of the model"
+        )
+    return found
+
+
 def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     """Build the VAE from local files, in eval mode on ``device`` with parameters in ``dtype``."""
     import diffusers
@@ -84,7 +161,10 @@ def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     diffusers.utils.logging.disable_progress_bar()  # the CLI owns the terminal
     cls = getattr(diffusers, family.cls, None)
     if cls is None:
-        raise ModelLoadError(f"unsupported VAE class {family.cls}; cachebuild reads AutoencoderKL and AutoencoderTiny")
+        raise ModelLoadError(
+            f"unsupported VAE class {family.cls}; cachebuild reads AutoencoderKL, AutoencoderTiny, "
+            "AutoencoderKLQwenImage and AutoencoderKLFlux2"
+        )
     try:
         if vae.file is None:
             model = cls.from_pretrained(vae.folder, torch_dtype=dtype)
@@ -199,8 +279,9 @@ class VaeEncoder:
         with torch.inference_mode():
             x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
             x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
-            enc = self.vae.encode(x)
+            enc = self.vae.encode(x[:, :, None] if self.family.frames else x)  # one frame: (B, 3, 1, H, W)
             out = enc.latent_dist.parameters if self.family.has_posterior else enc.latents
+            out = out[:, :, 0] if self.family.frames else out  # (B, 2C, 1, h, w) -> (B, 2C, h, w)
             result = out.float().cpu()
             del x, enc, out
         return result

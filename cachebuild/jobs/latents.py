@@ -9,6 +9,7 @@ fingerprint, its tensors and metadata.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -98,7 +99,8 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
             "downsample": family.downsample,
             "scaling_factor": family.scaling_factor,
             "shift_factor": family.shift_factor,
-        },
+        }
+        | (family.normalization or {}),  # only Qwen-Image's and Flux.2's VAEs add keys: older caches still match
         "buckets": {
             "resolution": list(b.resolution),
             "min_reso": b.min_reso,
@@ -220,7 +222,8 @@ def _item_meta(item: ItemPlan, cfg: LatentsConfig) -> dict:
 
 
 def _shard_header(cfg: LatentsConfig, family: VaeFamily) -> dict:
-    return {
+    extra = {"normalization": json.dumps(family.normalization)} if family.normalization else {}
+    return extra | {
         "store": LATENTS,
         "vae_class": family.cls,
         "latent_channels": family.latent_channels,
@@ -233,10 +236,11 @@ def _shard_header(cfg: LatentsConfig, family: VaeFamily) -> dict:
 
 
 def _check_against_family(cfg: LatentsConfig, family: VaeFamily) -> None:
-    if cfg.buckets.steps % family.downsample:
+    if cfg.buckets.steps % family.pixel_multiple:
+        why = "downsampling factor" if family.pixel_multiple == family.downsample else "2x2 latent patches"
         raise ConfigError(
-            f"--bucket-reso-steps {cfg.buckets.steps} is not a multiple of this VAE's downsampling factor "
-            f"({family.downsample}); use a multiple such as {family.downsample * 8}"
+            f"--bucket-reso-steps {cfg.buckets.steps} is not a multiple of this VAE's {why} "
+            f"({family.pixel_multiple} pixels); use a multiple such as {family.pixel_multiple * 8}"
         )
     if cfg.latents is LatentsMode.MOMENTS and not family.has_posterior:
         raise ConfigError(f"--latents moments needs a VAE with a posterior; {family.cls} has none; use mean")

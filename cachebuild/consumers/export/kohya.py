@@ -66,6 +66,7 @@ def detect_family(fingerprint: dict) -> str:
     Raises:
         ConfigError: the VAE matches no family; the message says to pass one.
     """
+    _refuse_unexportable(fingerprint)
     vae = fingerprint.get("vae", {})
     channels, scale, shift = vae.get("latent_channels"), vae.get("scaling_factor"), vae.get("shift_factor")
     if channels == 16 and shift is not None:
@@ -248,7 +249,17 @@ def _one_latent(tensors: dict[str, torch.Tensor], suffix: str, key: str, seed: i
     return mean + std * torch.randn(mean.shape, generator=gen, dtype=torch.float32)
 
 
+def _refuse_unexportable(fingerprint: dict) -> None:
+    cls = fingerprint.get("vae", {}).get("class", "AutoencoderKL")
+    if cls in ("AutoencoderKLQwenImage", "AutoencoderKLFlux2"):
+        raise ConfigError(
+            f"this is a {cls} cache; kohya export covers sd, sdxl and flux (sd-scripts has no cache layout for it); "
+            "read it with open_cache(...).pipeline_inputs(key, family=...)"
+        )
+
+
 def _check_family(family: str, fingerprint: dict) -> str:
+    _refuse_unexportable(fingerprint)
     if family not in FAMILIES:
         raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     channels = fingerprint.get("vae", {}).get("latent_channels")
