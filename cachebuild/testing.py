@@ -63,7 +63,6 @@ def make_tiny_taesd(path: Path, seed: int = 0) -> Path:
 def make_synthetic_manifest(root: Path, n: int) -> Path:
     """A latent cache index of ``n`` done items in 100-item shards, with no shard file on disk: for timing
     and testing what opening a large cache costs without building one."""
-
     from cachebuild.cache.manifest import Manifest
 
     fingerprint = {"vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16}}
@@ -260,15 +259,17 @@ def make_tiny_qwen_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_tiny_qwen3(path: Path, vocab_size: int, seed: int = 0, init_scale: float = 1.0) -> Path:
-    """A 3-layer Qwen3 saved as ``Qwen3ForCausalLM`` with tied embeddings, as Z-Image's text encoder is (loaded
-    as ``Qwen3Model``); ``init_scale`` as for :func:`make_tiny_clip`."""
+def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 3-layer Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM`` with tied embeddings
+    as Z-Image's text encoder is (the pipeline loads it as ``Qwen3Model``); ``init_scale`` as for
+    :func:`make_tiny_clip`."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
+    tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=vocab_size,
+        vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=3,
@@ -278,7 +279,9 @@ def make_tiny_qwen3(path: Path, vocab_size: int, seed: int = 0, init_scale: floa
         max_position_embeddings=512,
         initializer_range=0.02 * init_scale,
         tie_word_embeddings=True,
-        pad_token_id=0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
     )
     Qwen3ForCausalLM(config).save_pretrained(path)
     return path
@@ -325,7 +328,7 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
     for i, (enc, tok, kind) in enumerate(parts):
         if kind == "qwen3":
             make_tiny_qwen_tokenizer(path / tok)
-            make_tiny_qwen3(path / enc, len(_load_tokenizer(path / tok)), seed=i, init_scale=init_scale)
+            make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale)
         elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")
@@ -336,12 +339,6 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
             )
             make_tiny_tokenizer(path / tok, "clip")
     return path
-
-
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def main(argv: list[str]) -> int:
