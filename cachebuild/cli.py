@@ -24,6 +24,7 @@ TEXT_FAMILIES = (
     "sd3",
     "flux",
     "chroma",
+    "z-image",
     "generic",
 )  # mirrors config.TextFamily, without importing
 
@@ -106,7 +107,7 @@ _build_options = _options(  # every cache-building command
 _vae_options = _options(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, qwen-image, flux2-dev), "
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev), "
         "pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
@@ -150,7 +151,7 @@ _latents_options = _options(  # what is stored per image and how the encoder run
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma), pipeline hub id or local "
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image), pipeline hub id or local "
         "pipeline folder.",
     ),
     click.option(

@@ -58,6 +58,7 @@ PRESETS: dict[str, str] = {
     "sd35-large": "stabilityai/stable-diffusion-3.5-large",
     "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
     "chroma": "lodestones/Chroma1-HD",
+    "z-image": "Tongyi-MAI/Z-Image-Turbo",
     "qwen-image": "Qwen/Qwen-Image",  # latents only so far
     "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
 }
@@ -201,6 +202,7 @@ class TextFamily(str, Enum):
     SD3 = "sd3"  # CLIP-L and CLIP-G penultimate + pooled projections, and T5-XXL
     FLUX = "flux"  # CLIP-L pooled output and T5-XXL last hidden state
     CHROMA = "chroma"  # T5-XXL with its attention mask: the real tokens and the first padding token
+    ZIMAGE = "z-image"  # Qwen3's penultimate hidden state over the chat template, masked: the real tokens only
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

@@ -8,6 +8,7 @@ hub id or a local folder takes. Their latents are meaningless; their shapes and 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def make_tiny_taesd(path: Path, seed: int = 0) -> Path:
 def make_synthetic_manifest(root: Path, n: int) -> Path:
     """A latent cache index of ``n`` done items in 100-item shards, with no shard file on disk: for timing
     and testing what opening a large cache costs without building one."""
-    import json
-
     from cachebuild.cache.manifest import Manifest
 
     fingerprint = {"vae": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16}}
@@ -273,8 +272,67 @@ def make_tiny_t5(
     return path
 
 
+QWEN_CHAT_TEMPLATE = (  # Qwen3's shape in short: user/assistant turns; enable_thinking=False adds an empty think block
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def make_tiny_qwen_tokenizer(path: Path) -> Path:
+    """A byte-level BPE ``Qwen2Tokenizer`` (the class Qwen3 checkpoints name) with merges for :data:`WORDS`, the
+    chat special tokens and :data:`QWEN_CHAT_TEMPLATE`; any text tokenizes (bytes at worst), nothing maps to unk."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator([" ".join(WORDS), "user assistant"], trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(m) for m in model["merges"]],
+        chat_template=QWEN_CHAT_TEMPLATE,
+        model_max_length=512,
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["<think>", "</think>"])
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 3-layer Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM`` with tied embeddings
+    as Z-Image's text encoder is (the pipeline loads it as ``Qwen3Model``); ``init_scale`` as for
+    :func:`make_tiny_clip`."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        initializer_range=0.02 * init_scale,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
 TEXT_PIPELINES = {
-    # family: (pipeline class, [(encoder folder, tokenizer folder, kind)]); kind: clip, clip_proj, t5
+    # family: (pipeline class, [(encoder folder, tokenizer folder, kind)]); kind: clip, clip_h, clip_proj, t5, qwen3
     "sd15": ("StableDiffusionPipeline", [("text_encoder", "tokenizer", "clip")]),
     "sd2": ("StableDiffusionPipeline", [("text_encoder", "tokenizer", "clip_h")]),
     "sdxl": (
@@ -291,19 +349,31 @@ TEXT_PIPELINES = {
     ),
     "flux": ("FluxPipeline", [("text_encoder", "tokenizer", "clip"), ("text_encoder_2", "tokenizer_2", "t5")]),
     "chroma": ("ChromaPipeline", [("text_encoder", "tokenizer", "t5")]),
+    "z-image": ("ZImagePipeline", [("text_encoder", "tokenizer", "qwen3")]),
+}
+COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's model_index.json names for it
+    "clip": ("CLIPTextModel", "PreTrainedTokenizerFast"),
+    "clip_h": ("CLIPTextModel", "PreTrainedTokenizerFast"),
+    "clip_proj": ("CLIPTextModelWithProjection", "PreTrainedTokenizerFast"),
+    "t5": ("T5EncoderModel", "PreTrainedTokenizerFast"),
+    "qwen3": ("Qwen3Model", "Qwen2Tokenizer"),
 }
 
 
 def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) -> Path:
     """A pipeline folder with the text encoders and tokenizers of ``family`` (no UNet, no VAE); ``init_scale``
     as for :func:`make_tiny_clip` (parity tests raise it so that a wrong layer or mask shows)."""
-    import json
-
     cls, parts = TEXT_PIPELINES[family]
     path.mkdir(parents=True, exist_ok=True)
-    (path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    index: dict = {"_class_name": cls}
+    for enc, tok, kind in parts:
+        index[enc], index[tok] = (["transformers", c] for c in COMPONENT_CLASSES[kind])
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
     for i, (enc, tok, kind) in enumerate(parts):
-        if kind == "t5":
+        if kind == "qwen3":
+            make_tiny_qwen_tokenizer(path / tok)
+            make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale)
+        elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")
         else:

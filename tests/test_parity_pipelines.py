@@ -30,6 +30,7 @@ VAE_FACTORS = {  # the VAE config each family's pipeline normalises with
     "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
     "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
     "chroma": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+    "z-image": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
 }
 
 
@@ -94,6 +95,14 @@ def reference_pipeline(family: str, root: Path):
             tokenizer=tokenizer(root / "tokenizer"),
             transformer=None,
         )
+    if family == "z-image":
+        return diffusers.ZImagePipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=load(root / "text_encoder", "Qwen3Model"),
+            tokenizer=tokenizer(root / "tokenizer"),
+            transformer=None,
+        )
     return diffusers.FluxPipeline(
         scheduler=None,
         vae=None,
@@ -123,6 +132,9 @@ def encode_prompt(family: str, pipe, text: str) -> dict[str, torch.Tensor]:
         if family == "chroma":
             embeds, text_ids, mask, *_ = pipe.encode_prompt(text, device=cpu, do_classifier_free_guidance=False)
             return {"prompt_embeds": embeds[0], "prompt_attention_mask": mask[0], "text_ids": text_ids}
+        if family == "z-image":  # a list of (T_i, D): the real tokens of each prompt
+            embeds, _ = pipe.encode_prompt(text, device=cpu, do_classifier_free_guidance=False)
+            return {"prompt_embeds": embeds[0]}
         embeds, pooled, text_ids = pipe.encode_prompt(text, prompt_2=None, device=cpu)
         return {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0], "text_ids": text_ids}
 
@@ -141,7 +153,7 @@ def reference_latents(vae_folder: Path, image: Path) -> torch.Tensor:
     return (z - shift) * vae.config.scaling_factor
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3", "flux", "chroma"])
+@pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3", "flux", "chroma", "z-image"])
 def built(request, tmp_path_factory):
     """(family, pipeline folder, vae folder, dataset, cache) built through the CLI."""
     family = request.param
@@ -196,6 +208,22 @@ def test_a_wrong_layer_or_mask_would_fail(built):
             unmasked = pipe.text_encoder(enc.input_ids).last_hidden_state[0]
         n = int(enc.attention_mask.sum())
         assert relative_difference(unmasked[:n], right[:n]) > 100 * TOLERANCE
+        return
+    if family == "z-image":  # the last layer instead of the penultimate must fail; so must a missing template
+        # (no mask would not: Qwen3 is causal and right-padded, so the real tokens never see the padding)
+        prompt = pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        enc = pipe.tokenizer([prompt], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            out = pipe.text_encoder(enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+        n = int(enc.attention_mask.sum())
+        assert torch.equal(out.hidden_states[-2][0, :n], right)  # the reference is what the pipeline computes
+        assert relative_difference(out.hidden_states[-1][0, :n], right) > 100 * TOLERANCE
+        bare = pipe.tokenizer([text], return_tensors="pt").input_ids
+        with torch.no_grad():
+            untemplated = pipe.text_encoder(bare, output_hidden_states=True).hidden_states[-2][0]
+        assert untemplated.shape[0] < n and relative_difference(untemplated, right[: untemplated.shape[0]]) > 0.1
         return
     tok = pipe.tokenizer
     ids = tok([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

@@ -197,6 +197,30 @@ def test_changed_encoder_settings_are_refused(tmp_path, captions, pipelines):
         build_textenc(cfg_for(captions, out, pipelines["flux"], t5_max_length=128))
 
 
+def test_zimage_chat_template_is_applied_and_fingerprinted_where_set(tmp_path, captions, pipelines):
+    """Z-Image's captions go through the chat template (the real tokens counted with it); the fingerprint names
+    the template's keywords, and a family without a template has no such key (older caches still match)."""
+    zimage = make_tiny_text_pipeline(tmp_path / "z", "z-image")
+    out = tmp_path / "c"
+    build_textenc(cfg_for(captions, out, zimage))
+    stored = read_text_cache(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zimage / "tokenizer")
+    for key, text in CAPTIONS.items():
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        assert prompt.startswith("<|im_start|>user\n")
+        assert stored[key]["qwen3"].shape == (len(tok(prompt).input_ids), 32)  # (T, D): template tokens included
+    with Manifest.open(out, create=False) as m:
+        zimage_print = m.fingerprint("textenc")["encoders"][0]
+        _, flux_specs = text_families.resolve_encoders(cfg_for(captions, out, pipelines["flux"]), torch.device("cpu"))
+        assert all("chat_template" not in s.fingerprint(m) for s in flux_specs)
+    assert zimage_print["chat_template"] == {"add_generation_prompt": True, "enable_thinking": True}
+    assert (zimage_print["class"], zimage_print["layer"], zimage_print["trim"]) == ("Qwen3Model", -2, True)
+
+
 def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, monkeypatch):
     live: weakref.WeakSet = weakref.WeakSet()
     loads = []

@@ -7,7 +7,15 @@ import importlib
 from collections.abc import Callable
 
 # family name (as the text fingerprint records it) -> module under cachebuild.families
-MODULES = {"sd15": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "chroma": "chroma"}
+MODULES = {
+    "sd15": "sd15",
+    "sd2": "sd15",
+    "sdxl": "sdxl",
+    "sd3": "sd3",
+    "flux": "flux",
+    "chroma": "chroma",
+    "z-image": "zimage",
+}
 MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2"}  # latents only so far: pass family= to pipeline_inputs
 
 

@@ -22,6 +22,8 @@ from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weigh
 
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
+ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
+ZIMAGE_CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,13 @@ class EncoderSpec:
     # encoder sees every max-length position unmasked and all of them are stored (Flux.1 and SD3 T5's default)
     dtype: DType
     extra_rows: int = 0  # trimmed: rows past the real tokens that are kept too (Chroma attends to one padding token)
+    chat_template: tuple[tuple[str, bool], ...] = ()  # non-empty: each caption becomes one user message put
+    # through the tokenizer's chat template with these apply_chat_template keywords before tokenizing (Z-Image)
 
     def fingerprint(self, manifest: Manifest) -> dict:
         extra = {"extra_rows": self.extra_rows} if self.extra_rows else {}  # absent: older caches keep theirs
+        if self.chat_template:
+            extra["chat_template"] = dict(self.chat_template)  # the template text itself is in tokenizer_sha256
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -116,6 +122,22 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
                 extra_rows=1,
             )
         ],
+        TextFamily.ZIMAGE: lambda: [  # Qwen3's penultimate hidden state at the real (template) tokens, masked
+            EncoderSpec(
+                "qwen3",
+                root / "text_encoder",
+                root / "tokenizer",
+                "Qwen3Model",
+                -2,
+                False,
+                True,
+                None,
+                ZIMAGE_MAX_LENGTH,
+                True,
+                dtype,
+                chat_template=ZIMAGE_CHAT,
+            )
+        ],
     }
     specs = table[family]()
     for spec in specs:
@@ -138,9 +160,22 @@ def load_tokenizer(spec: EncoderSpec):
 
 def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
+    if spec.chat_template:
+        texts = [chat_prompt(tokenizer, spec, text) for text in texts]
     enc = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
     return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
+
+
+def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:
+    """``text`` as the one user message of the tokenizer's chat template, untokenized (Z-Image's prompt).
+
+    Example:
+        >>> chat_prompt(qwen_tokenizer, spec, "a cat")
+        '<|im_start|>user\\na cat<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, **dict(spec.chat_template))
 
 
 def encoder_forward(model, spec: EncoderSpec, device: torch.device):
@@ -240,6 +275,7 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "StableDiffusion3Pipeline": TextFamily.SD3,
         "FluxPipeline": TextFamily.FLUX,
         "ChromaPipeline": TextFamily.CHROMA,
+        "ZImagePipeline": TextFamily.ZIMAGE,
     }
     if cls in by_class:
         return by_class[cls]

@@ -32,6 +32,7 @@ PRESET_FACTORS: dict[str, dict] = {
     "sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
     "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},
     "chroma": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's VAE
+    "z-image": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's kind
     "sd35-large": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
     "sd35-medium": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
 }
