@@ -12,6 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+TINY_VAE_LAYOUT = dict(  # two blocks (downsampling 2), a few thousand parameters: fast on a CPU
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    mid_block_add_attention=False,  # attention over (H/2 * W/2) tokens would dominate CPU test time
+)
+
 
 def make_tiny_vae(
     path: Path,
@@ -28,16 +38,10 @@ def make_tiny_vae(
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=64,
-        mid_block_add_attention=False,  # attention over (H/2 * W/2) tokens would dominate CPU test time
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
+        **TINY_VAE_LAYOUT,
     )
     vae.save_pretrained(path)
     return path
@@ -70,16 +74,7 @@ def make_tiny_flux2_vae(path: Path, latent_channels: int = 4, seed: int = 0) -> 
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=64,
-        mid_block_add_attention=False,
-    )
+    vae = AutoencoderKLFlux2(latent_channels=latent_channels, **TINY_VAE_LAYOUT)
     n = vae.bn.num_features
     vae.bn.running_mean.copy_(torch.randn(n))
     vae.bn.running_var.copy_(torch.rand(n) * 3.0 + 0.25)
