@@ -81,9 +81,7 @@ _build_options = _options(  # every cache-building command
     click.option(
         "--dtype-out",
         type=click.Choice(["fp16", "bf16", "fp32"]),
-        default="fp16",
-        show_default=True,
-        help="Stored dtype.",
+        help="Stored dtype (default: fp16; for text, the family's: bf16 for LLM encoders such as Z-Image's Qwen3).",
     ),
     click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available)."),
     click.option(
@@ -511,14 +509,13 @@ def _build_settings(o: dict) -> dict:
 
     return {
         "out": o["out"],
-        "dtype_out": DType(o["dtype_out"]),
         "device": o["device"],
         "format": StoreFormat(o["fmt"]),
         "shard_mb": o["shard_mb"],
         "retry_failed": o["retry_failed"],
         "rebuild": o["rebuild"],
         "prune": o["prune"],
-    }
+    } | ({"dtype_out": DType(o["dtype_out"])} if o["dtype_out"] else {})  # absent: the config's own default
 
 
 def _model_spec(o: dict):

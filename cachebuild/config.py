@@ -70,7 +70,7 @@ def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float)
     """The checks every cache-building config makes on where and how it writes."""
     if shard_mb <= 0:
         raise ConfigError(f"--shard-mb must be positive, got {shard_mb}")
-    if dtype_out is DType.AUTO:
+    if dtype_out is DType.AUTO:  # None (text: the family's default) passes
         raise ConfigError("--dtype-out takes fp16, bf16 or fp32, not auto")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder; pass a folder path")
@@ -227,7 +227,8 @@ class TextencConfig:
     revision: str | None = None
     dtype: DType = DType.AUTO  # compute dtype of the CLIP encoders
     t5_dtype: DType | None = None  # compute dtype of T5 (None: as --dtype); fp16 T5 overflows, bf16 does not
-    dtype_out: DType = DType.FP16
+    dtype_out: DType | None = None  # None: the family's (families.text.STORED_DTYPE): bf16 for LLM encoders,
+    # whose hidden states carry activations past fp16's 65504; fp16 for CLIP and T5 outputs
     batch_size: int = 16  # captions per encoder call; halved automatically on out-of-memory
     device: str | None = None
     format: StoreFormat = StoreFormat.SAFETENSORS

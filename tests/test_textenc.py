@@ -221,6 +221,20 @@ def test_zimage_chat_template_is_applied_and_fingerprinted_where_set(tmp_path, c
     assert (zimage_print["class"], zimage_print["layer"], zimage_print["trim"]) == ("Qwen3Model", -2, True)
 
 
+def test_stored_dtype_defaults_to_the_familys(tmp_path, captions, pipelines):
+    """Without --dtype-out, an LLM encoder's hidden states (Z-Image's Qwen3) are stored in bf16 and CLIP/T5
+    outputs in fp16, as before (so an existing cache's fingerprint still says fp16); --dtype-out wins."""
+    zimage = make_tiny_text_pipeline(tmp_path / "z", "z-image")
+    for model, out, want in ((zimage, tmp_path / "z-out", "bf16"), (pipelines["sdxl"], tmp_path / "x-out", "fp16")):
+        build_textenc(cfg_for(captions, out, model, dtype_out=None))
+        with Manifest.open(out, create=False) as m:
+            assert m.fingerprint("textenc")["dtype_out"] == want
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[want]
+        assert all(t.dtype == dtype for t in read_text_cache(out)["img000"].values())
+    build_textenc(cfg_for(captions, tmp_path / "z-32", zimage, dtype_out=DType.FP32))
+    assert read_text_cache(tmp_path / "z-32")["img000"]["qwen3"].dtype == torch.float32
+
+
 def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, monkeypatch):
     live: weakref.WeakSet = weakref.WeakSet()
     loads = []

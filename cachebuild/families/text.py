@@ -20,6 +20,11 @@ from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
 
+# Stored dtype where --dtype-out is not given. LLM text encoders (Qwen3 for Z-Image) carry "massive activations"
+# in their hidden states, channels in the thousands and beyond fp16's 65504, which the overflow guard would turn
+# into failed items; their pipelines compute in bf16, so bf16 storage loses nothing against them. CLIP and T5
+# outputs stay well inside fp16, which keeps 3 more bits.
+STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16}
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens

@@ -14,6 +14,7 @@ tokens do not depend on the padding, so a reader can pad back to any max length 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +25,10 @@ import torch
 
 from cachebuild.cache.manifest import PENDING, TEXTENC, Manifest
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
-from cachebuild.config import TextencConfig
+from cachebuild.config import DType, TextencConfig
 from cachebuild.encode import GuardedForward, pick_device
 from cachebuild.families.text import (
+    STORED_DTYPE,
     EncoderSpec,
     encoder_forward,
     load_tokenizer,
@@ -60,6 +62,8 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
     start = time.monotonic()
     device = pick_device(cfg.device)
     family, specs = resolve_encoders(cfg, device)
+    if cfg.dtype_out is None:  # the family's stored dtype, resolved before it enters the fingerprint
+        cfg = dataclasses.replace(cfg, dtype_out=STORED_DTYPE.get(family, DType.FP16))
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     summary = RunSummary(TEXTENC, str(cfg.out))
     with Manifest.open(cfg.out) as manifest:
