@@ -315,6 +315,11 @@ class Manifest:
             for k, p, s, r, sh, b, i in self.conn.execute(sql + " ORDER BY key", args)
         ]
 
+    def keys(self, store: str, status: str) -> list[str]:
+        """The keys of one status, sorted: the key alone, without parsing every item's info."""
+        cur = self.conn.execute("SELECT key FROM items WHERE store=? AND status=? ORDER BY key", (store, status))
+        return [k for (k,) in cur]
+
     def sources(self, store: str, keys: list[str]) -> dict[str, list]:
         """``{key: [path, source fingerprint]}``: what a shard records about where its items came from."""
         out: dict[str, list] = {}

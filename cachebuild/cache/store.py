@@ -120,16 +120,16 @@ def check_removals(manifest: Manifest, store: str, scan: ScanResult) -> None:
     Raises:
         ConfigError: naming the counts and ``--prune``, the flag that confirms the removal.
     """
-    rows = manifest.items(store)
-    if not rows:
+    total = sum(manifest.counts(store).values())
+    if not total:
         return
     if not scan.files:
         raise ConfigError(
-            f"the scan found no files, but the {store} store holds {len(rows)} item(s); refusing to remove them "
+            f"the scan found no files, but the {store} store holds {total} item(s); refusing to remove them "
             "(is the dataset folder empty, wrong or not mounted?); check the path, or pass --prune to remove them"
         )
     found = {f.key for f in scan.files}
-    done = [r.key for r in rows if r.status == DONE]
+    done = manifest.keys(store, DONE)
     gone = [k for k in done if k not in found and not scan.covers(k)]
     if len(gone) > PRUNE_FREE and len(gone) > PRUNE_SHARE * len(done):
         raise ConfigError(
