@@ -112,6 +112,16 @@ def open_store(
     return manifest.sync_items(store, scan.files, scan.clashes, retry_failed, fingerprint, scan.unlisted)
 
 
+def record_failures(manifest: Manifest, store: str, summary: RunSummary, failures: list[tuple[str, str]]) -> None:
+    """Mark items failed with their reasons, and count them in this run's summary."""
+    # a reason may quote a file name the OS gave with undecodable bytes: store and report it as text
+    failures = [(key, path_text(reason)) for key, reason in failures]
+    if failures:
+        manifest.mark_failed(store, failures)
+        summary.failed_now += len(failures)
+        summary.failures += [{"key": k, "reason": r} for k, r in failures]
+
+
 def check_removals(manifest: Manifest, store: str, scan: ScanResult) -> None:
     """Refuse a scan that finds nothing while the store holds items, or whose sync would drop more done items
     than ``PRUNE_SHARE`` and ``PRUNE_FREE`` allow; run before anything is touched. ``--rebuild`` does not
@@ -184,12 +194,7 @@ class ShardSink:
             self.flush()
 
     def fail(self, failures: list[tuple[str, str]]) -> None:
-        # a reason may quote a file name the OS gave with undecodable bytes: store it as text
-        failures = [(key, path_text(reason)) for key, reason in failures]
-        if failures:
-            self.manifest.mark_failed(self.store, failures)
-            self.summary.failed_now += len(failures)
-            self.summary.failures += [{"key": k, "reason": r} for k, r in failures]
+        record_failures(self.manifest, self.store, self.summary, failures)
 
     def flush(self) -> None:
         """Write the open shard durably, then commit it with its items in one transaction."""

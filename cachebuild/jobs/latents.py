@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from cachebuild.cache.manifest import LATENTS, PENDING, Manifest
-from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
+from cachebuild.cache.store import (
+    Progress,
+    ProgressFn,
+    RunSummary,
+    ShardSink,
+    finish_run,
+    open_store,
+    record_failures,
+)
 from cachebuild.config import CropMode, LatentsConfig, LatentsMode
 from cachebuild.encode import device_memory_bytes, free_device_memory, pick_device, resolve_dtype
 from cachebuild.engines.local import LocalEngine
@@ -28,7 +36,7 @@ from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
-from cachebuild.keys import fs_path, path_text
+from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
 
 log = logging.getLogger(__name__)
@@ -198,16 +206,12 @@ def _plan_chunk(
         except ItemError as exc:
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
-            return None, (row.key, path_text(str(exc)))
+            return None, (row.key, str(exc))
         except Exception as exc:  # per-item boundary
-            return None, (row.key, path_text(f"could not read the image header: {type(exc).__name__}: {exc}"))
+            return None, (row.key, f"could not read the image header: {type(exc).__name__}: {exc}")
 
     results = list(pool.map(one, pending))
-    failures = [f for _, f in results if f]
-    if failures:
-        manifest.mark_failed(LATENTS, failures)
-        summary.failed_now += len(failures)
-        summary.failures += [{"key": k, "reason": r} for k, r in failures]
+    record_failures(manifest, LATENTS, summary, [f for _, f in results if f])
     return [p for p, _ in results if p]
 
 

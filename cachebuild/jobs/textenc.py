@@ -7,9 +7,10 @@ device) before encoder 2 is loaded, and so on, so peak device memory is the larg
 A set larger than one chunk loads each encoder once per chunk.
 
 Storage: identical caption text is encoded once per store; tensors live under the caption's text id
-(``<text_id>/clip_l``) and every item with that text points at them. T5 outputs are encoded with the
-attention mask and stored trimmed to the caption's real token count: with the mask, the outputs at real
-tokens do not depend on the padding, so a reader can pad back to any max length exactly.
+(``<text_id>/clip_l``) and every item with that text points at them. Each encoder's outputs are what its
+family's pipeline computes (``families.text``): full max-length rows where the pipeline runs unmasked (Flux.1
+and SD3 T5 by default), the real tokens only where it runs masked and keeps only those (``trim``), which
+then run at a padded length of ``PAD_MULTIPLE`` rather than at max length.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _encode_pending(
     manifest = sink.manifest
     for page in manifest.item_pages(TEXTENC, PENDING, TEXT_CHUNK_CAPTIONS):
         bad = [(r.key, captions.bad[r.key]) for r in page if r.key in captions.bad]
-        _record_failures(manifest, bad, summary)
+        sink.fail(bad)
         todo = {r.key: captions.texts[r.key] for r in page if r.key in captions.texts}
         new_texts = _reuse_stored(manifest, todo, summary)
         tally.add((len(bad) + len(todo) - sum(len(keys) for _, keys in new_texts.values())) * len(specs))
@@ -213,7 +214,7 @@ def _store_text(
         sink.fail([(k, result) for k in keys])
         return
     if not all(torch.isfinite(t).all() for t in result.values()):
-        sink.fail([(k, "encoder outputs overflow --dtype-out fp16; use bf16 or fp32") for k in keys])
+        sink.fail([(k, f"encoder outputs overflow --dtype-out {sink.header['dtype']}; use bf16 or fp32") for k in keys])
         return
     info = {
         "text_id": tid,
@@ -296,10 +297,3 @@ def _chunks(specs, tokens, n: int, itemsize: int, budget: int) -> Iterator[tuple
 
 def _cast(result: dict, dtype: torch.dtype) -> dict:
     return {k: v.to(dtype) for k, v in result.items()}
-
-
-def _record_failures(manifest: Manifest, failures: list[tuple[str, str]], summary: RunSummary) -> None:
-    if failures:
-        manifest.mark_failed(TEXTENC, failures)
-        summary.failed_now += len(failures)
-        summary.failures += [{"key": k, "reason": r} for k, r in failures]
