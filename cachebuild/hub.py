@@ -6,14 +6,11 @@ without building any model, so a finished job can be checked from configs and we
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from cachebuild.config import PRESETS, ModelSpec
 from cachebuild.errors import ModelLoadError
-
-log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 

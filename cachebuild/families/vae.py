@@ -7,7 +7,6 @@ there is work to do.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +17,6 @@ from cachebuild.encode import GuardedForward
 from cachebuild.errors import ModelLoadError
 from cachebuild.hub import ResolvedVae
 from cachebuild.keys import item_seed
-
-log = logging.getLogger(__name__)
-
-HASH_CHUNK_BYTES = 8 * 1024 * 1024  # read size while hashing weights; large reads, bounded memory
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 # Family factors by preset, for VAEs whose config lacks them (single files, old configs).
 PRESET_FACTORS: dict[str, dict] = {
