@@ -8,6 +8,7 @@ hub id or a local folder takes. Their latents are meaningless; their shapes and 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -173,35 +174,37 @@ WORDS = (
 
 
 def make_tiny_tokenizer(path: Path, kind: str = "clip", max_length: int | None = None) -> Path:
-    """A word-level tokenizer saved like a real one. ``clip``: BOS/EOS around the text, padded with EOS,
-    77 tokens; ``t5``: EOS after the text, padded with <pad>, 512 tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A tokenizer of the class the pipelines load, saved like a real one, knowing :data:`WORDS` as whole tokens.
+    ``clip``: a ``CLIPTokenizer`` (byte-pair merges with ``</w>`` word ends, lower-casing and CLIP's own text
+    clean-up; unknown characters become ``<|endoftext|>``), BOS/EOS around the text, padded with EOS, 77 tokens;
+    ``t5``: a ``T5Tokenizer`` (unigram over ``▁``-prefixed words, T5's whitespace handling), EOS after the text,
+    padded with <pad>, 512 tokens. A generic fast tokenizer would not do: reloaded as the pipeline's class it
+    tokenizes some texts (double spaces, for one) differently."""
+    from transformers import CLIPTokenizer, T5Tokenizer
 
     if kind == "clip":
-        specials = ["<unk>"]
-        vocab = {t: i for i, t in enumerate(specials + list(WORDS) + ["<|startoftext|>", "<|endoftext|>"])}
-        bos, eos, pad, unk = "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<unk>"
-        template = f"{bos} $A {eos}"
-        specials_used = [(bos, vocab[bos]), (eos, vocab[eos])]
-    else:
-        vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>"] + list(WORDS))}
-        bos, eos, pad, unk = None, "</s>", "<pad>", "<unk>"
-        template = f"$A {eos}"
-        specials_used = [(eos, vocab[eos])]
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials_used)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        model_max_length=max_length or (77 if kind == "clip" else 512),
-    )
-    fast.save_pretrained(path)
+        vocab, merges = _clip_vocab()
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length or 77)
+    else:  # ids as make_tiny_t5 expects: <pad> 0, </s> 1, <unk> 2, then the words
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS]
+        tok = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length or 512)
+    tok.save_pretrained(path)
     return path
+
+
+@functools.cache
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-style byte-pair vocabulary and merges learnt from :data:`WORDS` (each word one ``word</w>`` token),
+    with ``<|startoftext|>`` and ``<|endoftext|>`` last, as in CLIP's own vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([" ".join(WORDS)], trainers.BpeTrainer(end_of_word_suffix="</w>", show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+    return vocab, [tuple(m) for m in model["merges"]]
 
 
 def make_tiny_clip(
@@ -221,7 +224,7 @@ def make_tiny_clip(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    n = len(WORDS) + 3
+    n = len(_clip_vocab()[0])  # BOS and EOS are its last two ids
     config = CLIPTextConfig(
         vocab_size=n,
         hidden_size=hidden_size,
@@ -347,10 +350,10 @@ TEXT_PIPELINES = {
     "z-image": ("ZImagePipeline", [("text_encoder", "tokenizer", "qwen3")]),
 }
 COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's model_index.json names for it
-    "clip": ("CLIPTextModel", "PreTrainedTokenizerFast"),
-    "clip_h": ("CLIPTextModel", "PreTrainedTokenizerFast"),
-    "clip_proj": ("CLIPTextModelWithProjection", "PreTrainedTokenizerFast"),
-    "t5": ("T5EncoderModel", "PreTrainedTokenizerFast"),
+    "clip": ("CLIPTextModel", "CLIPTokenizer"),
+    "clip_h": ("CLIPTextModel", "CLIPTokenizer"),
+    "clip_proj": ("CLIPTextModelWithProjection", "CLIPTokenizer"),
+    "t5": ("T5EncoderModel", "T5TokenizerFast"),
     "qwen3": ("Qwen3Model", "Qwen2Tokenizer"),
 }
 
