@@ -25,6 +25,7 @@ TEXT_FAMILIES = (
     "flux",
     "chroma",
     "z-image",
+    "qwen-image",
     "generic",
 )  # mirrors config.TextFamily, without importing
 
@@ -81,7 +82,8 @@ _build_options = _options(  # every cache-building command
     click.option(
         "--dtype-out",
         type=click.Choice(["fp16", "bf16", "fp32"]),
-        help="Stored dtype (default: fp16; for text, the family's: bf16 for LLM encoders such as Z-Image's Qwen3).",
+        help="Stored dtype (default: fp16; for text, the family's: bf16 for LLM encoders such as Z-Image's Qwen3 "
+        "and Qwen-Image's Qwen2.5-VL).",
     ),
     click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available)."),
     click.option(
@@ -149,8 +151,8 @@ _latents_options = _options(  # what is stored per image and how the encoder run
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image), pipeline hub id or local "
-        "pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image), pipeline hub "
+        "id or local pipeline folder.",
     ),
     click.option(
         "--family",

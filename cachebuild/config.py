@@ -59,7 +59,7 @@ PRESETS: dict[str, str] = {
     "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
     "chroma": "lodestones/Chroma1-HD",
     "z-image": "Tongyi-MAI/Z-Image-Turbo",
-    "qwen-image": "Qwen/Qwen-Image",  # latents only so far
+    "qwen-image": "Qwen/Qwen-Image",
     "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
 }
 # presets whose family goes by another name
@@ -203,6 +203,7 @@ class TextFamily(str, Enum):
     FLUX = "flux"  # CLIP-L pooled output and T5-XXL last hidden state
     CHROMA = "chroma"  # T5-XXL with its attention mask: the real tokens and the first padding token
     ZIMAGE = "z-image"  # Qwen3's penultimate hidden state over the chat template, masked: the real tokens only
+    QWENIMAGE = "qwen-image"  # Qwen2.5-VL's last hidden state over a system template, masked: the caption's tokens
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

@@ -356,21 +356,60 @@ COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's m
     "t5": ("T5EncoderModel", "T5TokenizerFast"),
     "qwen3": ("Qwen3Model", "Qwen2Tokenizer"),
 }
+TEXT_PIPELINES["qwen-image"] = ("QwenImagePipeline", [("text_encoder", "tokenizer", "qwen25vl")])  # + vae/
+COMPONENT_CLASSES["qwen25vl"] = ("Qwen2_5_VLForConditionalGeneration", "Qwen2Tokenizer")
+PIPELINE_VAES = {"qwen-image": ("AutoencoderKLQwenImage", make_tiny_qwen_vae)}  # family: its VAE, saved as vae/
+
+
+def make_tiny_qwen25vl(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 3-layer ``Qwen2_5_VLForConditionalGeneration`` for the tokenizer saved at ``tokenizer``, with the one-block
+    vision tower the class needs (text prompts never run it); ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # head_dim 8: the multimodal rotary sections below sum to head_dim / 2
+        max_position_embeddings=2048,
+        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        initializer_range=0.02 * init_scale,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=2)
+    vision |= dict(spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, initializer_range=0.02 * init_scale)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(path)
+    return path
 
 
 def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) -> Path:
-    """A pipeline folder with the text encoders and tokenizers of ``family`` (no UNet, no VAE); ``init_scale``
-    as for :func:`make_tiny_clip` (parity tests raise it so that a wrong layer or mask shows)."""
+    """A pipeline folder with the text encoders and tokenizers of ``family``, no UNet, and a VAE only for the
+    families in :data:`PIPELINE_VAES`; ``init_scale`` as for :func:`make_tiny_clip` (parity tests raise it so
+    that a wrong layer or mask shows)."""
     cls, parts = TEXT_PIPELINES[family]
     path.mkdir(parents=True, exist_ok=True)
     index: dict = {"_class_name": cls}
     for enc, tok, kind in parts:
         index[enc], index[tok] = (["transformers", c] for c in COMPONENT_CLASSES[kind])
+    if family in PIPELINE_VAES:
+        index["vae"] = ["diffusers", PIPELINE_VAES[family][0]]
+        PIPELINE_VAES[family][1](path / "vae")
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     for i, (enc, tok, kind) in enumerate(parts):
         if kind == "qwen3":
             make_tiny_qwen_tokenizer(path / tok)
             make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale)
+        elif kind == "qwen25vl":
+            make_tiny_qwen_tokenizer(path / tok)
+            make_tiny_qwen25vl(path / enc, path / tok, seed=i, init_scale=init_scale)
         elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")

@@ -5,6 +5,14 @@ pipelines): the VAE's latents of the image as one frame, ``(z - latents_mean) * 
 with the vectors from the VAE config, transposed to ``(1, C, H/8, W/8)`` (frame axis first, C = ``z_dim`` = 16):
 the layout ``prepare_latents`` builds before :func:`pack_latents` turns it into (H/16 * W/16, 64) tokens.
 The cache stores the raw ``(C, H/8, W/8)`` latents; the vectors are in the fingerprint's ``vae`` object.
+
+Text, as ``encode_prompt`` computes it: the caption goes into the pipeline's template (a system message asking
+for a description, then the caption as the user's turn, then the assistant's header), is tokenized to at most
+1024 + 34 tokens (padded to the batch's longest, right side), run through Qwen2.5-VL with the attention mask,
+and the last hidden state (final norm included) is kept at the real tokens less the template's first 34: the
+caption's tokens and the template's closing ones. The stored ``qwen25vl`` is exactly those T rows (T <= 1024):
+Qwen2.5-VL is causal and right-padded, so with the mask its outputs at the real tokens do not depend on how
+much padding follows.
 """
 
 from __future__ import annotations
@@ -12,11 +20,27 @@ from __future__ import annotations
 import torch
 
 PIPELINE = "QwenImagePipeline"
+MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s default: prompt_embeds rows past it never reach the
+# transformer (encode_prompt's own default is 1024, which the stored rows already respect)
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
-    """The pipeline's names for one record's tensors (no batch dimension)."""
-    return {"latents": normalize_latents(rec["latents"], vae)[None]}  # (1, C, h, w): frames, then channels
+    """The pipeline's names for one record's tensors (no batch dimension).
+
+    ``prompt_embeds`` (T, 3584) and ``prompt_embeds_mask`` (T,) int64 ones are one prompt's ``encode_prompt``
+    output at ``__call__``'s default ``max_sequence_length`` (512 rows at most). For a batch the pipeline pads
+    each prompt's rows with zeros to the longest prompt and the mask with zeros to match (then passes the mask
+    as None where no prompt is padded); ``torch.nn.utils.rnn.pad_sequence(..., batch_first=True)`` over these
+    gives the same.
+    """
+    out = {}
+    if "latents" in rec:
+        out["latents"] = normalize_latents(rec["latents"], vae)[None]  # (1, C, h, w): frames, then channels
+    if "qwen25vl" in rec:
+        embeds = rec["qwen25vl"][rec["qwen25vl_mask"].bool()][:MAX_SEQUENCE_LENGTH]  # padded record -> (T, D)
+        out["prompt_embeds"] = embeds
+        out["prompt_embeds_mask"] = torch.ones(embeds.shape[0], dtype=torch.long)
+    return out
 
 
 def normalize_latents(z: torch.Tensor, vae: dict) -> torch.Tensor:

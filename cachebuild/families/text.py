@@ -29,6 +29,14 @@ CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
 ZIMAGE_CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
+STORED_DTYPE |= {TextFamily.QWENIMAGE: DType.BF16}  # Qwen2.5-VL's hidden states: the same reason as Qwen3's
+# QwenImagePipeline's prompt_template_encode: a system message, then the caption as the user's turn
+QWENIMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+QWENIMAGE_DROP = 34  # prompt_template_encode_start_idx: the template's tokens before the caption, not kept
+QWENIMAGE_MAX_LENGTH = 1024 + QWENIMAGE_DROP  # the pipeline's tokenizer_max_length plus the dropped tokens
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,19 @@ class EncoderSpec:
     extra_rows: int = 0  # trimmed: rows past the real tokens that are kept too (Chroma attends to one padding token)
     chat_template: tuple[tuple[str, bool], ...] = ()  # non-empty: each caption becomes one user message put
     # through the tokenizer's chat template with these apply_chat_template keywords before tokenizing (Z-Image)
+    prompt_template: str = ""  # non-empty: each caption is put in place of ``{}`` before tokenizing (Qwen-Image)
+    drop_rows: int = 0  # trimmed: leading real-token rows not stored (the template's prefix, Qwen-Image's 34)
+    body: str = ""  # non-empty: the loaded model's attribute that is run instead of the model (Qwen2.5-VL's
+    # `model`: the same hidden states without the LM head's logits over the vocabulary)
 
     def fingerprint(self, manifest: Manifest) -> dict:
         extra = {"extra_rows": self.extra_rows} if self.extra_rows else {}  # absent: older caches keep theirs
         if self.chat_template:
             extra["chat_template"] = dict(self.chat_template)  # the template text itself is in tokenizer_sha256
+        if self.prompt_template:
+            extra["prompt_template"] = self.prompt_template
+        if self.drop_rows:
+            extra["drop_rows"] = self.drop_rows
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -143,6 +159,24 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
                 chat_template=ZIMAGE_CHAT,
             )
         ],
+        TextFamily.QWENIMAGE: lambda: [  # Qwen2.5-VL's last hidden state, masked, the template's prefix dropped
+            EncoderSpec(
+                "qwen25vl",
+                root / "text_encoder",
+                root / "tokenizer",
+                "Qwen2_5_VLForConditionalGeneration",
+                -1,
+                False,
+                True,
+                None,
+                QWENIMAGE_MAX_LENGTH,
+                True,
+                dtype,
+                prompt_template=QWENIMAGE_TEMPLATE,
+                drop_rows=QWENIMAGE_DROP,
+                body="model",
+            )
+        ],
     }
     specs = table[family]()
     for spec in specs:
@@ -167,6 +201,8 @@ def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tens
     """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
     if spec.chat_template:
         texts = [chat_prompt(tokenizer, spec, text) for text in texts]
+    if spec.prompt_template:
+        texts = [spec.prompt_template.format(text) for text in texts]  # the caption's own braces stay as they are
     enc = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
     return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
@@ -188,11 +224,14 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
 
     def forward(inputs: tuple[torch.Tensor, torch.Tensor], _dtype: torch.dtype) -> list[dict]:
         ids, mask = inputs
+        net = getattr(model, spec.body) if spec.body else model
+        no_cache = {"use_cache": False} if spec.body else {}  # an LLM body would keep every layer's keys and values
         with torch.inference_mode():
-            out = model(
+            out = net(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device) if spec.trim else None,  # CLIP: causal, fed unmasked like trainers
                 output_hidden_states=spec.layer != -1,
+                **no_cache,
             )
             results: list[dict] = [{} for _ in range(len(ids))]
             if spec.hidden:
@@ -203,7 +242,7 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
                 lengths = mask.sum(dim=1).tolist()
                 for i, n in enumerate(lengths):
                     results[i][spec.name] = (
-                        h[i, : n + spec.extra_rows].clone() if spec.trim else h[i]
+                        h[i, spec.drop_rows : n + spec.extra_rows].clone() if spec.trim else h[i]
                     )  # (T, D) | (L, D)
             if spec.pooled:
                 pooled = getattr(out, spec.pooled).float().cpu()  # (B, D)
@@ -281,6 +320,7 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "FluxPipeline": TextFamily.FLUX,
         "ChromaPipeline": TextFamily.CHROMA,
         "ZImagePipeline": TextFamily.ZIMAGE,
+        "QwenImagePipeline": TextFamily.QWENIMAGE,
     }
     if cls in by_class:
         return by_class[cls]

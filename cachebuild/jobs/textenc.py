@@ -286,6 +286,7 @@ def _chunks(specs, tokens, n: int, itemsize: int, budget: int) -> Iterator[tuple
         for s in specs:
             hidden, pooled = dims[s.name]
             rows = min(int(tokens[s.name][1][i].sum()) + s.extra_rows, s.max_length) if s.trim else s.max_length
+            rows = max(0, rows - s.drop_rows) if s.trim else rows  # Qwen-Image's template prefix is not stored
             size += ((rows * hidden if s.hidden else 0) + (pooled if s.pooled else 0)) * itemsize
         if i > lo and used + size > budget:
             yield lo, i
