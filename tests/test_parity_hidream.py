@@ -168,3 +168,14 @@ def test_llama_comes_from_its_own_repository_where_the_pipeline_has_none(built, 
     monkeypatch.setattr(text_families, "local_or_hub", lambda repo, rev: asked.append(repo) or llama)
     _, specs = text_families.resolve_encoders(TextencConfig(data, tmp_path / "c", model=str(bare)), CPU)
     assert asked == [text_families.LLAMA_REPO] and specs[3].folder == specs[3].tokenizer == llama
+
+
+def test_a_hidream_cache_verifies_with_its_layer_axis(built):
+    """verify expects Llama's stack as (layers, L, D) and T5 as (L, D), both at max length."""
+    from cachebuild.consumers.verify import _expected, verify_cache
+
+    report = verify_cache(built[3])
+    assert report.ok, report.problems
+    with Manifest.open(built[3], create=False) as m:
+        expected = _expected("textenc", m.fingerprint("textenc"), {"tokens": {}})
+    assert expected["llama3"] == (3, 128, 32) and expected["llama3"] != (128, 32)
