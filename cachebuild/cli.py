@@ -26,6 +26,7 @@ TEXT_FAMILIES = (
     "chroma",
     "z-image",
     "qwen-image",
+    "hidream",
     "generic",
 )  # mirrors config.TextFamily, without importing
 
@@ -107,8 +108,8 @@ _build_options = _options(  # every cache-building command
 _vae_options = _options(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev), "
-        "pipeline hub id or local pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
+        "hidream), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -151,8 +152,8 @@ _latents_options = _options(  # what is stored per image and how the encoder run
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image), pipeline hub "
-        "id or local pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, hidream), "
+        "pipeline hub id or local pipeline folder.",
     ),
     click.option(
         "--family",
@@ -167,7 +168,11 @@ _text_encoder_options = _options(  # which encoders run and which of their outpu
         show_default=True,
         help="Generic: hidden-state layer; -1 is the last, -2 the penultimate.",
     ),
-    click.option("--max-length", type=int, help="Generic: token limit (default 77 for CLIP, 512 otherwise)."),
+    click.option(
+        "--max-length",
+        type=int,
+        help="Generic: token limit (default 77 for CLIP, 512 otherwise); hidream: max_sequence_length (default 128).",
+    ),
     click.option("--clip-skip", default=1, show_default=True, help="sd15: 2 stores the penultimate CLIP layer."),
     click.option("--t5-max-length", type=int, help="T5 token limit (default: sd3 256, flux 512)."),
     click.option(

@@ -61,6 +61,7 @@ PRESETS: dict[str, str] = {
     "z-image": "Tongyi-MAI/Z-Image-Turbo",
     "qwen-image": "Qwen/Qwen-Image",
     "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
+    "hidream": "HiDream-ai/HiDream-I1-Full",  # its Llama 3.1 from LLAMA_REPO (families.text) where the repo has none
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
@@ -204,6 +205,7 @@ class TextFamily(str, Enum):
     CHROMA = "chroma"  # T5-XXL with its attention mask: the real tokens and the first padding token
     ZIMAGE = "z-image"  # Qwen3's penultimate hidden state over the chat template, masked: the real tokens only
     QWENIMAGE = "qwen-image"  # Qwen2.5-VL's last hidden state over a system template, masked: the caption's tokens
+    HIDREAM = "hidream"  # CLIP-L + CLIP-G pooled projections; T5-XXL and every Llama 3.1 layer, masked, all 128 rows
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 
@@ -218,7 +220,8 @@ class TextencConfig:
     text_encoder: str | None = None  # generic: encoder folder or hub id
     tokenizer: str | None = None  # generic: tokenizer folder or hub id (default: the encoder's)
     layer: int = -1  # generic: hidden-state index; -1 is the last layer's output (final norm included)
-    max_length: int | None = None  # generic: token limit (default: the tokenizer's model_max_length)
+    max_length: int | None = None  # generic: token limit (default: the tokenizer's model_max_length); hidream: the
+    # pipeline's max_sequence_length (128 unless set), which bounds all four of its encoders
     clip_skip: int = 1  # sd15: 2 stores the penultimate layer (with the final layer norm, as trainers do)
     t5_max_length: int | None = None  # sd3: 256, flux: 512 unless set
     t5_mask: bool = False  # False: T5 runs unmasked over all max-length positions and is stored whole, exactly as

@@ -215,8 +215,10 @@ def make_tiny_clip(
     layers: int = 3,
     heads: int = 4,
     init_scale: float = 1.0,
+    positions: int = 77,
 ) -> Path:
-    """A small CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer.
+    """A small CLIP text encoder (with a text projection when ``projection``) for the tiny tokenizer; ``positions``
+    is its position table's length (HiDream's CLIPs hold 248).
 
     ``init_scale`` multiplies the initial weights' spread: with transformers' default (1) the layers of a tiny
     random encoder come out nearly equal, so only a larger one (e.g. 15) makes a wrong layer visible."""
@@ -231,7 +233,7 @@ def make_tiny_clip(
         intermediate_size=37,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        max_position_embeddings=77,
+        max_position_embeddings=positions,
         projection_dim=24,
         bos_token_id=n - 2,
         eos_token_id=n - 1,
@@ -329,6 +331,56 @@ def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: floa
     return path
 
 
+def make_tiny_llama_tokenizer(path: Path) -> Path:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` shaped like Llama 3.1 Instruct's: ``<|begin_of_text|>`` put
+    before the text, EOS ``<|eot_id|>``, no pad token (HiDream's pipeline pads with EOS), 131072 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, end = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=alphabet, special_tokens=[bos, end, eos], show_progress=False
+    )
+    bpe.train_from_iterator([" ".join(WORDS)], trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, model_max_length=131072)
+    fast.save_pretrained(path)
+    return path
+
+
+def make_tiny_llama(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 3-layer Llama for the tokenizer saved at ``tokenizer``, saved as ``LlamaForCausalLM`` (untied LM head) as
+    HiDream's text_encoder_4 is; ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        initializer_range=0.02 * init_scale,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 TEXT_PIPELINES = {
     # family: (pipeline class, [(encoder folder, tokenizer folder, kind)]); kind: clip, clip_h, clip_proj, t5, qwen3
     "sd15": ("StableDiffusionPipeline", [("text_encoder", "tokenizer", "clip")]),
@@ -348,6 +400,15 @@ TEXT_PIPELINES = {
     "flux": ("FluxPipeline", [("text_encoder", "tokenizer", "clip"), ("text_encoder_2", "tokenizer_2", "t5")]),
     "chroma": ("ChromaPipeline", [("text_encoder", "tokenizer", "t5")]),
     "z-image": ("ZImagePipeline", [("text_encoder", "tokenizer", "qwen3")]),
+    "hidream": (
+        "HiDreamImagePipeline",
+        [
+            ("text_encoder", "tokenizer", "clip_long"),
+            ("text_encoder_2", "tokenizer_2", "clip_long"),
+            ("text_encoder_3", "tokenizer_3", "t5"),
+            ("text_encoder_4", "tokenizer_4", "llama"),
+        ],
+    ),
 }
 COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's model_index.json names for it
     "clip": ("CLIPTextModel", "CLIPTokenizer"),
@@ -355,6 +416,8 @@ COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's m
     "clip_proj": ("CLIPTextModelWithProjection", "CLIPTokenizer"),
     "t5": ("T5EncoderModel", "T5TokenizerFast"),
     "qwen3": ("Qwen3Model", "Qwen2Tokenizer"),
+    "clip_long": ("CLIPTextModelWithProjection", "PreTrainedTokenizerFast"),  # 248 positions
+    "llama": ("LlamaForCausalLM", "PreTrainedTokenizerFast"),
 }
 TEXT_PIPELINES["qwen-image"] = ("QwenImagePipeline", [("text_encoder", "tokenizer", "qwen25vl")])  # + vae/
 COMPONENT_CLASSES["qwen25vl"] = ("Qwen2_5_VLForConditionalGeneration", "Qwen2Tokenizer")
@@ -410,13 +473,21 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
         elif kind == "qwen25vl":
             make_tiny_qwen_tokenizer(path / tok)
             make_tiny_qwen25vl(path / enc, path / tok, seed=i, init_scale=init_scale)
+        elif kind == "llama":
+            make_tiny_llama_tokenizer(path / tok)
+            make_tiny_llama(path / enc, path / tok, seed=i, init_scale=init_scale)
         elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")
         else:
             hidden = 40 if kind == "clip_h" or enc == "text_encoder_2" else 32
             make_tiny_clip(
-                path / enc, projection=kind == "clip_proj", hidden_size=hidden, seed=i, init_scale=init_scale
+                path / enc,
+                projection=kind in ("clip_proj", "clip_long"),
+                hidden_size=hidden,
+                seed=i,
+                init_scale=init_scale,
+                positions=248 if kind == "clip_long" else 77,
             )
             make_tiny_tokenizer(path / tok, "clip")
     return path

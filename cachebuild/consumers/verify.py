@@ -199,6 +199,8 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         if enc.get("hidden"):
             rows = info.get("tokens", {}).get(enc["name"]) if enc.get("trim") else enc.get("max_length")
             out[enc["name"]] = None if rows is None else (rows, _ANY)
+            if rows is not None and enc.get("all_layers"):  # HiDream's Llama: (layers, L, D)
+                out[enc["name"]] = (_ANY, rows, _ANY)
         if enc.get("pooled"):
             out[f"{enc['name']}_pooled"] = None
     return out

@@ -15,6 +15,7 @@ MODULES = {
     "flux": "flux",
     "chroma": "chroma",
     "z-image": "zimage",
+    "hidream": "hidream",
 }
 MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2"}  # latents only so far: pass family= to pipeline_inputs
 

@@ -24,7 +24,7 @@ from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weigh
 # in their hidden states, channels in the thousands and beyond fp16's 65504, which the overflow guard would turn
 # into failed items; their pipelines compute in bf16, so bf16 storage loses nothing against them. CLIP and T5
 # outputs stay well inside fp16, which keeps 3 more bits.
-STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16}
+STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16, TextFamily.HIDREAM: DType.BF16}
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
@@ -37,6 +37,10 @@ QWENIMAGE_TEMPLATE = (
 )
 QWENIMAGE_DROP = 34  # prompt_template_encode_start_idx: the template's tokens before the caption, not kept
 QWENIMAGE_MAX_LENGTH = 1024 + QWENIMAGE_DROP  # the pipeline's tokenizer_max_length plus the dropped tokens
+HIDREAM_MAX_LENGTH = 128  # HiDreamImagePipeline's max_sequence_length: T5's and Llama's padded length
+HIDREAM_CLIP_LIMIT = 218  # its CLIP encoders pad to min(max_sequence_length, 218) (their position tables hold 248)
+LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"  # HiDream's text_encoder_4 where the pipeline has none (its
+# hub repository leaves the gated Llama out; the pipeline's docstring loads it from here)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,15 @@ class EncoderSpec:
     drop_rows: int = 0  # trimmed: leading real-token rows not stored (the template's prefix, Qwen-Image's 34)
     body: str = ""  # non-empty: the loaded model's attribute that is run instead of the model (Qwen2.5-VL's
     # `model`: the same hidden states without the LM head's logits over the vocabulary)
+    masked: bool | None = None  # None: as ``trim``; True with trim False: run with the attention mask and store
+    # every max-length row (HiDream's T5 and Llama: its transformer reads the rows at the padding too)
+    all_layers: bool = False  # store every layer's output after the embeddings, stacked: (layers, L, D) (HiDream)
+    pad_with_eos: bool = False  # pad with the tokenizer's EOS token (HiDream sets tokenizer_4.pad_token to it)
+
+    @property
+    def attention_mask(self) -> bool:
+        """Whether the encoder runs with the attention mask."""
+        return self.trim if self.masked is None else self.masked
 
     def fingerprint(self, manifest: Manifest) -> dict:
         extra = {"extra_rows": self.extra_rows} if self.extra_rows else {}  # absent: older caches keep theirs
@@ -71,6 +84,8 @@ class EncoderSpec:
             extra["prompt_template"] = self.prompt_template
         if self.drop_rows:
             extra["drop_rows"] = self.drop_rows
+        extra |= {"all_layers": True} if self.all_layers else {}
+        extra |= {"pad_with_eos": True} if self.pad_with_eos else {}
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -82,7 +97,7 @@ class EncoderSpec:
             "pooled": self.pooled,
             "max_length": self.max_length,
             "trim": self.trim,
-            "attention_mask": self.trim,
+            "attention_mask": self.attention_mask,
             "dtype": self.dtype.value,
         }
 
@@ -178,6 +193,7 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
             )
         ],
     }
+    table[TextFamily.HIDREAM] = lambda: _hidream_specs(cfg, root, dtype, t5_dtype)
     specs = table[family]()
     for spec in specs:
         if not (spec.folder / "config.json").is_file() or not (spec.tokenizer).is_dir():
@@ -188,13 +204,53 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
     return family, specs
 
 
+def _hidream_specs(cfg: TextencConfig, root: Path, dtype: DType, t5_dtype: DType) -> list[EncoderSpec]:
+    """HiDreamImagePipeline.encode_prompt's four encoders: the CLIPs' pooled projections (unmasked, causal, at
+    min(max_sequence_length, 218)); T5 and Llama 3.1 with their masks, every padded row kept (the transformer
+    gets no text mask); Llama's hidden states after each of its layers, stacked."""
+    length = cfg.max_length or HIDREAM_MAX_LENGTH
+    clip_length = min(length, HIDREAM_CLIP_LIMIT)
+    llama, llama_tok = root / "text_encoder_4", root / "tokenizer_4"
+    if not (llama / "config.json").is_file():
+        llama = llama_tok = local_or_hub(LLAMA_REPO, None)
+
+    def spec(name: str, sub: Path, tok: Path, cls: str, max_length: int, compute: DType, **kw) -> EncoderSpec:
+        return EncoderSpec(
+            name, sub, tok, cls, -1, False, kw.pop("hidden", True), kw.pop("pooled", None), max_length, False,
+            compute, **kw,
+        )  # fmt: skip
+
+    clip_cls, t5_tok = "CLIPTextModelWithProjection", root / "tokenizer_3"
+    return [
+        spec("clip_l", root / "text_encoder", root / "tokenizer", clip_cls, clip_length, dtype, hidden=False,
+             pooled="text_embeds"),
+        spec("clip_g", root / "text_encoder_2", root / "tokenizer_2", clip_cls, clip_length, dtype, hidden=False,
+             pooled="text_embeds"),
+        spec("t5", root / "text_encoder_3", t5_tok, "T5EncoderModel", min(length, _tokenizer_limit(t5_tok)),
+             t5_dtype, masked=True),
+        # LlamaModel: the pipeline's LlamaForCausalLM without its LM head, the same hidden states
+        spec("llama3", llama, llama_tok, "LlamaModel", min(length, _tokenizer_limit(llama_tok)), dtype,
+             masked=True, all_layers=True, pad_with_eos=True),
+    ]  # fmt: skip
+
+
+def _tokenizer_limit(folder: Path) -> int:
+    """The tokenizer's model_max_length (the pipelines cap max_sequence_length with it); unbounded if unset."""
+    config = folder / "tokenizer_config.json"
+    limit = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+    return int(limit) if isinstance(limit, (int, float)) else 1 << 30
+
+
 def load_tokenizer(spec: EncoderSpec):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
     except Exception as exc:
         raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
+    if spec.pad_with_eos:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
@@ -229,12 +285,16 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
         with torch.inference_mode():
             out = net(
                 input_ids=ids.to(device),
-                attention_mask=mask.to(device) if spec.trim else None,  # CLIP: causal, fed unmasked like trainers
-                output_hidden_states=spec.layer != -1,
+                attention_mask=mask.to(device) if spec.attention_mask else None,  # CLIP: causal, fed unmasked
+                output_hidden_states=spec.layer != -1 or spec.all_layers,
                 **no_cache,
             )
             results: list[dict] = [{} for _ in range(len(ids))]
-            if spec.hidden:
+            if spec.hidden and spec.all_layers:  # (B, layers, L, D), stacked on the host: no device copy
+                h = torch.stack([x.float().cpu() for x in out.hidden_states[1:]], dim=1)
+                for i in range(len(ids)):
+                    results[i][spec.name] = h[i]
+            elif spec.hidden:
                 h = out.last_hidden_state if spec.layer == -1 else out.hidden_states[spec.layer]
                 if spec.final_norm:
                     h = _final_layer_norm(model)(h)
@@ -280,6 +340,8 @@ def output_dims(spec: EncoderSpec) -> tuple[int, int]:
     cfg = json.loads((spec.folder / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     hidden = cfg.get("hidden_size") or cfg.get("d_model") or 0
+    if spec.all_layers:  # a stored row holds one D-wide row per layer
+        return hidden * cfg.get("num_hidden_layers", 1), hidden
     return hidden, cfg.get("projection_dim", hidden) if spec.pooled == "text_embeds" else hidden
 
 
@@ -321,6 +383,7 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "ChromaPipeline": TextFamily.CHROMA,
         "ZImagePipeline": TextFamily.ZIMAGE,
         "QwenImagePipeline": TextFamily.QWENIMAGE,
+        "HiDreamImagePipeline": TextFamily.HIDREAM,
     }
     if cls in by_class:
         return by_class[cls]

@@ -29,6 +29,7 @@ PRESET_FACTORS: dict[str, dict] = {
     "z-image": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's kind
     "sd35-large": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
     "sd35-medium": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
+    "hidream": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's VAE
 }
 POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # encode -> latent_dist
 FRAME_CLASSES = ("AutoencoderKLQwenImage",)  # causal 3D VAEs: an image goes in as one frame, (B, 3, 1, H, W)
