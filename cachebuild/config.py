@@ -60,10 +60,13 @@ PRESETS: dict[str, str] = {
     "chroma": "lodestones/Chroma1-HD",
     "z-image": "Tongyi-MAI/Z-Image-Turbo",
     "qwen-image": "Qwen/Qwen-Image",  # latents only so far
-    "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
+    "flux2-dev": "black-forest-labs/FLUX.2-dev",
+    "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",  # Qwen3-4B text encoder
+    "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",  # Qwen3-8B text encoder
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
+PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:
@@ -203,6 +206,8 @@ class TextFamily(str, Enum):
     FLUX = "flux"  # CLIP-L pooled output and T5-XXL last hidden state
     CHROMA = "chroma"  # T5-XXL with its attention mask: the real tokens and the first padding token
     ZIMAGE = "z-image"  # Qwen3's penultimate hidden state over the chat template, masked: the real tokens only
+    FLUX2 = "flux2"  # Mistral3 hidden states 10/20/30 side by side over the system + user template, masked, 512 rows
+    FLUX2_KLEIN = "flux2-klein"  # Qwen3 hidden states 9/18/27 side by side over the chat template, masked, 512 rows
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

@@ -25,10 +25,22 @@ from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weigh
 # into failed items; their pipelines compute in bf16, so bf16 storage loses nothing against them. CLIP and T5
 # outputs stay well inside fp16, which keeps 3 more bits.
 STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16}
+STORED_DTYPE |= {TextFamily.FLUX2: DType.BF16, TextFamily.FLUX2_KLEIN: DType.BF16}  # Mistral3 and Qwen3 layers
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
 ZIMAGE_CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
+FLUX2_MAX_LENGTH = 512  # Flux2Pipeline's and Flux2KleinPipeline's max_sequence_length: all 512 rows reach the
+# transformer, template and padding rows included
+FLUX2_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers: Mistral hidden_states indices (0: embeddings)
+FLUX2_KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers: Qwen3 hidden_states indices
+FLUX2_CHAT = (("add_generation_prompt", False),)  # as Flux2Pipeline._get_mistral_3_small_prompt_embeds
+FLUX2_KLEIN_CHAT = (("add_generation_prompt", True), ("enable_thinking", False))  # as Flux2KleinPipeline's
+FLUX2_SYSTEM_MESSAGE = (  # diffusers.pipelines.flux2.system_messages.SYSTEM_MESSAGE, the system turn of every prompt
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+IMAGE_TOKEN = "[IMG]"  # Flux2Pipeline removes it from prompts (its processor would count it as an image slot)
 
 
 @dataclass(frozen=True)
@@ -50,11 +62,27 @@ class EncoderSpec:
     extra_rows: int = 0  # trimmed: rows past the real tokens that are kept too (Chroma attends to one padding token)
     chat_template: tuple[tuple[str, bool], ...] = ()  # non-empty: each caption becomes one user message put
     # through the tokenizer's chat template with these apply_chat_template keywords before tokenizing (Z-Image)
+    layers: tuple[int, ...] = ()  # non-empty: these hidden_states indices (0: the embeddings) stacked and
+    # concatenated per token, (L, len(layers) * D), in place of `layer` (Flux.2)
+    masked: bool = False  # run with the attention mask although every max-length row is stored (Flux.2: its
+    # transformer gets all 512 rows, padding rows included); `trim` implies the mask
+    system_message: str = ""  # non-empty: a system turn before the caption, each content as one typed text part
+    # ({"type": "text", "text": ...}), the chat format Flux2Pipeline hands its processor
+    processor: bool = False  # the tokenizer folder is a multimodal processor's (Flux.2's PixtralProcessor): see
+    # load_tokenizer; captions lose "[IMG]", and no special tokens are added when the prompt starts with BOS
 
     def fingerprint(self, manifest: Manifest) -> dict:
         extra = {"extra_rows": self.extra_rows} if self.extra_rows else {}  # absent: older caches keep theirs
         if self.chat_template:
             extra["chat_template"] = dict(self.chat_template)  # the template text itself is in tokenizer_sha256
+        if self.layers:
+            extra["layers"] = list(self.layers)
+        if self.masked:
+            extra["masked"] = True
+        if self.system_message:
+            extra["system_message"] = self.system_message
+        if self.processor:
+            extra["processor"] = True
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -66,7 +94,7 @@ class EncoderSpec:
             "pooled": self.pooled,
             "max_length": self.max_length,
             "trim": self.trim,
-            "attention_mask": self.trim,
+            "attention_mask": self.trim or self.masked,
             "dtype": self.dtype.value,
         }
 
@@ -143,6 +171,44 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
                 chat_template=ZIMAGE_CHAT,
             )
         ],
+        TextFamily.FLUX2: lambda: [  # Mistral3 layers 10/20/30 over the system + user template, masked, all rows
+            EncoderSpec(
+                "mistral3",
+                root / "text_encoder",
+                root / "tokenizer",
+                "Mistral3ForConditionalGeneration",
+                -1,
+                False,
+                True,
+                None,
+                FLUX2_MAX_LENGTH,
+                False,
+                dtype,
+                chat_template=FLUX2_CHAT,
+                layers=FLUX2_LAYERS,
+                masked=True,
+                system_message=FLUX2_SYSTEM_MESSAGE,
+                processor=True,
+            )
+        ],
+        TextFamily.FLUX2_KLEIN: lambda: [  # Qwen3 layers 9/18/27 over the user template, masked, all rows
+            EncoderSpec(
+                "qwen3",
+                root / "text_encoder",
+                root / "tokenizer",
+                "Qwen3ForCausalLM",
+                -1,
+                False,
+                True,
+                None,
+                FLUX2_MAX_LENGTH,
+                False,
+                dtype,
+                chat_template=FLUX2_KLEIN_CHAT,
+                layers=FLUX2_KLEIN_LAYERS,
+                masked=True,
+            )
+        ],
     }
     specs = table[family]()
     for spec in specs:
@@ -157,18 +223,59 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
 def load_tokenizer(spec: EncoderSpec):
     from transformers import AutoTokenizer
 
+    if spec.processor:
+        return load_processor_tokenizer(spec)
     try:
         return AutoTokenizer.from_pretrained(spec.tokenizer)
     except Exception as exc:
         raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
 
 
+def load_processor_tokenizer(spec: EncoderSpec):
+    """The text half of a PixtralProcessor folder, loaded without the processor (which needs torchvision).
+
+    ``PixtralProcessor.from_pretrained`` loads its tokenizer with ``TokenizersBackend.from_pretrained`` (the
+    folder's tokenizer.json as it is), not ``AutoTokenizer``: FLUX.2-dev's tokenizer_config names
+    ``LlamaTokenizer``, which pads on the left and rebuilds the pre-tokenizer. Its chat template is the
+    processor's: ``chat_template.json`` first, then ``chat_template.jinja``.
+    """
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        tokenizer = TokenizersBackend.from_pretrained(spec.tokenizer)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
+    template = processor_chat_template(spec.tokenizer)
+    if template is None:
+        raise ModelLoadError(
+            f"{spec.tokenizer} has no chat_template.json or chat_template.jinja, which the {spec.name} processor "
+            "needs; pass a complete pipeline folder"
+        )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def processor_chat_template(folder: Path) -> str | None:
+    """The chat template a processor loads from ``folder``: the legacy ``chat_template.json`` wins over
+    ``chat_template.jinja``, as in ``ProcessorMixin.from_pretrained``."""
+    legacy, raw = folder / "chat_template.json", folder / "chat_template.jinja"
+    if legacy.is_file():
+        return json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
+    return raw.read_text(encoding="utf-8") if raw.is_file() else None
+
+
 def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
     if spec.chat_template:
         texts = [chat_prompt(tokenizer, spec, text) for text in texts]
-    enc = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
-    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    special = {}
+    if spec.processor:  # a processor adds no special tokens to a prompt that starts with BOS (it has them already)
+        bos = tokenizer.bos_token
+        special["add_special_tokens"] = not (bos is not None and bool(texts) and texts[0].startswith(bos))
+    enc = tokenizer(
+        texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt", **special
+    )
+    full = tokenizer(texts, truncation=False, verbose=False, **special)["input_ids"]
     return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
 
 
@@ -179,7 +286,14 @@ def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:
         >>> chat_prompt(qwen_tokenizer, spec, "a cat")
         '<|im_start|>user\\na cat<|im_end|>\\n<|im_start|>assistant\\n'
     """
+    if spec.processor:
+        text = text.replace(IMAGE_TOKEN, "")
     messages = [{"role": "user", "content": text}]
+    if spec.system_message:  # Flux.2: contents as typed parts, as its format_input builds them
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": spec.system_message}]},
+            {"role": "user", "content": [{"type": "text", "text": text}]},
+        ]
     return tokenizer.apply_chat_template(messages, tokenize=False, **dict(spec.chat_template))
 
 
@@ -188,15 +302,21 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
 
     def forward(inputs: tuple[torch.Tensor, torch.Tensor], _dtype: torch.dtype) -> list[dict]:
         ids, mask = inputs
+        # LLMs (stacked layers): no KV cache, and logits at one position only, not over a 131k vocabulary
+        llm = {"use_cache": False, "logits_to_keep": 1} if spec.layers else {}
         with torch.inference_mode():
             out = model(
                 input_ids=ids.to(device),
-                attention_mask=mask.to(device) if spec.trim else None,  # CLIP: causal, fed unmasked like trainers
-                output_hidden_states=spec.layer != -1,
+                attention_mask=mask.to(device) if spec.trim or spec.masked else None,  # CLIP: unmasked, as trainers
+                output_hidden_states=spec.layer != -1 or bool(spec.layers),
+                **llm,
             )
             results: list[dict] = [{} for _ in range(len(ids))]
             if spec.hidden:
-                h = out.last_hidden_state if spec.layer == -1 else out.hidden_states[spec.layer]
+                if spec.layers:
+                    h = _stacked_layers(out, spec.layers)
+                else:
+                    h = out.last_hidden_state if spec.layer == -1 else out.hidden_states[spec.layer]
                 if spec.final_norm:
                     h = _final_layer_norm(model)(h)
                 h = h.float().cpu()  # (B, L, D)
@@ -212,6 +332,12 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
         return results
 
     return forward
+
+
+def _stacked_layers(out, layers: tuple[int, ...]) -> torch.Tensor:
+    """(B, L, len(layers) * D): per token, the listed hidden states side by side, as the Flux.2 pipelines stack
+    them (``torch.stack(dim=1)``, then ``permute(0, 2, 1, 3)`` and reshape)."""
+    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
 
 
 def pad_tokens(hidden: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +366,7 @@ def token_mask(n: int, length: int) -> torch.Tensor:
 def output_dims(spec: EncoderSpec) -> tuple[int, int]:
     cfg = json.loads((spec.folder / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
-    hidden = cfg.get("hidden_size") or cfg.get("d_model") or 0
+    hidden = (cfg.get("hidden_size") or cfg.get("d_model") or 0) * max(1, len(spec.layers))
     return hidden, cfg.get("projection_dim", hidden) if spec.pooled == "text_embeds" else hidden
 
 
@@ -281,6 +407,8 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "FluxPipeline": TextFamily.FLUX,
         "ChromaPipeline": TextFamily.CHROMA,
         "ZImagePipeline": TextFamily.ZIMAGE,
+        "Flux2Pipeline": TextFamily.FLUX2,
+        "Flux2KleinPipeline": TextFamily.FLUX2_KLEIN,
     }
     if cls in by_class:
         return by_class[cls]

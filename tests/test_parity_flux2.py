@@ -1,0 +1,266 @@
+"""Fidelity of the Flux.2 text encoders: after ``cachebuild latents`` and ``cachebuild textenc`` (through the CLI)
+on tiny random components, ``open_cache(out).pipeline_inputs(key)`` equals what ``Flux2Pipeline.encode_prompt``
+(Mistral3 behind a PixtralProcessor) and ``Flux2KleinPipeline.encode_prompt`` (Qwen3) return: ``prompt_embeds``
+(512, 3D) and ``text_ids`` (512, 4).
+
+PixtralProcessor cannot be built here (transformers 5 requires torchvision for it, which is not installed), so
+the reference Flux2Pipeline gets :class:`TextOnlyProcessor`: transformers' own ``ProcessorMixin`` around the
+tokenizer the processor would load, so the pipeline's ``apply_chat_template`` call runs the processor code path
+(template rendering, the BOS rule, ``__call__`` with the merged text kwargs); PixtralProcessor adds only image
+handling to it, and text-only prompts never reach that."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cachebuild import open_cache
+from cachebuild.cli import cli
+from cachebuild.families import flux2
+from cachebuild.families import text as text_families
+from cachebuild.testing import make_tiny_flux2_vae, make_tiny_text_pipeline
+from tests.conftest import write_image
+from tests.test_parity_vaes import reference_latents
+
+CAPTIONS = {
+    "a": "a photo of a cat",
+    "b": "red car near the river at sunset",
+    "c": "a dog [IMG] under the tree",  # Flux2Pipeline removes [IMG] from prompts
+    "d": " ".join(["cat"] * 600),  # longer than 512 tokens: truncated
+}
+INIT_SCALE = 10.0  # spreads the tiny encoders' weights so their layers (and a mask) differ visibly
+TOLERANCE = 1e-5  # relative difference allowed against the pipeline, in fp32
+FAMILIES = ("flux2", "flux2-klein")
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def text_only_processor(folder: Path):
+    """A processor for text like FLUX.2-dev's PixtralProcessor: the tokenizer and chat template it loads."""
+    from transformers.processing_utils import ProcessorMixin
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    class TextOnlyProcessor(ProcessorMixin):
+        def __init__(self, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(tokenizer, chat_template=chat_template)
+            self.image_token = "[IMG]"  # as PixtralProcessor: counted in prompts against the images given
+
+    tokenizer = TokenizersBackend.from_pretrained(folder)  # what PixtralProcessor.from_pretrained loads
+    return TextOnlyProcessor(tokenizer, chat_template=text_families.processor_chat_template(folder))
+
+
+def reference_pipeline(family: str, root: Path):
+    """The family's diffusers pipeline with its text encoder loaded, and nothing else."""
+    import diffusers
+    import transformers
+
+    if family == "flux2":
+        te = transformers.Mistral3ForConditionalGeneration.from_pretrained(root / "text_encoder").eval()
+        return diffusers.Flux2Pipeline(
+            scheduler=None, vae=None, text_encoder=te, tokenizer=text_only_processor(root / "tokenizer"), transformer=None
+        )
+    te = transformers.Qwen3ForCausalLM.from_pretrained(root / "text_encoder").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
+    return diffusers.Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=te, tokenizer=tok, transformer=None)
+
+
+def encode_prompt(pipe, text: str) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        embeds, text_ids = pipe.encode_prompt(text, device=torch.device("cpu"))
+    return {"prompt_embeds": embeds[0], "text_ids": text_ids[0]}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def built(request, tmp_path_factory):
+    """(family, pipeline folder, vae folder, dataset, cache) built through the CLI."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    pipe = make_tiny_text_pipeline(root / "pipe", family, init_scale=INIT_SCALE)
+    vae = make_tiny_flux2_vae(root / "vae")
+    data, out = root / "data", root / "cache"
+    for i, (key, text) in enumerate(CAPTIONS.items()):
+        write_image(data / f"{key}.png", (64, 64), seed=i)  # bucket-sized: no resize, no crop
+        (data / f"{key}.txt").write_text(text, encoding="utf-8")
+    common = ["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
+    runs = [
+        ["latents", str(data), "--vae", str(vae), "--latents", "mean", "--workers", "0"],
+        ["textenc", str(data), "--model", str(pipe)],
+    ]
+    runs[0] += ["--resolution", "64", "--min-bucket-reso", "64", "--bucket-reso-steps", "32"]
+    for args in runs:
+        result = CliRunner().invoke(cli, [*args, *common])
+        assert result.exit_code == 0, result.output
+    return family, pipe, vae, data, out
+
+
+def test_pipeline_inputs_equal_the_flux2_pipelines(built):
+    family, pipe_folder, vae, data, out = built
+    pipe = reference_pipeline(family, pipe_folder)
+    cache = open_cache(out)
+    assert cache.text_fingerprint["family"] == family
+    for key, text in CAPTIONS.items():
+        got = cache.pipeline_inputs(key)
+        want = encode_prompt(pipe, text)
+        assert got["prompt_embeds"].shape == want["prompt_embeds"].shape == (512, 96), key  # 3 layers x 32
+        assert relative_difference(got["prompt_embeds"], want["prompt_embeds"]) <= TOLERANCE, (family, key)
+        assert torch.equal(got["text_ids"], want["text_ids"]) and got["text_ids"].dtype == want["text_ids"].dtype
+        assert relative_difference(got["latents"], reference_latents("flux2", vae, data / f"{key}.png")) <= TOLERANCE
+
+
+def test_the_fingerprint_records_the_flux2_choices(built):
+    family, _, _, _, out = built
+    from cachebuild.cache.manifest import Manifest
+
+    with Manifest.open(out, create=False) as m:
+        encoder = m.fingerprint("textenc")["encoders"][0]
+    assert encoder["max_length"] == 512 and encoder["masked"] and not encoder["trim"]
+    assert encoder["layers"] == ([10, 20, 30] if family == "flux2" else [9, 18, 27])
+    assert ("system_message" in encoder) == ("processor" in encoder) == (family == "flux2")
+
+
+def _encoder_inputs(pipe, family: str, text: str, template: bool = True, side: str = "right"):
+    """(input_ids, attention_mask) at 512 as the pipeline tokenizes ``text`` (or without its template)."""
+    tok = pipe.tokenizer.tokenizer if family == "flux2" else pipe.tokenizer
+    before, tok.padding_side = tok.padding_side, side
+    try:
+        if not template:
+            enc = tok([text], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+            return enc["input_ids"], enc["attention_mask"]
+        if family == "flux2":
+            enc = pipe.tokenizer.apply_chat_template(
+                diffusers_format_input([text]),
+                add_generation_prompt=False,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                padding="max_length",
+                truncation=True,
+                max_length=512,
+            )
+        else:
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            enc = tok([prompt], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+    finally:
+        tok.padding_side = before
+
+
+def diffusers_format_input(prompts: list[str]):
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    return format_input(prompts)
+
+
+def _stack(pipe, ids, mask, layers, use_mask: bool = True) -> torch.Tensor:
+    with torch.no_grad():
+        out = pipe.text_encoder(
+            input_ids=ids, attention_mask=mask if use_mask else None, output_hidden_states=True, use_cache=False
+        )
+    return torch.cat([out.hidden_states[k][0] for k in layers], dim=-1)  # (512, 3D)
+
+
+def test_a_wrong_layer_template_mask_or_padding_would_fail(built):
+    """The comparison above is discriminating: other layers, no template, no mask, left padding or a trimmed
+    output each land far from the pipeline's prompt_embeds."""
+    family, pipe_folder, _, _, _ = built
+    pipe = reference_pipeline(family, pipe_folder)
+    text = CAPTIONS["b"]
+    right = encode_prompt(pipe, text)["prompt_embeds"]
+    layers = tuple(text_families.FLUX2_LAYERS if family == "flux2" else text_families.FLUX2_KLEIN_LAYERS)
+    ids, mask = _encoder_inputs(pipe, family, text)
+    assert torch.equal(_stack(pipe, ids, mask, layers), right)  # the reference is what the pipeline computes
+    n = int(mask.sum())
+    assert n < 512 and mask[0, :n].all()  # right-padded
+    far = 100 * TOLERANCE
+    for wrong in ((1, 2, 3), tuple(k + 1 for k in layers), (-3, -2, -1)):
+        assert relative_difference(_stack(pipe, ids, mask, wrong), right) > far, wrong
+    unmasked = _stack(pipe, ids, mask, layers, use_mask=False)  # causal: only the padding rows change
+    assert relative_difference(unmasked[n:], right[n:]) > far
+    left_ids, left_mask = _encoder_inputs(pipe, family, text, side="left")
+    assert relative_difference(_stack(pipe, left_ids, left_mask, layers), right) > far
+    bare_ids, bare_mask = _encoder_inputs(pipe, family, text, template=False)
+    assert relative_difference(_stack(pipe, bare_ids, bare_mask, layers), right) > far
+    with torch.no_grad():  # only the real tokens, encoded at their own length: the padding rows are missing
+        short = pipe.text_encoder(input_ids=ids[:, :n], output_hidden_states=True, use_cache=False)
+    trimmed = torch.cat([short.hidden_states[k][0] for k in layers], dim=-1)
+    assert torch.allclose(trimmed, right[:n], atol=1e-4)  # equal where present ...
+    assert right[n:].abs().sum() > 0  # ... but the transformer also gets non-zero padding rows
+
+
+def test_flux2_tokens_equal_the_processor_path(tmp_path):
+    """The Mistral tokenizer is loaded as PixtralProcessor loads it, and tokenizes a caption as the processor's
+    apply_chat_template does: one BOS (the template's, none added), [IMG] removed, right-padded to 512."""
+    root = make_tiny_text_pipeline(tmp_path / "p", "flux2")
+    family, (spec,) = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
+    assert family.value == "flux2"
+    tok = text_families.load_tokenizer(spec)
+    processor = text_only_processor(root / "tokenizer")
+    texts = list(CAPTIONS.values())
+    ids, mask, truncated = text_families.tokenize(tok, spec, texts)
+    want = processor.apply_chat_template(
+        diffusers_format_input(texts),
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=512,
+    )
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(mask.long(), want["attention_mask"].long())
+    assert truncated == [False, False, False, True]
+    bos = tok.bos_token_id
+    assert all(row[0] == bos and int((row == bos).sum()) == 1 for row in ids)
+    assert tok.convert_tokens_to_ids("[IMG]") not in ids[2]
+    prompt = text_families.chat_prompt(tok, spec, "a cat")
+    assert prompt.startswith("<s>[SYSTEM_PROMPT]You are an AI") and prompt.endswith("[INST]a cat[/INST]")
+
+
+def test_the_system_message_is_the_pipelines():
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    assert text_families.FLUX2_SYSTEM_MESSAGE == SYSTEM_MESSAGE
+
+
+def test_processor_chat_template_prefers_the_legacy_json(tmp_path):
+    import json
+
+    assert text_families.processor_chat_template(tmp_path) is None
+    (tmp_path / "chat_template.jinja").write_text("jinja")
+    assert text_families.processor_chat_template(tmp_path) == "jinja"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "legacy"}))
+    assert text_families.processor_chat_template(tmp_path) == "legacy"
+
+
+def test_text_ids_are_the_pipelines():
+    import diffusers
+
+    want = diffusers.Flux2Pipeline._prepare_text_ids(torch.zeros(1, 512, 8))[0]
+    assert torch.equal(flux2.text_ids(512), want) and flux2.text_ids(512).dtype == want.dtype
+
+
+def test_presets_and_detection(tmp_path):
+    from cachebuild.config import PRESET_FAMILY, PRESETS
+
+    assert PRESETS["flux2-klein-4b"] == "black-forest-labs/FLUX.2-klein-4B"
+    assert PRESETS["flux2-klein-9b"] == "black-forest-labs/FLUX.2-klein-9B"
+    for preset, family in (("flux2-dev", "flux2"), ("flux2-klein-4b", "flux2-klein"), ("flux2-klein-9b", "flux2-klein")):
+        assert text_families._detect_family(preset, tmp_path).value == family == PRESET_FAMILY[preset]
+    for family in FAMILIES:
+        root = make_tiny_text_pipeline(tmp_path / family, family)
+        assert text_families._detect_family(str(root), root).value == family
+
+
+def _cfg(tmp_path: Path, model: Path):
+    from cachebuild.config import TextencConfig
+
+    captions = tmp_path / "captions"
+    captions.mkdir(exist_ok=True)
+    return TextencConfig(captions, tmp_path / "out", model=str(model))
