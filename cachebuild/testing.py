@@ -299,7 +299,8 @@ def make_tiny_qwen_tokenizer(path: Path) -> Path:
 
 
 def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0, layers: int = 3) -> Path:
-    """A ``layers``-layer (default 3) Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM`` with tied embeddings
+    """A ``layers``-layer (default 3) Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM``
+    with tied embeddings
     as Z-Image's text encoder is (the pipeline loads it as ``Qwen3Model``); ``init_scale`` as for
     :func:`make_tiny_clip`."""
     import torch
@@ -420,7 +421,8 @@ MISTRAL_SPECIALS = (  # Tekken's first control tokens, in its order: <unk> 0, <s
 MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3.1's shape in short: BOS, the system turn, then [INST] user turns
     "{{ bos_token }}{% for message in messages %}"
     "{% if message.content is string %}{% set text = message.content %}"
-    "{% else %}{% set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% else %}{% set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}"
     "{% endif %}"
     "{% if message.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
     "{% elif message.role == 'user' %}[INST]{{ text }}[/INST]"

@@ -61,18 +61,18 @@ def reference_pipeline(family: str, root: Path):
 
     if family == "flux2":
         te = transformers.Mistral3ForConditionalGeneration.from_pretrained(root / "text_encoder").eval()
-        return diffusers.Flux2Pipeline(
-            scheduler=None, vae=None, text_encoder=te, tokenizer=text_only_processor(root / "tokenizer"), transformer=None
-        )
+        processor = text_only_processor(root / "tokenizer")
+        return diffusers.Flux2Pipeline(scheduler=None, vae=None, text_encoder=te, tokenizer=processor, transformer=None)
     te = transformers.Qwen3ForCausalLM.from_pretrained(root / "text_encoder").eval()
     tok = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
     return diffusers.Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=te, tokenizer=tok, transformer=None)
 
 
-def encode_prompt(pipe, text: str) -> dict[str, torch.Tensor]:
+def encode_prompts(pipe, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """What the pipeline's own encode_prompt returns for each text (one batch), batch dimension dropped."""
     with torch.no_grad():
-        embeds, text_ids = pipe.encode_prompt(text, device=torch.device("cpu"))
-    return {"prompt_embeds": embeds[0], "text_ids": text_ids[0]}
+        embeds, text_ids = pipe.encode_prompt(texts, device=torch.device("cpu"))
+    return [{"prompt_embeds": e, "text_ids": t} for e, t in zip(embeds, text_ids, strict=True)]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -103,9 +103,8 @@ def test_pipeline_inputs_equal_the_flux2_pipelines(built):
     pipe = reference_pipeline(family, pipe_folder)
     cache = open_cache(out)
     assert cache.text_fingerprint["family"] == family
-    for key, text in CAPTIONS.items():
+    for key, want in zip(CAPTIONS, encode_prompts(pipe, list(CAPTIONS.values())), strict=True):
         got = cache.pipeline_inputs(key)
-        want = encode_prompt(pipe, text)
         assert got["prompt_embeds"].shape == want["prompt_embeds"].shape == (512, 96), key  # 3 layers x 32
         assert relative_difference(got["prompt_embeds"], want["prompt_embeds"]) <= TOLERANCE, (family, key)
         assert torch.equal(got["text_ids"], want["text_ids"]) and got["text_ids"].dtype == want["text_ids"].dtype
@@ -118,7 +117,7 @@ def test_the_fingerprint_records_the_flux2_choices(built):
 
     with Manifest.open(out, create=False) as m:
         encoder = m.fingerprint("textenc")["encoders"][0]
-    assert encoder["max_length"] == 512 and encoder["masked"] and not encoder["trim"]
+    assert encoder["max_length"] == 512 and encoder["attention_mask"] and not encoder["trim"]
     assert encoder["layers"] == ([10, 20, 30] if family == "flux2" else [9, 18, 27])
     assert ("system_message" in encoder) == ("processor" in encoder) == (family == "flux2")
 
@@ -158,12 +157,14 @@ def diffusers_format_input(prompts: list[str]):
     return format_input(prompts)
 
 
-def _stack(pipe, ids, mask, layers, use_mask: bool = True) -> torch.Tensor:
+def _hidden(pipe, ids, mask=None) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        out = pipe.text_encoder(
-            input_ids=ids, attention_mask=mask if use_mask else None, output_hidden_states=True, use_cache=False
-        )
-    return torch.cat([out.hidden_states[k][0] for k in layers], dim=-1)  # (512, 3D)
+        out = pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    return out.hidden_states
+
+
+def _stack(hidden: tuple[torch.Tensor, ...], layers, row: int = 0) -> torch.Tensor:
+    return torch.cat([hidden[k][row] for k in layers], dim=-1)  # (L, 3D)
 
 
 def test_a_wrong_layer_template_mask_or_padding_would_fail(built):
@@ -172,26 +173,25 @@ def test_a_wrong_layer_template_mask_or_padding_would_fail(built):
     family, pipe_folder, _, _, _ = built
     pipe = reference_pipeline(family, pipe_folder)
     text = CAPTIONS["b"]
-    right = encode_prompt(pipe, text)["prompt_embeds"]
+    right = encode_prompts(pipe, [text])[0]["prompt_embeds"]
     layers = tuple(text_families.FLUX2_LAYERS if family == "flux2" else text_families.FLUX2_KLEIN_LAYERS)
     ids, mask = _encoder_inputs(pipe, family, text)
-    assert torch.equal(_stack(pipe, ids, mask, layers), right)  # the reference is what the pipeline computes
+    left_ids, left_mask = _encoder_inputs(pipe, family, text, side="left")
+    bare_ids, bare_mask = _encoder_inputs(pipe, family, text, template=False)
+    hidden = _hidden(pipe, torch.cat([ids, left_ids, bare_ids]), torch.cat([mask, left_mask, bare_mask]))
+    assert torch.allclose(_stack(hidden, layers), right, rtol=1e-6, atol=1e-6)  # the reference is the pipeline's
     n = int(mask.sum())
     assert n < 512 and mask[0, :n].all()  # right-padded
     far = 100 * TOLERANCE
     for wrong in ((1, 2, 3), tuple(k + 1 for k in layers), (-3, -2, -1)):
-        assert relative_difference(_stack(pipe, ids, mask, wrong), right) > far, wrong
-    unmasked = _stack(pipe, ids, mask, layers, use_mask=False)  # causal: only the padding rows change
+        assert relative_difference(_stack(hidden, wrong), right) > far, wrong
+    assert relative_difference(_stack(hidden, layers, 1), right) > far  # left padding
+    assert relative_difference(_stack(hidden, layers, 2), right) > far  # no template
+    unmasked = _stack(_hidden(pipe, ids), layers)  # causal: only the padding rows change
     assert relative_difference(unmasked[n:], right[n:]) > far
-    left_ids, left_mask = _encoder_inputs(pipe, family, text, side="left")
-    assert relative_difference(_stack(pipe, left_ids, left_mask, layers), right) > far
-    bare_ids, bare_mask = _encoder_inputs(pipe, family, text, template=False)
-    assert relative_difference(_stack(pipe, bare_ids, bare_mask, layers), right) > far
-    with torch.no_grad():  # only the real tokens, encoded at their own length: the padding rows are missing
-        short = pipe.text_encoder(input_ids=ids[:, :n], output_hidden_states=True, use_cache=False)
-    trimmed = torch.cat([short.hidden_states[k][0] for k in layers], dim=-1)
-    assert torch.allclose(trimmed, right[:n], atol=1e-4)  # equal where present ...
-    assert right[n:].abs().sum() > 0  # ... but the transformer also gets non-zero padding rows
+    trimmed = _stack(_hidden(pipe, ids[:, :n]), layers)  # the real tokens alone, at their own length:
+    assert torch.allclose(trimmed, right[:n], atol=1e-4)  # equal where present, but the transformer also
+    assert relative_difference(right[n:], torch.zeros_like(right[n:])) > far  # gets non-zero padding rows
 
 
 def test_flux2_tokens_equal_the_processor_path(tmp_path):
@@ -251,7 +251,8 @@ def test_presets_and_detection(tmp_path):
 
     assert PRESETS["flux2-klein-4b"] == "black-forest-labs/FLUX.2-klein-4B"
     assert PRESETS["flux2-klein-9b"] == "black-forest-labs/FLUX.2-klein-9B"
-    for preset, family in (("flux2-dev", "flux2"), ("flux2-klein-4b", "flux2-klein"), ("flux2-klein-9b", "flux2-klein")):
+    presets = {"flux2-dev": "flux2", "flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
+    for preset, family in presets.items():
         assert text_families._detect_family(preset, tmp_path).value == family == PRESET_FAMILY[preset]
     for family in FAMILIES:
         root = make_tiny_text_pipeline(tmp_path / family, family)
@@ -264,3 +265,25 @@ def _cfg(tmp_path: Path, model: Path):
     captions = tmp_path / "captions"
     captions.mkdir(exist_ok=True)
     return TextencConfig(captions, tmp_path / "out", model=str(model))
+
+
+def test_other_families_fingerprints_gain_no_flux2_keys(tmp_path):
+    """Existing caches keep their fingerprints: the new choices are recorded only where set."""
+    from cachebuild.cache.manifest import Manifest
+
+    root = make_tiny_text_pipeline(tmp_path / "p", "chroma")
+    _, specs = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
+    with Manifest.open(tmp_path / "m") as m:
+        printed = specs[0].fingerprint(m)
+    assert not {"layers", "system_message", "processor", "masked"} & set(printed)
+    assert printed["attention_mask"] is True and printed["trim"] is True  # Chroma: masked and trimmed, as before
+
+
+def test_a_processor_folder_without_a_chat_template_is_refused(tmp_path):
+    from cachebuild.errors import ModelLoadError
+
+    root = make_tiny_text_pipeline(tmp_path / "p", "flux2")
+    (root / "tokenizer" / "chat_template.jinja").unlink()
+    _, (spec,) = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
+    with pytest.raises(ModelLoadError, match="chat_template"):
+        text_families.load_tokenizer(spec)

@@ -77,8 +77,6 @@ class EncoderSpec:
             extra["chat_template"] = dict(self.chat_template)  # the template text itself is in tokenizer_sha256
         if self.layers:
             extra["layers"] = list(self.layers)
-        if self.masked:
-            extra["masked"] = True
         if self.system_message:
             extra["system_message"] = self.system_message
         if self.processor:
@@ -235,9 +233,10 @@ def load_processor_tokenizer(spec: EncoderSpec):
     """The text half of a PixtralProcessor folder, loaded without the processor (which needs torchvision).
 
     ``PixtralProcessor.from_pretrained`` loads its tokenizer with ``TokenizersBackend.from_pretrained`` (the
-    folder's tokenizer.json as it is), not ``AutoTokenizer``: FLUX.2-dev's tokenizer_config names
-    ``LlamaTokenizer``, which pads on the left and rebuilds the pre-tokenizer. Its chat template is the
-    processor's: ``chat_template.json`` first, then ``chat_template.jinja``.
+    folder's tokenizer.json as it is, padding on the right), not with ``AutoTokenizer``, which goes by the class
+    that tokenizer_config.json names: ``LlamaTokenizer`` for FLUX.2-dev, a class that pads on the left and builds
+    its own pre-tokenizer. The chat template is the processor's: ``chat_template.json`` first, then
+    ``chat_template.jinja``.
     """
     try:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
