@@ -3,11 +3,9 @@ on tiny random components, ``open_cache(out).pipeline_inputs(key)`` equals what 
 (Mistral3 behind a PixtralProcessor) and ``Flux2KleinPipeline.encode_prompt`` (Qwen3) return: ``prompt_embeds``
 (512, 3D) and ``text_ids`` (512, 4).
 
-PixtralProcessor cannot be built here (transformers 5 requires torchvision for it, which is not installed), so
-the reference Flux2Pipeline gets :class:`TextOnlyProcessor`: transformers' own ``ProcessorMixin`` around the
-tokenizer the processor would load, so the pipeline's ``apply_chat_template`` call runs the processor code path
-(template rendering, the BOS rule, ``__call__`` with the merged text kwargs); PixtralProcessor adds only image
-handling to it, and text-only prompts never reach that."""
+The reference Flux2Pipeline gets a real ``PixtralProcessor`` (see :func:`pixtral_processor`): transformers 5
+cannot load one without torchvision, which is not installed, but only its image half needs it; text runs through
+the processor's own code (template rendering, the BOS rule, ``__call__`` with the merged text kwargs) unchanged."""
 
 from __future__ import annotations
 
@@ -40,18 +38,32 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def text_only_processor(folder: Path):
-    """A processor for text like FLUX.2-dev's PixtralProcessor: the tokenizer and chat template it loads."""
-    from transformers.processing_utils import ProcessorMixin
+def pixtral_processor(folder: Path):
+    """transformers' PixtralProcessor for the processor folder ``folder``, built as ``from_pretrained`` builds it
+    (its tokenizer through ``TokenizersBackend.from_pretrained``, the folder's chat template) with a bare image
+    processor. Its module imports the Pixtral image processor, which needs torchvision, for one image-size
+    helper that text never calls: a stand-in module takes its place while the class is imported."""
+    import importlib
+    import sys
+    import types
+
+    from transformers.image_processing_base import ImageProcessingMixin
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    class TextOnlyProcessor(ProcessorMixin):
-        def __init__(self, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(tokenizer, chat_template=chat_template)
-            self.image_token = "[IMG]"  # as PixtralProcessor: counted in prompts against the images given
-
-    tokenizer = TokenizersBackend.from_pretrained(folder)  # what PixtralProcessor.from_pretrained loads
-    return TextOnlyProcessor(tokenizer, chat_template=text_families.processor_chat_template(folder))
+    images = "transformers.models.pixtral.image_processing_pixtral"
+    name = "transformers.models.pixtral.processing_pixtral"
+    saved = {m: sys.modules.pop(m) for m in (images, name) if m in sys.modules}
+    sys.modules[images] = types.ModuleType(images)
+    sys.modules[images].get_resize_output_image_size = None
+    try:
+        processor_cls = importlib.import_module(name).PixtralProcessor
+    finally:
+        for m in (images, name):
+            sys.modules.pop(m, None)
+        sys.modules.update(saved)
+    tokenizer = TokenizersBackend.from_pretrained(folder)
+    template = text_families.processor_chat_template(folder)
+    return processor_cls(image_processor=ImageProcessingMixin(), tokenizer=tokenizer, chat_template=template)
 
 
 def reference_pipeline(family: str, root: Path):
@@ -61,7 +73,7 @@ def reference_pipeline(family: str, root: Path):
 
     if family == "flux2":
         te = transformers.Mistral3ForConditionalGeneration.from_pretrained(root / "text_encoder").eval()
-        processor = text_only_processor(root / "tokenizer")
+        processor = pixtral_processor(root / "tokenizer")
         return diffusers.Flux2Pipeline(scheduler=None, vae=None, text_encoder=te, tokenizer=processor, transformer=None)
     te = transformers.Qwen3ForCausalLM.from_pretrained(root / "text_encoder").eval()
     tok = transformers.AutoTokenizer.from_pretrained(root / "tokenizer")
@@ -201,7 +213,8 @@ def test_flux2_tokens_equal_the_processor_path(tmp_path):
     family, (spec,) = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
     assert family.value == "flux2"
     tok = text_families.load_tokenizer(spec)
-    processor = text_only_processor(root / "tokenizer")
+    processor = pixtral_processor(root / "tokenizer")
+    assert type(processor).__name__ == "PixtralProcessor"
     texts = list(CAPTIONS.values())
     ids, mask, truncated = text_families.tokenize(tok, spec, texts)
     want = processor.apply_chat_template(
@@ -287,3 +300,20 @@ def test_a_processor_folder_without_a_chat_template_is_refused(tmp_path):
     _, (spec,) = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
     with pytest.raises(ModelLoadError, match="chat_template"):
         text_families.load_tokenizer(spec)
+
+
+def test_real_sizes_and_stored_dtype(tmp_path):
+    """At FLUX.2-dev's size (Mistral text width 5120) a caption is (512, 15360), 15 MiB in bf16, the default."""
+    import json
+
+    from cachebuild.config import DType, TextFamily
+
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 5120}, "vision_config": {}}))
+    spec = text_families.EncoderSpec(
+        "mistral3", tmp_path, tmp_path, "Mistral3ForConditionalGeneration", -1, False, True, None, 512, False,
+        DType.BF16, layers=text_families.FLUX2_LAYERS, masked=True,
+    )  # fmt: skip
+    width, _ = text_families.output_dims(spec)
+    assert width == 15360 and 512 * width * 2 == 15 * 2**20
+    assert text_families.STORED_DTYPE[TextFamily.FLUX2] is DType.BF16
+    assert text_families.STORED_DTYPE[TextFamily.FLUX2_KLEIN] is DType.BF16
