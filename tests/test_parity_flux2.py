@@ -132,6 +132,10 @@ def test_the_fingerprint_records_the_flux2_choices(built):
     assert encoder["max_length"] == 512 and encoder["attention_mask"] and not encoder["trim"]
     assert encoder["layers"] == ([10, 20, 30] if family == "flux2" else [9, 18, 27])
     assert ("system_message" in encoder) == ("processor" in encoder) == (family == "flux2")
+    from cachebuild.consumers.verify import verify_cache
+
+    assert verify_cache(out).ok  # 512 rows per caption, as the fingerprint says
+    assert open_cache(out).record("d")[encoder["name"]].shape == (512, 96)  # truncated at 512, stored whole
 
 
 def _encoder_inputs(pipe, family: str, text: str, template: bool = True, side: str = "right"):
