@@ -27,6 +27,8 @@ TEXT_FAMILIES = (
     "z-image",
     "qwen-image",
     "hidream",
+    "flux2",
+    "flux2-klein",
     "generic",
 )  # mirrors config.TextFamily, without importing
 
@@ -109,7 +111,7 @@ _vae_options = _options(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "hidream), pipeline hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -152,8 +154,8 @@ _latents_options = _options(  # what is stored per image and how the encoder run
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, hidream), "
-        "pipeline hub id or local pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
+        "flux2-klein-4b, flux2-klein-9b, hidream), pipeline hub id or local pipeline folder.",
     ),
     click.option(
         "--family",

@@ -60,11 +60,14 @@ PRESETS: dict[str, str] = {
     "chroma": "lodestones/Chroma1-HD",
     "z-image": "Tongyi-MAI/Z-Image-Turbo",
     "qwen-image": "Qwen/Qwen-Image",
-    "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
+    "flux2-dev": "black-forest-labs/FLUX.2-dev",
+    "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",  # Qwen3-4B text encoder
+    "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",  # Qwen3-8B text encoder
     "hidream": "HiDream-ai/HiDream-I1-Full",  # its Llama 3.1 from LLAMA_REPO (families.text) where the repo has none
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
+PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:
@@ -206,6 +209,8 @@ class TextFamily(str, Enum):
     ZIMAGE = "z-image"  # Qwen3's penultimate hidden state over the chat template, masked: the real tokens only
     QWENIMAGE = "qwen-image"  # Qwen2.5-VL's last hidden state over a system template, masked: the caption's tokens
     HIDREAM = "hidream"  # CLIP-L + CLIP-G pooled projections; T5-XXL and every Llama 3.1 layer, masked, all 128 rows
+    FLUX2 = "flux2"  # Mistral3 hidden states 10/20/30 side by side over the system + user template, masked, 512 rows
+    FLUX2_KLEIN = "flux2-klein"  # Qwen3 hidden states 9/18/27 side by side over the chat template, masked, 512 rows
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

@@ -134,7 +134,7 @@ def local_or_hub(source: str, revision: str | None, pipeline: bool = False) -> P
         subs = ["text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"]
         subs += ["text_encoder_4", "tokenizer_4"]  # HiDream's Llama, where a repository carries it
         patterns = ["model_index.json"] + [
-            f"{s}/*.{ext}" for s in subs for ext in ("json", "safetensors", "txt", "model")
+            f"{s}/*.{ext}" for s in subs for ext in ("json", "safetensors", "txt", "model", "jinja")
         ]
     else:
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]

@@ -303,8 +303,9 @@ def make_tiny_qwen_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
-    """A 3-layer Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM`` with tied embeddings
+def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0, layers: int = 3) -> Path:
+    """A ``layers``-layer (default 3) Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM``
+    with tied embeddings
     as Z-Image's text encoder is (the pipeline loads it as ``Qwen3Model``); ``init_scale`` as for
     :func:`make_tiny_clip`."""
     import torch
@@ -316,7 +317,7 @@ def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: floa
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=37,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
@@ -410,6 +411,10 @@ TEXT_PIPELINES = {
         ],
     ),
 }
+TEXT_PIPELINES |= {
+    "flux2": ("Flux2Pipeline", [("text_encoder", "tokenizer", "mistral3")]),
+    "flux2-klein": ("Flux2KleinPipeline", [("text_encoder", "tokenizer", "qwen3_klein")]),
+}
 COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's model_index.json names for it
     "clip": ("CLIPTextModel", "CLIPTokenizer"),
     "clip_h": ("CLIPTextModel", "CLIPTokenizer"),
@@ -453,6 +458,12 @@ def make_tiny_qwen25vl(path: Path, tokenizer: Path, seed: int = 0, init_scale: f
     return path
 
 
+COMPONENT_CLASSES |= {  # what the Flux.2 repositories name: a processor folder for Mistral3, Qwen3 as a causal LM
+    "mistral3": ("Mistral3ForConditionalGeneration", "PixtralProcessor"),
+    "qwen3_klein": ("Qwen3ForCausalLM", "Qwen2TokenizerFast"),
+}
+
+
 def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) -> Path:
     """A pipeline folder with the text encoders and tokenizers of ``family``, no UNet, and a VAE only for the
     families in :data:`PIPELINE_VAES`; ``init_scale`` as for :func:`make_tiny_clip` (parity tests raise it so
@@ -476,6 +487,12 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
         elif kind == "llama":
             make_tiny_llama_tokenizer(path / tok)
             make_tiny_llama(path / enc, path / tok, seed=i, init_scale=init_scale)
+        elif kind == "qwen3_klein":  # deeper than Flux2KleinPipeline's layer 27, so that none of 9/18/27 is the last
+            make_tiny_qwen_tokenizer(path / tok)
+            make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale, layers=KLEIN_TINY_LAYERS)
+        elif kind == "mistral3":
+            make_tiny_mistral_tokenizer(path / tok)
+            make_tiny_mistral3(path / enc, path / tok, seed=i, init_scale=init_scale)
         elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")
@@ -490,6 +507,107 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
                 positions=248 if kind == "clip_long" else 77,
             )
             make_tiny_tokenizer(path / tok, "clip")
+    return path
+
+
+KLEIN_TINY_LAYERS = 28  # Flux2KleinPipeline reads hidden_states 9, 18 and 27
+MISTRAL_TINY_LAYERS = 31  # Flux2Pipeline reads hidden_states 10, 20 and 30
+MISTRAL_SPECIALS = (  # Tekken's first control tokens, in its order: <unk> 0, <s> 1, </s> 2, ..., <pad> 11
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+)
+MISTRAL_CHAT_TEMPLATE = (  # Mistral Small 3.1's shape in short: BOS, the system turn, then [INST] user turns
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message.content is string %}{% set text = message.content %}"
+    "{% else %}{% set text = message.content | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join('') %}"
+    "{% endif %}"
+    "{% if message.role == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message.role == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def make_tiny_mistral_tokenizer(path: Path) -> Path:
+    """A byte-level BPE tokenizer saved like FLUX.2-dev's ``tokenizer/`` processor folder: a tokenizer.json that adds
+    BOS, Tekken's control tokens, a tokenizer_config naming ``LlamaTokenizer`` and ``PixtralProcessor`` (as the real
+    one does) and :data:`MISTRAL_CHAT_TEMPLATE` as ``chat_template.jinja``; any text tokenizes, nothing maps to unk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=list(MISTRAL_SPECIALS), initial_alphabet=alphabet, show_progress=False
+    )
+    bpe.train_from_iterator([" ".join(WORDS), "You are an AI that reasons about image descriptions."], trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = TokenizersBackend(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.save_pretrained(path)
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config |= {"tokenizer_class": "LlamaTokenizer", "processor_class": "PixtralProcessor"}
+    config_path.write_text(json.dumps(config, indent=2))
+    (path / "chat_template.jinja").write_text(MISTRAL_CHAT_TEMPLATE)
+    return path
+
+
+def make_tiny_mistral3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A Mistral3ForConditionalGeneration (Flux.2's text encoder class) for the tokenizer at ``tokenizer``: a
+    :data:`MISTRAL_TINY_LAYERS`-layer Mistral text model and a one-layer Pixtral vision tower, which its config
+    needs though text never reaches it; ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    tok = TokenizersBackend.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    text = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=MISTRAL_TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        initializer_range=0.02 * init_scale,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, head_dim=8, image_size=32
+    )
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    Mistral3ForConditionalGeneration(config).save_pretrained(path)
     return path
 
 

@@ -18,6 +18,7 @@ MODULES = {
     "hidream": "hidream",
 }
 MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2"}  # latents only so far: pass family= to pipeline_inputs
+MODULES |= {"flux2-klein": "flux2"}  # Flux.2 [klein]: Flux.2's VAE and its own Qwen3 text encoder
 
 
 def pipeline_inputs_for(family: str) -> Callable[[dict, dict], dict]:

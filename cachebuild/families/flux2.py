@@ -6,18 +6,38 @@ What ``Flux2Pipeline`` hands its transformer for an image (``_encode_vae_image``
 ``(dy, dx)``), then ``(p - bn.running_mean) / sqrt(bn.running_var + batch_norm_eps)``: the layout
 ``prepare_latents`` builds before :func:`pack_latents` flattens it into (H/16 * W/16, 4C) tokens. The cache
 stores the raw ``(C, H/8, W/8)`` latents; the statistics are in the fingerprint's ``vae`` object.
+
+Text (``encode_prompt``): ``prompt_embeds`` (512, 3D), the text encoder's hidden states at three layers side by
+side per token (Flux2Pipeline: Mistral3 ``hidden_states`` 10, 20, 30, D = 5120, over a system and a user turn;
+Flux2KleinPipeline: Qwen3 9, 18, 27, D = 2560 or 4096, over one user turn), encoded with the attention mask at
+512 positions and returned whole: the transformer gets every row, the padding rows too (they are not zero, and
+no mask goes with them), so the cache stores all 512 rows (``mistral3`` or ``qwen3``). ``text_ids`` (512, 4)
+int64 is derived, not stored: ``(0, 0, 0, l)`` for row ``l``, whatever the prompt (``_prepare_text_ids``).
 """
 
 from __future__ import annotations
 
 import torch
 
-PIPELINE = "Flux2Pipeline"
+PIPELINE = "Flux2Pipeline"  # and Flux2KleinPipeline (family flux2-klein)
+TEXT_NAMES = ("mistral3", "qwen3")  # the stored text tensor: Flux.2 [dev]'s Mistral3, or Flux.2 [klein]'s Qwen3
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
     """The pipeline's names for one record's tensors (no batch dimension)."""
-    return {"latents": normalize_latents(rec["latents"], vae)}
+    out = {"latents": normalize_latents(rec["latents"], vae)} if "latents" in rec else {}
+    for name in TEXT_NAMES:
+        if name in rec:
+            out["prompt_embeds"] = rec[name]  # (512, 3D)
+            out["text_ids"] = text_ids(rec[name].shape[0])
+    return out
+
+
+def text_ids(length: int) -> torch.Tensor:
+    """(length, 4) int64: the (t, h, w, l) position of each text row, ``(0, 0, 0, l)``, as the pipelines build it."""
+    ids = torch.zeros(length, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(length)
+    return ids
 
 
 def normalize_latents(z: torch.Tensor, vae: dict) -> torch.Tensor:

@@ -25,6 +25,7 @@ from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weigh
 # into failed items; their pipelines compute in bf16, so bf16 storage loses nothing against them. CLIP and T5
 # outputs stay well inside fp16, which keeps 3 more bits.
 STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16, TextFamily.HIDREAM: DType.BF16}
+STORED_DTYPE |= {TextFamily.FLUX2: DType.BF16, TextFamily.FLUX2_KLEIN: DType.BF16}  # Mistral3 and Qwen3 layers
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
@@ -41,6 +42,17 @@ HIDREAM_MAX_LENGTH = 128  # HiDreamImagePipeline's max_sequence_length: T5's and
 HIDREAM_CLIP_LIMIT = 218  # its CLIP encoders pad to min(max_sequence_length, 218) (their position tables hold 248)
 LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"  # HiDream's text_encoder_4 where the pipeline has none (its
 # hub repository leaves the gated Llama out; the pipeline's docstring loads it from here)
+FLUX2_MAX_LENGTH = 512  # Flux2Pipeline's and Flux2KleinPipeline's max_sequence_length: all 512 rows reach the
+# transformer, template and padding rows included
+FLUX2_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers: Mistral hidden_states indices (0: embeddings)
+FLUX2_KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers: Qwen3 hidden_states indices
+FLUX2_CHAT = (("add_generation_prompt", False),)  # as Flux2Pipeline._get_mistral_3_small_prompt_embeds
+FLUX2_KLEIN_CHAT = (("add_generation_prompt", True), ("enable_thinking", False))  # as Flux2KleinPipeline's
+FLUX2_SYSTEM_MESSAGE = (  # diffusers.pipelines.flux2.system_messages.SYSTEM_MESSAGE, the system turn of every prompt
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+IMAGE_TOKEN = "[IMG]"  # Flux2Pipeline removes it from prompts (its processor would count it as an image slot)
 
 
 @dataclass(frozen=True)
@@ -67,9 +79,15 @@ class EncoderSpec:
     body: str = ""  # non-empty: the loaded model's attribute that is run instead of the model (Qwen2.5-VL's
     # `model`: the same hidden states without the LM head's logits over the vocabulary)
     masked: bool | None = None  # None: as ``trim``; True with trim False: run with the attention mask and store
-    # every max-length row (HiDream's T5 and Llama: its transformer reads the rows at the padding too)
+    # every max-length row (HiDream's T5 and Llama, Flux.2: their transformers read the rows at the padding too)
     all_layers: bool = False  # store every layer's output after the embeddings, stacked: (layers, L, D) (HiDream)
     pad_with_eos: bool = False  # pad with the tokenizer's EOS token (HiDream sets tokenizer_4.pad_token to it)
+    layers: tuple[int, ...] = ()  # non-empty: these hidden_states indices (0: the embeddings) stacked and
+    # concatenated per token, (L, len(layers) * D), in place of `layer` (Flux.2)
+    system_message: str = ""  # non-empty: a system turn before the caption, each content as one typed text part
+    # ({"type": "text", "text": ...}), the chat format Flux2Pipeline hands its processor
+    processor: bool = False  # the tokenizer folder is a multimodal processor's (Flux.2's PixtralProcessor): see
+    # load_tokenizer; captions lose "[IMG]", and no special tokens are added when the prompt starts with BOS
 
     @property
     def attention_mask(self) -> bool:
@@ -86,6 +104,12 @@ class EncoderSpec:
             extra["drop_rows"] = self.drop_rows
         extra |= {"all_layers": True} if self.all_layers else {}
         extra |= {"pad_with_eos": True} if self.pad_with_eos else {}
+        if self.layers:
+            extra["layers"] = list(self.layers)
+        if self.system_message:
+            extra["system_message"] = self.system_message
+        if self.processor:
+            extra["processor"] = True
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -192,6 +216,44 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
                 body="model",
             )
         ],
+        TextFamily.FLUX2: lambda: [  # Mistral3 layers 10/20/30 over the system + user template, masked, all rows
+            EncoderSpec(
+                "mistral3",
+                root / "text_encoder",
+                root / "tokenizer",
+                "Mistral3ForConditionalGeneration",
+                -1,
+                False,
+                True,
+                None,
+                FLUX2_MAX_LENGTH,
+                False,
+                dtype,
+                chat_template=FLUX2_CHAT,
+                layers=FLUX2_LAYERS,
+                masked=True,
+                system_message=FLUX2_SYSTEM_MESSAGE,
+                processor=True,
+            )
+        ],
+        TextFamily.FLUX2_KLEIN: lambda: [  # Qwen3 layers 9/18/27 over the user template, masked, all rows
+            EncoderSpec(
+                "qwen3",
+                root / "text_encoder",
+                root / "tokenizer",
+                "Qwen3ForCausalLM",
+                -1,
+                False,
+                True,
+                None,
+                FLUX2_MAX_LENGTH,
+                False,
+                dtype,
+                chat_template=FLUX2_KLEIN_CHAT,
+                layers=FLUX2_KLEIN_LAYERS,
+                masked=True,
+            )
+        ],
     }
     table[TextFamily.HIDREAM] = lambda: _hidream_specs(cfg, root, dtype, t5_dtype)
     specs = table[family]()
@@ -244,6 +306,8 @@ def _tokenizer_limit(folder: Path) -> int:
 def load_tokenizer(spec: EncoderSpec):
     from transformers import AutoTokenizer
 
+    if spec.processor:
+        return load_processor_tokenizer(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
     except Exception as exc:
@@ -253,14 +317,54 @@ def load_tokenizer(spec: EncoderSpec):
     return tokenizer
 
 
+def load_processor_tokenizer(spec: EncoderSpec):
+    """The text half of a PixtralProcessor folder, loaded without the processor (which needs torchvision).
+
+    ``PixtralProcessor.from_pretrained`` loads its tokenizer with ``TokenizersBackend.from_pretrained`` (the
+    folder's tokenizer.json as it is, padding on the right), not with ``AutoTokenizer``, which goes by the class
+    that tokenizer_config.json names: ``LlamaTokenizer`` for FLUX.2-dev, a class that pads on the left and builds
+    its own pre-tokenizer. The chat template is the processor's: ``chat_template.json`` first, then
+    ``chat_template.jinja``.
+    """
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+        tokenizer = TokenizersBackend.from_pretrained(spec.tokenizer)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
+    template = processor_chat_template(spec.tokenizer)
+    if template is None:
+        raise ModelLoadError(
+            f"{spec.tokenizer} has no chat_template.json or chat_template.jinja, which the {spec.name} processor "
+            "needs; pass a complete pipeline folder"
+        )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def processor_chat_template(folder: Path) -> str | None:
+    """The chat template a processor loads from ``folder``: the legacy ``chat_template.json`` wins over
+    ``chat_template.jinja``, as in ``ProcessorMixin.from_pretrained``."""
+    legacy, raw = folder / "chat_template.json", folder / "chat_template.jinja"
+    if legacy.is_file():
+        return json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
+    return raw.read_text(encoding="utf-8") if raw.is_file() else None
+
+
 def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
     if spec.chat_template:
         texts = [chat_prompt(tokenizer, spec, text) for text in texts]
     if spec.prompt_template:
         texts = [spec.prompt_template.format(text) for text in texts]  # the caption's own braces stay as they are
-    enc = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
-    full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    special = {}
+    if spec.processor:  # a processor adds no special tokens to a prompt that starts with BOS (it has them already)
+        bos = tokenizer.bos_token
+        special["add_special_tokens"] = not (bos is not None and bool(texts) and texts[0].startswith(bos))
+    enc = tokenizer(
+        texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt", **special
+    )
+    full = tokenizer(texts, truncation=False, verbose=False, **special)["input_ids"]
     return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
 
 
@@ -271,7 +375,14 @@ def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:
         >>> chat_prompt(qwen_tokenizer, spec, "a cat")
         '<|im_start|>user\\na cat<|im_end|>\\n<|im_start|>assistant\\n'
     """
+    if spec.processor:
+        text = text.replace(IMAGE_TOKEN, "")
     messages = [{"role": "user", "content": text}]
+    if spec.system_message:  # Flux.2: contents as typed parts, as its format_input builds them
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": spec.system_message}]},
+            {"role": "user", "content": [{"type": "text", "text": text}]},
+        ]
     return tokenizer.apply_chat_template(messages, tokenize=False, **dict(spec.chat_template))
 
 
@@ -281,13 +392,16 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
     def forward(inputs: tuple[torch.Tensor, torch.Tensor], _dtype: torch.dtype) -> list[dict]:
         ids, mask = inputs
         net = getattr(model, spec.body) if spec.body else model
-        no_cache = {"use_cache": False} if spec.body else {}  # an LLM body would keep every layer's keys and values
+        # LLMs: no KV cache; and where the causal LM's head runs (stacked layers of a whole model), logits at one
+        # position only, not over a 131k vocabulary
+        llm = {"use_cache": False} if spec.body or spec.layers or spec.all_layers else {}
+        llm |= {"logits_to_keep": 1} if spec.layers and not spec.body else {}
         with torch.inference_mode():
             out = net(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device) if spec.attention_mask else None,  # CLIP: causal, fed unmasked
-                output_hidden_states=spec.layer != -1 or spec.all_layers,
-                **no_cache,
+                output_hidden_states=spec.layer != -1 or spec.all_layers or bool(spec.layers),
+                **llm,
             )
             results: list[dict] = [{} for _ in range(len(ids))]
             if spec.hidden and spec.all_layers:  # (B, layers, L, D), stacked on the host: no device copy
@@ -295,7 +409,10 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
                 for i in range(len(ids)):
                     results[i][spec.name] = h[i]
             elif spec.hidden:
-                h = out.last_hidden_state if spec.layer == -1 else out.hidden_states[spec.layer]
+                if spec.layers:
+                    h = _stacked_layers(out, spec.layers)
+                else:
+                    h = out.last_hidden_state if spec.layer == -1 else out.hidden_states[spec.layer]
                 if spec.final_norm:
                     h = _final_layer_norm(model)(h)
                 h = h.float().cpu()  # (B, L, D)
@@ -311,6 +428,12 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
         return results
 
     return forward
+
+
+def _stacked_layers(out, layers: tuple[int, ...]) -> torch.Tensor:
+    """(B, L, len(layers) * D): per token, the listed hidden states side by side, as the Flux.2 pipelines stack
+    them (``torch.stack(dim=1)``, then ``permute(0, 2, 1, 3)`` and reshape)."""
+    return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
 
 
 def pad_tokens(hidden: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,6 +465,7 @@ def output_dims(spec: EncoderSpec) -> tuple[int, int]:
     hidden = cfg.get("hidden_size") or cfg.get("d_model") or 0
     if spec.all_layers:  # a stored row holds one D-wide row per layer
         return hidden * cfg.get("num_hidden_layers", 1), hidden
+    hidden *= max(1, len(spec.layers))
     return hidden, cfg.get("projection_dim", hidden) if spec.pooled == "text_embeds" else hidden
 
 
@@ -384,6 +508,8 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "ZImagePipeline": TextFamily.ZIMAGE,
         "QwenImagePipeline": TextFamily.QWENIMAGE,
         "HiDreamImagePipeline": TextFamily.HIDREAM,
+        "Flux2Pipeline": TextFamily.FLUX2,
+        "Flux2KleinPipeline": TextFamily.FLUX2_KLEIN,
     }
     if cls in by_class:
         return by_class[cls]
