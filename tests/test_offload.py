@@ -160,3 +160,43 @@ def test_fp32_redo_of_a_streamed_encoder_equals_the_resident_one(pipelines):
 
     for s, r in zip(run(Offload.ALWAYS), run(Offload.NEVER), strict=True):
         assert all(torch.equal(s[n], r[n]) for n in r)
+
+
+@pytest.mark.gpu
+def test_auto_streams_a_model_larger_than_the_memory_cap_and_stays_under_it(tmp_path, captions):
+    from cachebuild.config import TextencConfig
+    from cachebuild.jobs.textenc import build_textenc
+    from cachebuild.testing import make_tiny_t5, make_tiny_tokenizer
+
+    encoder = make_tiny_t5(tmp_path / "t5", d_model=2048, layers=8, d_kv=256, init_scale=0.3)  # about 270 MB fp32
+    tokenizer = make_tiny_tokenizer(tmp_path / "tok", "t5")
+    model_bytes = weight_bytes(weight_files(encoder), torch.float32)
+    cap = 160 << 20  # bytes: below the model, above one block (34 MB) plus activations and cuBLAS workspaces
+    assert model_bytes > cap
+
+    def build(device: str, out: str):
+        cfg = TextencConfig(
+            captions, tmp_path / out, text_encoder=str(encoder), tokenizer=str(tokenizer), max_length=32,
+            device=device, dtype=DType.FP32, dtype_out=DType.FP32, batch_size=2,
+        )  # fmt: skip
+        return build_textenc(cfg)
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        summary = build("cuda", "gpu")
+        peak = torch.cuda.max_memory_allocated()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    print(f"model {model_bytes / 2**20:.0f} MiB, cap {cap / 2**20:.0f} MiB, peak streamed {peak / 2**20:.1f} MiB")
+    assert summary.offloaded == ["te"] and summary.failed == 0
+    assert peak < cap
+    reference = build("cpu", "cpu")
+    assert reference.offloaded == []
+    gpu, cpu = read_text_cache(tmp_path / "gpu"), read_text_cache(tmp_path / "cpu")
+    assert sorted(gpu) == sorted(cpu) == sorted(CAPTIONS)
+    for key in cpu:
+        for name in cpu[key]:
+            torch.testing.assert_close(gpu[key][name], cpu[key][name], rtol=1e-4, atol=1e-5)  # other kernels
