@@ -17,7 +17,14 @@ from cachebuild.encode import GuardedForward
 from cachebuild.families import text as text_families
 from cachebuild.families.text import encoder_forward, resident, resolve_encoders, tokenize
 from cachebuild.hub import weight_files
-from cachebuild.offload import ACTIVATION_MARGIN_BYTES, is_streamed, needed_bytes, should_offload, weight_bytes
+from cachebuild.offload import (
+    ACTIVATION_MARGIN_BYTES,
+    free_bytes,
+    is_streamed,
+    needed_bytes,
+    should_offload,
+    weight_bytes,
+)
 from cachebuild.testing import make_tiny_text_pipeline
 from tests.test_textenc import cfg_for, read_text_cache
 
@@ -83,6 +90,7 @@ def test_auto_decision():
     assert not should_offload(Offload.AUTO, mps, needed=17 << 30, free=0)
     assert not should_offload(Offload.NEVER, cuda, needed=17 << 30, free=0)
     assert should_offload(Offload.ALWAYS, cpu, needed=0, free=None)
+    assert free_bytes(cpu) is None  # the host's memory: nothing to compare with
 
 
 def test_auto_compares_the_weights_at_the_compute_dtype_with_a_faked_free_memory(pipelines, monkeypatch):
