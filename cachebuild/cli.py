@@ -207,6 +207,14 @@ _text_run_options = _options(  # how the text encoders run
         show_default=True,
         help="Encoder outputs held in host memory while the encoders take turns on the device, MiB.",
     ),
+    click.option(
+        "--offload",
+        type=click.Choice(["never", "auto", "always"]),
+        default="auto",
+        show_default=True,
+        help="Keep an encoder's weights in host memory and stream them to the device block by block: auto when "
+        "it does not fit the GPU's free memory (slower, same outputs).",
+    ),
 )
 
 
@@ -488,7 +496,7 @@ def _latents_config(dataset: Path, o: dict):
 
 def _textenc_config(captions: Path, o: dict):
     """The one TextencConfig that the textenc command's options describe."""
-    from cachebuild.config import DType, TextencConfig, TextFamily
+    from cachebuild.config import DType, Offload, TextencConfig, TextFamily
 
     return TextencConfig(
         source=captions,
@@ -508,6 +516,7 @@ def _textenc_config(captions: Path, o: dict):
         t5_dtype=DType(o["t5_dtype"]) if o["t5_dtype"] else None,
         batch_size=o["batch_size"],
         chunk_mb=o["chunk_mb"],
+        offload=Offload(o["offload"]),
         **_build_settings(o),
     )
 
@@ -595,6 +604,8 @@ def _print_summary(summary, as_json: bool) -> None:
         f"{summary.shards_written} shards, {_human_bytes(summary.bytes_written)} written in {summary.seconds:.1f} s",
         err=True,
     )
+    if summary.offloaded:
+        click.echo(f"streamed from host memory (--offload): {', '.join(summary.offloaded)}", err=True)
     if summary.truncated:
         click.echo(f"{summary.truncated} caption(s) were longer than an encoder's limit and were truncated", err=True)
     if summary.failed:

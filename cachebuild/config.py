@@ -214,6 +214,15 @@ class TextFamily(str, Enum):
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 
+class Offload(str, Enum):
+    """Where an encoder's weights live while it runs (cachebuild.offload); the outputs are the same either way."""
+
+    NEVER = "never"  # the whole model on the device
+    AUTO = "auto"  # in host memory, streamed to the device block by block, when it does not fit the free memory
+    # of a CUDA device; never on the CPU or MPS (whose memory is the host's)
+    ALWAYS = "always"  # streamed whatever the device, the CPU included (slower; proves the path)
+
+
 @dataclass(frozen=True)
 class TextencConfig:
     """Everything one ``cachebuild textenc`` run needs."""
@@ -246,6 +255,7 @@ class TextencConfig:
     retry_failed: bool = False
     rebuild: bool = False
     prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
+    offload: Offload = Offload.AUTO  # not in the fingerprint: streaming the weights does not change the outputs
 
     def __post_init__(self) -> None:
         if not self.source.exists():

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from cachebuild.config import DType
+from cachebuild.offload import return_to_host
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class GuardedForward:
         # Recover outside the except block: there the traceback keeps the failed attempt's tensors alive, so
         # the halves would run out of memory too. Leaving it drops them; free_device_memory returns them.
         if results is None:
+            return_to_host(self.module)  # a streamed model's block that ran out of memory keeps no device copy
             return self._split(inputs, dtype, n)
         bad = [i for i, out in enumerate(results) if not _all_finite(out)]
         if bad and dtype != torch.float32:

@@ -31,6 +31,7 @@ ROOMS = {
     "testing": 8,
     "cli": 8,
     "__main__": 9,
+    "offload": 3,  # below encode and families, which both use it; it needs only config
 }
 
 

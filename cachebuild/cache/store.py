@@ -58,6 +58,7 @@ class RunSummary:
     fp32_redos: int = 0
     truncated: int = 0  # text only: captions cut at an encoder's max length
     failures: list[dict] = field(default_factory=list)  # [{"key", "reason"}] for this run's failures
+    offloaded: list[str] = field(default_factory=list)  # models run with their weights streamed from host memory
 
 
 @dataclass(frozen=True)

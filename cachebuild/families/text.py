@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ from pathlib import Path
 import torch
 
 from cachebuild.cache.manifest import Manifest
-from cachebuild.config import PRESET_FAMILY, PRESETS, DType, TextencConfig, TextFamily
+from cachebuild.config import PRESET_FAMILY, PRESETS, DType, Offload, TextencConfig, TextFamily
 from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
+from cachebuild.offload import free_bytes, needed_bytes, should_offload, stream_from_host
+
+log = logging.getLogger(__name__)
 
 # Stored dtype where --dtype-out is not given. LLM text encoders (Qwen3 for Z-Image) carry "massive activations"
 # in their hidden states, channels in the thousands and beyond fp16's 65504, which the overflow guard would turn
@@ -538,11 +542,37 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
-def resident(spec: EncoderSpec, device: torch.device) -> Iterator:
-    """One encoder loaded for the duration of the block, freed from host and device after it."""
-    model = load_encoder(spec, device)
+def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload.NEVER) -> Iterator:
+    """One encoder loaded for the duration of the block, freed from host and device after it: on ``device``, or
+    kept in host memory and streamed to ``device`` block by block where ``offload`` says so (cachebuild.offload;
+    ``is_streamed(model)`` tells which)."""
+    if _choose_offload(spec, device, offload):
+        model = stream_from_host(load_encoder(spec, torch.device("cpu")), device)
+    else:
+        model = load_encoder(spec, device)
     try:
         yield model
     finally:
         del model
         free_device_memory(device)
+
+
+def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:
+    """Whether ``spec`` runs streamed from host memory, logged when it does (cachebuild.offload)."""
+    if offload is Offload.NEVER:
+        return False
+    needed, free = needed_bytes(weight_files(spec.folder), spec.dtype.torch), free_bytes(device)
+    if not should_offload(offload, device, needed, free):
+        return False
+    if offload is Offload.ALWAYS:
+        log.info("%s: weights in host memory, streamed to %s block by block (--offload always)", spec.name, device)
+    else:
+        log.warning(
+            "%s needs about %.1f GiB on %s with activations, %.1f GiB are free: its weights stay in host memory and "
+            "are streamed to the device block by block (slower; --offload never to refuse)",
+            spec.name,
+            needed / 2**30,
+            device,
+            (free or 0) / 2**30,
+        )
+    return True

@@ -38,6 +38,7 @@ from cachebuild.families.text import (
     resolve_encoders,
     tokenize,
 )
+from cachebuild.offload import is_streamed
 from cachebuild.sources.captions import CaptionScan, scan_captions, text_id
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,10 @@ def _run_encoder(
     input_ids, mask, _ = tokens
     lo, hi = span
     out_dtype = cfg.dtype_out.torch
-    with resident(spec, device) as model:
+    with resident(spec, device, cfg.offload) as model:
         summary.model_loaded = True
+        if is_streamed(model) and spec.name not in summary.offloaded:
+            summary.offloaded.append(spec.name)
         guard = GuardedForward(model, device, spec.dtype.torch, encoder_forward(model, spec, device), spec.name)
         for b, e in _batches(pads, lo, hi, cfg.batch_size):
             width = _padded_length(spec, int(mask[b:e].sum(dim=1).max())) if spec.trim else spec.max_length
