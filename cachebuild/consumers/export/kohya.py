@@ -106,7 +106,12 @@ def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> 
 
 
 def export_kohya(
-    cache: str | os.PathLike, to: str | os.PathLike, family: str | None = None, overwrite: bool = False, seed: int = 0
+    cache: str | os.PathLike,
+    to: str | os.PathLike,
+    family: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress=None,
 ) -> ExportSummary:
     """Write the latent cache at ``cache`` as sd-scripts ``.npz`` files beside the images under ``to``.
 
@@ -116,6 +121,7 @@ def export_kohya(
         family: sd, sdxl or flux; None detects it from the cache (:func:`detect_family`).
         overwrite: replace existing files whose contents differ.
         seed: for ``--latents moments`` caches, the seed of the one sample exported per image.
+        progress: called with (done, total) after each item's latents.
 
     Raises:
         ConfigError: unknown family, or one that does not fit the cache's VAE; ``to`` is not a folder.
@@ -139,8 +145,10 @@ def export_kohya(
         )
     # stored paths are text; the files beside the images are named after the images' real bytes
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
-    for key in reader:
+    for done, key in enumerate(reader, 1):
         _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary)
+        if progress:
+            progress(done, len(reader))
     if reader.text_fingerprint is not None:
         _export_text(open_cache(cache, text=True), paths, root, family, overwrite, summary)
     if summary.shadowed:
