@@ -193,6 +193,13 @@ class CacheReader:
                 stored[name + "_mask"] = token_mask(n, enc["max_length"])
         return stored
 
+    def token_counts(self, key: str) -> dict[str, int]:
+        """``{encoder name: tokens}``: how many positions of each encoder's max length the item's caption filled
+        (special tokens included), as tokenized when it was encoded; empty when the item has no text outputs."""
+        if key not in self._text:
+            return {}
+        return json.loads(self._text[key][2] or "{}")
+
     def caption(self, key: str) -> str | None:
         """The caption text the item's text outputs were encoded from (as stored with them), or None when the
         item has no text outputs. Reads the shard's item table once per shard and keeps it."""
