@@ -125,6 +125,14 @@ _bucket_options = _options(  # which bucket, resize and crop each image gets
     click.option("--bucket-reso-steps", default=64, show_default=True, help="Bucket sides are multiples of this."),
     click.option("--bucket-no-upscale", is_flag=True, help="Buckets follow each image's size; never enlarge."),
     click.option(
+        "--buckets",
+        "bucket_rule",
+        type=click.Choice(["kohya", "musubi"]),
+        default="kohya",
+        show_default=True,
+        help="Bucket rule: sd-scripts' (steps, min/max side) or musubi-tuner's (steps of 16; for --format musubi).",
+    ),
+    click.option(
         "--random-crop", is_flag=True, help="Crop at a random offset (seeded per item) instead of the centre."
     ),
     click.option("--seed", default=0, show_default=True, help="Seed for random crops and sampled latents."),
@@ -386,36 +394,60 @@ def rebuild_manifest(cache, as_json):
 
 @cli.command()
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Path(path_type=Path), required=True, help="Dataset folder the trainer reads.")
-@click.option("--format", "fmt", type=click.Choice(["kohya"]), default="kohya", show_default=True, help="Layout.")
-@click.option("--family", type=click.Choice(["sd", "sdxl", "flux"]), help="Model family (default: from the cache).")
+@click.option("--to", "to", type=click.Path(path_type=Path), required=True, help="Folder the trainer reads.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["kohya", "musubi", "webdataset"]),
+    default="kohya",
+    show_default=True,
+    help="kohya: sd-scripts .npz beside the images; musubi: musubi-tuner's cache_directory; webdataset: tar shards.",
+)
+@click.option("--family", type=click.Choice(["sd", "sdxl", "flux", "sd3", "lumina"]), help="kohya: model family.")
+@click.option("--arch", type=click.Choice(["qi", "zi", "f2d", "f2k4b", "f2k9b"]), help="musubi: architecture.")
+@click.option("--images", type=click.Path(path_type=Path), help="musubi: image folder (default: the one cached).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose contents differ.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample exported from a moments cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @_library_errors
-def export(cache, to, fmt, family, overwrite, seed, as_json):
-    """Write the cache as another trainer's own cache files, beside the images in --to.
+def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json):
+    """Write the cache as another trainer's own cache files (see docs/export.md).
 
-    kohya: sd-scripts `<stem>_<W>x<H>_<sd|sdxl|flux>.npz` files, so training with --cache_latents_to_disk
-    starts without encoding (see docs/export.md). Exits 3 when files that differ were left alone.
+    kohya: sd-scripts `<stem>_<W>x<H>_<family>.npz` beside the images in --to, for --cache_latents_to_disk.
+    musubi: musubi-tuner `<stem>_<W>x<H>_<arch>.safetensors` and `<stem>_<arch>_te.safetensors` in --to, its
+    cache_directory. webdataset: tar shards of per-sample tensors and JSON in --to. Identical files are
+    skipped; differing ones are left alone (exit 3) unless --overwrite.
 
     \b
     Example:
       cachebuild export ./cache --format kohya --to ./dataset
+      cachebuild export ./cache --format musubi --arch zi --to ./musubi_cache
+      cachebuild export ./cache --format webdataset --to ./shards
     """
-    from cachebuild.consumers.export.kohya import export_kohya
+    with _export_progress(quiet or as_json) as on_progress:
+        if fmt == "musubi":
+            from cachebuild.consumers.export.musubi import export_musubi
 
-    summary = export_kohya(cache, to, family=family, overwrite=overwrite, seed=seed)
+            summary = export_musubi(cache, to, arch=arch, overwrite=overwrite, images=images, progress=on_progress)
+        elif fmt == "webdataset":
+            from cachebuild.consumers.export.webdataset import export_webdataset
+
+            summary = export_webdataset(cache, to, overwrite=overwrite, progress=on_progress)
+        else:
+            from cachebuild.consumers.export.kohya import export_kohya
+
+            summary = export_kohya(cache, to, family=family, overwrite=overwrite, seed=seed, progress=on_progress)
     if as_json:
         click.echo(json.dumps(asdict(summary), indent=2))
     else:
         click.echo(
-            f"{fmt} export ({summary.family}) to {summary.to}: wrote {summary.written}, {summary.unchanged} "
-            f"unchanged, {len(summary.skipped)} skipped, {len(summary.conflicts)} conflicting "
+            f"{fmt} export ({summary.family}) to {summary.to}: wrote {summary.written}, skipped {summary.unchanged} "
+            f"identical, refused {len(summary.skipped)} items and {len(summary.conflicts)} differing files "
             f"in {summary.seconds:.1f} s"
         )
         for s in summary.skipped[:_LISTED]:
-            click.echo(f"  skipped {s['key']}: {s['reason']}")
+            click.echo(f"  refused {s['key']}: {s['reason']}")
         for name in summary.conflicts[:_LISTED]:
             click.echo(f"  differs, left alone: {name}")
         if len(summary.skipped) > _LISTED or len(summary.conflicts) > _LISTED:
@@ -425,6 +457,27 @@ def export(cache, to, fmt, family, overwrite, seed, as_json):
         if summary.conflicts:
             click.echo("pass --overwrite to replace the files that differ", err=True)
     sys.exit(EXIT_ITEMS_FAILED if summary.conflicts else EXIT_OK)
+
+
+class _export_progress:
+    """tqdm on stderr over an export's items; a no-op when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __enter__(self):
+        return None if self.quiet else self.update
+
+    def update(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="item", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *_):
+        if self.bar is not None:
+            self.bar.close()
 
 
 @cli.command()
@@ -463,6 +516,7 @@ def _latents_config(dataset: Path, o: dict):
     """The one LatentsConfig that the latents command's options describe."""
     from cachebuild.config import (
         BucketConfig,
+        BucketRule,
         CropMode,
         DType,
         LatentsConfig,
@@ -476,6 +530,7 @@ def _latents_config(dataset: Path, o: dict):
         o["max_bucket_reso"],
         o["bucket_reso_steps"],
         o["bucket_no_upscale"],
+        BucketRule(o.get("bucket_rule") or "kohya"),
     )
     return LatentsConfig(
         dataset=dataset,

@@ -43,6 +43,13 @@ class CropMode(str, Enum):
     RANDOM = "random"  # deterministic per item key and --seed, never per batch
 
 
+class BucketRule(str, Enum):
+    """Which trainer's rule puts an image into a bucket (the resize and the centre crop are the same)."""
+
+    KOHYA = "kohya"  # sd-scripts: --resolution area, --bucket-reso-steps, min/max side (docs/cli.md)
+    MUSUBI = "musubi"  # musubi-tuner's BucketSelector: sides in steps of 16, no min/max side (docs/export.md)
+
+
 class StoreFormat(str, Enum):
     SAFETENSORS = "safetensors"
     HDF5 = "hdf5"
@@ -101,6 +108,7 @@ class BucketConfig:
     max_reso: int = 2048  # largest bucket side
     steps: int = 64  # every bucket side is a multiple of this
     no_upscale: bool = False  # buckets follow each image's own size; images are never enlarged
+    rule: BucketRule = BucketRule.KOHYA  # musubi: musubi-tuner's selector, which ignores steps and min/max side
 
     def __post_init__(self) -> None:
         w, h = self.resolution
@@ -117,7 +125,7 @@ class BucketConfig:
             raise ConfigError(
                 f"--min-bucket-reso ({self.min_reso}) must be positive and at most --max-bucket-reso ({self.max_reso})"
             )
-        if min(w, h) < self.min_reso:
+        if min(w, h) < self.min_reso and self.rule is BucketRule.KOHYA:
             raise ConfigError(
                 f"--resolution {w},{h} is below --min-bucket-reso {self.min_reso}; lower --min-bucket-reso"
             )

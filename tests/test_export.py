@@ -116,8 +116,10 @@ def test_family_override_names_files_sd_and_missing_images_are_skipped(sdxl, dat
     assert summary.shadowed == ["im2.npz"] and "im2.npz" in summary.warnings[-1]
     with pytest.raises(ConfigError, match="16-channel"):
         export_kohya(sdxl[1], dataset, family="flux")
+    with pytest.raises(ConfigError, match="16-channel"):
+        export_kohya(sdxl[1], dataset, family="sd3")  # sd3 has a layout now; it still needs 16 channels
     with pytest.raises(ConfigError, match="--family must be one of"):
-        export_kohya(sdxl[1], dataset, family="sd3")
+        export_kohya(sdxl[1], dataset, family="wan")
 
 
 def test_flux_files_use_per_resolution_keys_and_scaled_latents(tmp_path):
@@ -160,11 +162,13 @@ def test_family_is_detected_from_the_fingerprint(vae, family):
 
 
 def test_families_without_a_kohya_layout_are_refused_with_the_way_out():
-    with pytest.raises(ConfigError, match="SD3"):
-        detect_family({"vae": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}})
+    sd3 = {"vae": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}}
+    assert detect_family(sd3) == "sd3"  # SD3 has its kohya layout now (tests/test_export_kohya_sd3_lumina.py)
+    flux_vae = {"vae": {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}}
+    assert detect_family(flux_vae) == "flux" and detect_family(flux_vae, "lumina2") == "lumina"
     with pytest.raises(ConfigError, match="--family"):
         detect_family({"vae": {"latent_channels": 8, "scaling_factor": 0.5, "shift_factor": None}})
-    with pytest.raises(ConfigError, match="AutoencoderKLQwenImage"):  # 16 channels, but not Flux.1's latents
+    with pytest.raises(ConfigError, match="AutoencoderKLQwenImage.*--format musubi"):  # not Flux.1's latents
         detect_family({"vae": {"class": "AutoencoderKLQwenImage", "latent_channels": 16, "scaling_factor": 1.0}})
 
 

@@ -33,6 +33,7 @@ from cachebuild.errors import CacheError, ConfigError
 log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
+CAPTION_SHARDS = 16  # text shards whose caption table ``caption`` keeps: a few MB of text at most
 
 __all__ = ["CacheReader", "open_cache"]
 
@@ -192,6 +193,28 @@ class CacheReader:
                 n = json.loads(tokens or "{}").get(name, enc["max_length"])
                 stored[name + "_mask"] = token_mask(n, enc["max_length"])
         return stored
+
+    def token_counts(self, key: str) -> dict[str, int]:
+        """``{encoder name: tokens}``: how many positions of each encoder's max length the item's caption filled
+        (special tokens included), as tokenized when it was encoded; empty when the item has no text outputs."""
+        if key not in self._text:
+            return {}
+        return json.loads(self._text[key][2] or "{}")
+
+    def caption(self, key: str) -> str | None:
+        """The caption text the item's text outputs were encoded from (as stored with them), or None when the
+        item has no text outputs. Reads the shard's item table once per shard and keeps it."""
+        if key not in self._text:
+            return None
+        shard, text_id, _ = self._text[key]
+        cache = self.__dict__.setdefault("_captions", OrderedDict())
+        if shard not in cache:
+            items = self._text_handles.get(shard).describe()[1]
+            cache[shard] = {tid: meta.get("text") for tid, meta in items.items()}
+            if len(cache) > CAPTION_SHARDS:
+                cache.popitem(last=False)
+        cache.move_to_end(shard)
+        return cache[shard].get(text_id)
 
     def info(self, key: str) -> dict:
         """The item's stored metadata: ``original_size``, ``bucket``, ``resized``, ``crop``, ``flip``."""

@@ -12,8 +12,9 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from cachebuild.config import BucketConfig, CropMode
+from cachebuild.config import BucketConfig, BucketRule, CropMode
 from cachebuild.errors import ItemError
+from cachebuild.images.musubi_buckets import MUSUBI_STEPS, musubi_bucket, musubi_buckets
 from cachebuild.keys import item_seed
 
 
@@ -40,12 +41,21 @@ class BucketPlan:
 
     def __init__(self, cfg: BucketConfig):
         self.cfg = cfg
-        self.buckets = make_buckets(cfg)
+        self.musubi = cfg.rule is BucketRule.MUSUBI
+        self.buckets = musubi_buckets(cfg.resolution) if self.musubi else make_buckets(cfg)
         self._ratios = [w / h for w, h in self.buckets]
 
     def select(self, size: tuple[int, int]) -> tuple[int, int]:
         """The bucket (W, H) for an image of ``size`` (W, H)."""
         w, h = size
+        if self.musubi:
+            bucket = musubi_bucket(size, self.cfg.resolution, self.cfg.no_upscale, self.buckets)
+            if min(bucket) == 0:
+                raise ItemError(
+                    f"image is {w}x{h}, smaller than musubi's bucket step ({MUSUBI_STEPS} px) on a side; "
+                    "drop --bucket-no-upscale or leave the image out"
+                )
+            return bucket
         if self.cfg.no_upscale:
             return self._own_bucket(w, h)
         if (w, h) in self.buckets:  # already bucket-sized: keep it, as kohya does

@@ -28,13 +28,14 @@ from cachebuild.cache.store import (
     open_store,
     record_failures,
 )
-from cachebuild.config import CropMode, LatentsConfig, LatentsMode
+from cachebuild.config import BucketRule, CropMode, LatentsConfig, LatentsMode
 from cachebuild.encode import device_memory_bytes, free_device_memory, pick_device, resolve_dtype
 from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
+from cachebuild.images.musubi_buckets import MUSUBI_STEPS
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
@@ -109,13 +110,7 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
             "shift_factor": family.shift_factor,
         }
         | (family.normalization or {}),  # only Qwen-Image's and Flux.2's VAEs add keys: older caches still match
-        "buckets": {
-            "resolution": list(b.resolution),
-            "min_reso": b.min_reso,
-            "max_reso": b.max_reso,
-            "steps": b.steps,
-            "no_upscale": b.no_upscale,
-        },
+        "buckets": _buckets_fingerprint(b),
         "crop": cfg.crop.value,
         "flip": cfg.flip,
         "latents": cfg.latents.value,
@@ -239,8 +234,25 @@ def _shard_header(cfg: LatentsConfig, family: VaeFamily) -> dict:
     }
 
 
+def _buckets_fingerprint(b) -> dict:
+    if b.rule is BucketRule.MUSUBI:  # musubi's selector reads the area and no_upscale only
+        return {"rule": b.rule.value, "resolution": list(b.resolution), "no_upscale": b.no_upscale}
+    return {  # kohya's rule: written without "rule", so caches built before the musubi rule still match
+        "resolution": list(b.resolution),
+        "min_reso": b.min_reso,
+        "max_reso": b.max_reso,
+        "steps": b.steps,
+        "no_upscale": b.no_upscale,
+    }
+
+
 def _check_against_family(cfg: LatentsConfig, family: VaeFamily) -> None:
-    if cfg.buckets.steps % family.pixel_multiple:
+    if cfg.buckets.rule is BucketRule.MUSUBI and MUSUBI_STEPS % family.pixel_multiple:
+        raise ConfigError(
+            f"--buckets musubi makes sides multiples of {MUSUBI_STEPS} px, which this VAE cannot encode "
+            f"(it needs multiples of {family.pixel_multiple}); use --buckets kohya"
+        )
+    if cfg.buckets.rule is BucketRule.KOHYA and cfg.buckets.steps % family.pixel_multiple:
         why = "downsampling factor" if family.pixel_multiple == family.downsample else "2x2 latent patches"
         raise ConfigError(
             f"--bucket-reso-steps {cfg.buckets.steps} is not a multiple of this VAE's {why} "

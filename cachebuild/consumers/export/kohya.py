@@ -35,11 +35,15 @@ from cachebuild.keys import fs_path, item_seed, path_text
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd", "sdxl", "flux")
+FAMILIES = ("sd", "sdxl", "flux", "sd3", "lumina")
 KOHYA_DOWNSAMPLE = 8  # sd-scripts assumes 8 pixels per latent cell for every family it caches
 SDXL_SCALING = 0.13025
 SD3_SCALING = 1.5305
 TEXT_SUFFIX = {"sdxl": "_te_outputs.npz", "flux": "_flux_te.npz"}  # sd-scripts keeps no SD 1.x text cache
+TEXT_SUFFIX |= {"sd3": "_sd3_te.npz", "lumina": "_lumina_te.npz"}
+MULTI_RESOLUTION = ("flux", "sd3", "lumina")  # keys suffixed _<h>x<w> (sd-scripts' multi_resolution=True)
+SCALED = ("flux", "lumina")  # sd-scripts' Flux autoencoder (Lumina 2 uses it too) caches (z - shift) * scale
+TEXT_FAMILIES = {"sdxl": ("sdxl",), "flux": ("flux",), "sd3": ("sd3",), "lumina": ("lumina", "lumina2")}
 
 
 @dataclass
@@ -57,11 +61,11 @@ class ExportSummary:
     seconds: float = 0.0
 
 
-def detect_family(fingerprint: dict) -> str:
-    """sd, sdxl or flux, from the VAE recorded in the cache's fingerprint.
+def detect_family(fingerprint: dict, text_family: str | None = None) -> str:
+    """sd, sdxl, flux, sd3 or lumina, from the VAE recorded in the cache's fingerprint.
 
-    16 channels with a shift factor is Flux (SD3, also 16 channels, has no kohya cache layout here); a
-    scaling factor of 0.13025 is SDXL; any other 4-channel VAE is SD 1.x/2.x.
+    16 channels with a shift factor is SD3 with SD3's scaling factor, else Flux, or Lumina 2 (the same VAE)
+    when the text outputs are Lumina's; a scaling factor of 0.13025 is SDXL; any other 4-channel VAE is SD 1.x/2.x.
 
     Raises:
         ConfigError: the VAE matches no family; the message says to pass one.
@@ -71,8 +75,8 @@ def detect_family(fingerprint: dict) -> str:
     channels, scale, shift = vae.get("latent_channels"), vae.get("scaling_factor"), vae.get("shift_factor")
     if channels == 16 and shift is not None:
         if scale is not None and abs(scale - SD3_SCALING) < 1e-4:
-            raise ConfigError("this is an SD3 cache; kohya export covers sd, sdxl and flux (force with --family)")
-        return "flux"
+            return "sd3"
+        return "lumina" if (text_family or "").startswith("lumina") else "flux"
     if scale is not None and abs(scale - SDXL_SCALING) < 1e-6:
         return "sdxl"
     if channels == 4:
@@ -106,16 +110,22 @@ def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> 
 
 
 def export_kohya(
-    cache: str | os.PathLike, to: str | os.PathLike, family: str | None = None, overwrite: bool = False, seed: int = 0
+    cache: str | os.PathLike,
+    to: str | os.PathLike,
+    family: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress=None,
 ) -> ExportSummary:
     """Write the latent cache at ``cache`` as sd-scripts ``.npz`` files beside the images under ``to``.
 
     Args:
         cache: the cache folder.
         to: the dataset folder sd-scripts trains on (the images must be there; files go beside them).
-        family: sd, sdxl or flux; None detects it from the cache (:func:`detect_family`).
+        family: sd, sdxl, flux, sd3 or lumina; None detects it from the cache (:func:`detect_family`).
         overwrite: replace existing files whose contents differ.
         seed: for ``--latents moments`` caches, the seed of the one sample exported per image.
+        progress: called with (done, total) after each item's latents.
 
     Raises:
         ConfigError: unknown family, or one that does not fit the cache's VAE; ``to`` is not a folder.
@@ -127,7 +137,8 @@ def export_kohya(
     """
     start = time.monotonic()
     reader = open_cache(cache, text=False)  # every latents item, whether or not it has a caption
-    family = _check_family(family or detect_family(reader.fingerprint), reader.fingerprint)
+    text_family = (reader.text_fingerprint or {}).get("family")
+    family = _check_family(family or detect_family(reader.fingerprint, text_family), reader.fingerprint)
     root = Path(to)
     if not root.is_dir():
         raise ConfigError(f"--to {root} is not a folder; pass the dataset folder sd-scripts trains on")
@@ -139,8 +150,10 @@ def export_kohya(
         )
     # stored paths are text; the files beside the images are named after the images' real bytes
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
-    for key in reader:
+    for done, key in enumerate(reader, 1):
         _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary)
+        if progress:
+            progress(done, len(reader))
     if reader.text_fingerprint is not None:
         _export_text(open_cache(cache, text=True), paths, root, family, overwrite, summary)
     if summary.shadowed:
@@ -164,14 +177,14 @@ def _export_one(
         return
     target = image.with_name(os.path.basename(kohya_npz_name(rel, original, family)))
     written = _write_npz(target, kohya_arrays(reader, key, info, family, seed), root, overwrite, s)
-    if written and family != "flux" and image.with_suffix(".npz").exists():
+    if written and family not in MULTI_RESOLUTION and image.with_suffix(".npz").exists():
         s.shadowed.append(path_text(str(image.with_suffix(".npz").relative_to(root.resolve()))))
 
 
 def _export_text(reader: CacheReader, paths: dict[str, str], root: Path, family: str, overwrite: bool, s) -> None:
     """``<stem>_te_outputs.npz`` (sdxl) or ``<stem>_flux_te.npz`` (flux) beside each image with a caption."""
     text_family = reader.text_fingerprint.get("family")
-    if family not in TEXT_SUFFIX or text_family != family:
+    if family not in TEXT_SUFFIX or text_family not in TEXT_FAMILIES[family]:
         s.warnings.append(f"text outputs ({text_family}) not exported: sd-scripts has no {family} text cache for them")
         return
     for key in reader.unmatched["text_only"]:
@@ -181,11 +194,18 @@ def _export_text(reader: CacheReader, paths: dict[str, str], root: Path, family:
         if not image.is_file():
             continue  # already reported by the latents export
         target = image.with_name(os.path.splitext(image.name)[0] + TEXT_SUFFIX[family])
-        _write_npz(target, kohya_text_arrays(reader, key, family), root, overwrite, s)
+        try:
+            arrays = kohya_text_arrays(reader, key, family)
+        except ConfigError as exc:  # the text cache lacks a tensor the layout needs: latents only, said once
+            s.warnings.append(f"text outputs not exported: {exc}")
+            return
+        _write_npz(target, arrays, root, overwrite, s)
 
 
 def kohya_text_arrays(reader: CacheReader, key: str, family: str) -> dict[str, np.ndarray]:
     """The arrays of one item's sd-scripts text-encoder outputs file, by their npz names."""
+    if family == "lumina":
+        return _lumina_text_arrays(reader, key)
     t = {
         name: v.float().numpy() if v.is_floating_point() else v.numpy() for name, v in reader.text_tensors(key).items()
     }
@@ -193,14 +213,47 @@ def kohya_text_arrays(reader: CacheReader, key: str, family: str) -> dict[str, n
         return {"hidden_state1": t["clip_l"], "hidden_state2": t["clip_g"], "pool2": t["clip_g_pooled"]}
     length = t["t5"].shape[0]  # T5 at its max length; the mask marks the real tokens
     t5 = next(e for e in reader.text_fingerprint.get("encoders", []) if e["name"] == "t5")
+    t5_masked = np.array(bool(t5.get("attention_mask", t5.get("trim"))))
+    if family == "sd3":  # sd-scripts keeps the CLIPs apart from T5: (77, 768 + 1280) and (768 + 1280,)
+        counts = reader.token_counts(key)
+        return {
+            "lg_out": np.concatenate([t["clip_l"], t["clip_g"]], axis=-1),
+            "lg_pooled": np.concatenate([t["clip_l_pooled"], t["clip_g_pooled"]], axis=-1),
+            "t5_out": t["t5"],
+            # the tokenizers' masks, 1 at real tokens; sd-scripts requires them even when it does not apply them
+            "clip_l_attn_mask": _token_mask(counts["clip_l"], t["clip_l"].shape[0]),
+            "clip_g_attn_mask": _token_mask(counts["clip_g"], t["clip_g"].shape[0]),
+            "t5_attn_mask": t["t5_mask"],
+            "apply_lg_attn_mask": np.array(False),  # the CLIPs run unmasked, as the SD3 pipeline runs them
+            "apply_t5_attn_mask": t5_masked,
+        }
     return {
         "l_pooled": t["clip_l_pooled"],
         "t5_out": t["t5"],
         "txt_ids": np.zeros((length, 3), dtype=np.float32),
         "t5_attn_mask": t["t5_mask"],
         # masked (--t5-mask): train with --apply_t5_attn_mask; unmasked (the default, as the Flux.1 pipeline): without
-        "apply_t5_attn_mask": np.array(bool(t5.get("attention_mask", t5.get("trim")))),
+        "apply_t5_attn_mask": t5_masked,
     }
+
+
+def _token_mask(count: int, length: int) -> np.ndarray:
+    return (np.arange(length) < count).astype(np.int64)  # as a tokenizer's attention_mask: int64, 1 at real tokens
+
+
+def _lumina_text_arrays(reader: CacheReader, key: str) -> dict[str, np.ndarray]:
+    """``_lumina_te.npz``: Gemma 2's hidden states over the padded length, its mask and the token ids, from the
+    Lumina 2 pipeline's names (``prompt_embeds``, ``prompt_attention_mask``)."""
+    inputs = reader.pipeline_inputs(key, family=reader.text_fingerprint.get("family"))
+    ids = inputs.get("input_ids", inputs.get("prompt_input_ids"))
+    if "prompt_embeds" not in inputs or ids is None:
+        raise ConfigError(
+            "sd-scripts' _lumina_te.npz holds hidden_state, attention_mask and input_ids; this text cache does not "
+            "give them all (input_ids are not stored); let sd-scripts cache Lumina's text itself"
+        )
+    embeds, mask = inputs["prompt_embeds"].float(), inputs.get("prompt_attention_mask")
+    mask = torch.ones(embeds.shape[0], dtype=torch.int64) if mask is None else mask.to(torch.int64)
+    return {"hidden_state": embeds.numpy(), "attention_mask": mask.numpy(), "input_ids": ids.to(torch.int64).numpy()}
 
 
 def _write_npz(target: Path, arrays: dict[str, np.ndarray], root: Path, overwrite: bool, s: ExportSummary) -> bool:
@@ -229,10 +282,10 @@ def kohya_arrays(reader: CacheReader, key: str, info: dict, family: str, seed: i
         z = _one_latent(tensors, suffix, key, seed)
         if z is None:
             continue
-        if family == "flux":  # sd-scripts' Flux autoencoder returns scaled latents, and caches them so
+        if family in SCALED:  # sd-scripts' Flux autoencoder returns scaled latents, and caches them so
             z = (z - reader.shift_factor) * reader.scaling_factor
         out["latents" + suffix] = z.numpy()  # (C, H/8, W/8) float32
-    res = f"_{out['latents'].shape[1]}x{out['latents'].shape[2]}" if family == "flux" else ""  # latent h x w
+    res = f"_{out['latents'].shape[1]}x{out['latents'].shape[2]}" if family in MULTI_RESOLUTION else ""  # h x w
     result = {name + res: a for name, a in out.items()}
     result["original_size" + res] = np.array(original)  # [W, H]
     result["crop_ltrb" + res] = np.array(kohya_crop_ltrb(bucket, original))
@@ -253,8 +306,8 @@ def _refuse_unexportable(fingerprint: dict) -> None:
     cls = fingerprint.get("vae", {}).get("class", "AutoencoderKL")
     if cls in ("AutoencoderKLQwenImage", "AutoencoderKLFlux2"):
         raise ConfigError(
-            f"this is a {cls} cache; kohya export covers sd, sdxl and flux (sd-scripts has no cache layout for it); "
-            "read it with open_cache(...).pipeline_inputs(key, family=...)"
+            f"this is a {cls} cache; sd-scripts has no cache layout for it: export it with --format musubi "
+            "(musubi-tuner trains it), or read it with open_cache(...).pipeline_inputs(key, family=...)"
         )
 
 
@@ -263,9 +316,16 @@ def _check_family(family: str, fingerprint: dict) -> str:
     if family not in FAMILIES:
         raise ConfigError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     channels = fingerprint.get("vae", {}).get("latent_channels")
-    want = 16 if family == "flux" else 4
+    want = 16 if family in ("flux", "sd3", "lumina") else 4
     if channels != want:
         raise ConfigError(f"--family {family} needs {want}-channel latents; this cache has {channels}")
+    scale = fingerprint.get("vae", {}).get("scaling_factor")
+    is_sd3 = scale is not None and abs(scale - SD3_SCALING) < 1e-4
+    if want == 16 and is_sd3 != (family == "sd3"):
+        raise ConfigError(
+            f"--family {family} does not fit this {'SD3' if is_sd3 else 'Flux.1-type'} VAE (scaling factor {scale}); "
+            f"pass --family {'sd3' if is_sd3 else 'flux or lumina'}"
+        )
     return family
 
 

@@ -1,0 +1,368 @@
+"""Export a cache to musubi-tuner's own cache layout, so its training starts without a caching run.
+
+musubi-tuner keeps one flat ``cache_directory`` per dataset with two safetensors files per image, named after the
+image's file stem; at training it globs ``*_<arch>.safetensors``, parses the image size back from the name,
+recomputes the bucket from that size (:mod:`cachebuild.images.musubi_buckets`) and stacks each bucket's latents.
+Per architecture, as its ``dataset/cache_io.py`` and ``*_cache_latents.py`` write them (musubi-tuner v0.3.4):
+
+  latents ``<stem>_<W:04d>x<H:04d>_<arch>.safetensors`` (W x H: the image's own size, as Pillow reads it):
+    qi     ``latents_1x<h>x<w>_bfloat16`` (C, 1, h, w): the posterior mode, ``(z - mean) / std`` per channel
+    zi     ``latents_1x<h>x<w>_float32``  (C, h, w):    the posterior mode, raw (the trainer shifts and scales)
+    f2*    ``latents_<h>x<w>_float32``    (4C, h/2, w/2): the mean patchified 2x2, batch-norm normalised
+    metadata ``architecture`` (full name), ``width``, ``height``, ``format_version`` "1.0.1"
+  text ``<stem>_<arch>_te.safetensors``:
+    qi ``varlen_vl_embed_<dtype>`` (T, D); zi ``varlen_llm_embed_<dtype>`` (T, D): real tokens only;
+    f2* ``ctx_vec_<dtype>`` (512, D): every padded position; metadata ``architecture``, ``caption1``,
+    ``format_version``.
+
+Key suffixes are torch dtype names (``bfloat16``, not ``bf16``): musubi's collator strips a known dtype name
+to find the tensor's role. Latents come from the stored record through the family's ``pipeline_inputs`` (the
+same normalisation the diffusers pipeline applies, which is musubi's); text through ``pipeline_inputs`` by the
+pipeline's names, so a family's text exports as soon as cachebuild stores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cachebuild.consumers.export.files import Progress, safetensors_bytes, same_safetensors, write_checked
+from cachebuild.consumers.export.kohya import ExportSummary
+from cachebuild.consumers.reader import CacheReader, open_cache
+from cachebuild.errors import ConfigError
+from cachebuild.images.musubi_buckets import musubi_bucket, musubi_buckets
+from cachebuild.keys import fs_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1.0.1"  # musubi-tuner's cache format_version
+
+
+@dataclass(frozen=True)
+class MusubiArch:
+    """One musubi-tuner architecture: its names, the cache family it reads, and its tensors' keys and dtypes."""
+
+    name: str  # short name in file names: qi, zi, f2d, ...
+    full: str  # the ``architecture`` metadata value
+    family: str  # cachebuild's family, for pipeline_inputs
+    vae_class: str  # the VAE class the latent cache must come from
+    latent_dtype: torch.dtype  # what musubi's own caching writes (the VAE's compute dtype there)
+    frames: bool  # latent key with a leading ``1x`` frame count
+    text_key: str  # text tensor's name before its dtype suffix
+    text_families: tuple[str, ...]  # text cache families whose outputs this architecture takes
+    text_dim: int | None = None  # width of the real model's text output, to tell the Flux.2 variants apart
+
+
+ARCHS = {
+    a.name: a
+    for a in (
+        MusubiArch(
+            "qi",
+            "qwen_image",
+            "qwen-image",
+            "AutoencoderKLQwenImage",
+            torch.bfloat16,
+            True,
+            "varlen_vl_embed",
+            ("qwen-image",),
+        ),
+        MusubiArch("zi", "z_image", "z-image", "AutoencoderKL", torch.float32, True, "varlen_llm_embed", ("z-image",)),
+        MusubiArch(
+            "f2d",
+            "flux_2_dev",
+            "flux2",
+            "AutoencoderKLFlux2",
+            torch.float32,
+            False,
+            "ctx_vec",
+            ("flux2", "flux2-dev"),
+            3 * 5120,  # Mistral Small 3.1, layers 10/20/30
+        ),
+        MusubiArch(
+            "f2k4b",
+            "flux_2_klein_4b",
+            "flux2",
+            "AutoencoderKLFlux2",
+            torch.float32,
+            False,
+            "ctx_vec",
+            ("flux2-klein", "flux2-klein-4b"),
+            3 * 2560,  # Qwen3-4B, layers 9/18/27
+        ),
+        MusubiArch(
+            "f2k9b",
+            "flux_2_klein_9b",
+            "flux2",
+            "AutoencoderKLFlux2",
+            torch.float32,
+            False,
+            "ctx_vec",
+            ("flux2-klein", "flux2-klein-9b"),
+            3 * 4096,  # Qwen3-8B, layers 9/18/27
+        ),
+    )
+}
+
+
+def musubi_latent_name(path: str, original_size: tuple[int, int], arch: str) -> str:
+    """``<stem>_<W:04d>x<H:04d>_<arch>.safetensors``: the latent cache musubi names after image ``path``."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{stem}_{original_size[0]:04d}x{original_size[1]:04d}_{arch}.safetensors"
+
+
+def musubi_text_name(path: str, arch: str) -> str:
+    """``<stem>_<arch>_te.safetensors``: the text-encoder cache musubi names after image ``path``."""
+    return f"{os.path.splitext(os.path.basename(path))[0]}_{arch}_te.safetensors"
+
+
+def export_musubi(
+    cache: str | os.PathLike,
+    to: str | os.PathLike,
+    arch: str | None = None,
+    overwrite: bool = False,
+    images: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> ExportSummary:
+    """Write the cache as musubi-tuner cache files into the folder ``to`` (its ``cache_directory``).
+
+    Args:
+        cache: the cache folder.
+        to: musubi's cache directory for this dataset (created if missing; flat, as musubi reads it).
+        arch: qi, zi, f2d, f2k4b or f2k9b; None tells it from the cache where it can.
+        overwrite: replace existing files whose contents differ.
+        images: the image folder, to read each image's EXIF orientation and size as musubi will; default the
+            folder the cache was built from.
+        progress: called with (done, total) after each item.
+
+    Raises:
+        ConfigError: an unknown arch, or one the cache's VAE or text does not fit; images not found.
+
+    Example:
+        >>> export_musubi("./cache", "./musubi_cache", arch="zi").written
+        40000
+    """
+    start = time.monotonic()
+    reader = open_cache(cache, text=False)
+    arch_ = ARCHS[_pick_arch(arch, reader)]
+    _check_vae(arch_, reader.fingerprint)
+    root = Path(to)
+    root.mkdir(parents=True, exist_ok=True)
+    summary = ExportSummary(arch_.name, str(root))
+    image_root = _image_root(reader, images)
+    text = _text_reader(cache, reader, arch_, summary)
+    _warn_settings(reader.fingerprint, summary)
+    paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
+    bucket_rule = _bucket_rule(reader.fingerprint)
+    stems: dict[str, str] = {}
+    keys = reader.keys()
+    for done, key in enumerate(keys, 1):
+        reason = _refusal(reader, key, paths.get(key), image_root, bucket_rule, stems)
+        if reason:
+            summary.skipped.append({"key": key, "reason": reason})
+        else:
+            _export_item(reader, text, key, paths[key], arch_, root, overwrite, summary)
+        if progress:
+            progress(done, len(keys))
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def musubi_latent_tensors(reader: CacheReader, key: str, arch: MusubiArch) -> dict[str, torch.Tensor]:
+    """``{key name: tensor}`` of one item's musubi latent file."""
+    from cachebuild.families import pipeline_inputs_for
+
+    stored = reader.tensors(key)
+    # musubi caches the posterior mode: a moments cache gives its mean, never a fresh draw
+    rec = {"latents": stored["mean"] if "mean" in stored else stored["latents"]}
+    if arch.name == "zi":  # musubi stores Z-Image's raw VAE output; its trainer applies (z - shift) * scale
+        z = rec["latents"].to(arch.latent_dtype)  # (C, h, w)
+    else:
+        z = pipeline_inputs_for(arch.family)(rec, reader.fingerprint.get("vae", {}))["latents"]
+        if arch.family == "qwen-image":
+            z = z.transpose(0, 1)  # the pipeline's (1, C, h, w) -> musubi's (C, 1, h, w)
+        z = z.to(arch.latent_dtype)
+    h, w = z.shape[-2:]
+    dims = f"1x{h}x{w}" if arch.frames else f"{h}x{w}"
+    return {f"latents_{dims}_{_dtype_name(z.dtype)}": z.contiguous()}
+
+
+def musubi_text_tensors(reader: CacheReader, key: str, arch: MusubiArch) -> dict[str, torch.Tensor]:
+    """``{key name: tensor}`` of one item's musubi text file, from the pipeline's ``prompt_embeds``."""
+    inputs = reader.pipeline_inputs(key, family=reader.text_fingerprint.get("family"))
+    if "prompt_embeds" not in inputs:
+        raise ConfigError(f"this cache's {arch.family} text gives no prompt_embeds yet; export it without text")
+    embeds = inputs["prompt_embeds"]  # (T, D) or (L, D) padded
+    mask = inputs.get("prompt_embeds_mask", inputs.get("prompt_attention_mask"))
+    if arch.text_key.startswith("varlen_") and mask is not None:
+        embeds = embeds[mask.bool()]  # musubi keeps the real tokens only
+    if arch.text_dim is not None and embeds.shape[-1] in _REAL_TEXT_DIMS and embeds.shape[-1] != arch.text_dim:
+        raise ConfigError(
+            f"text outputs are {embeds.shape[-1]} wide, {arch.name} takes {arch.text_dim}; pick the --arch of the "
+            f"text encoder the cache was built with ({_REAL_TEXT_DIMS[embeds.shape[-1]]})"
+        )
+    return {f"{arch.text_key}_{_dtype_name(embeds.dtype)}": embeds.contiguous()}
+
+
+_REAL_TEXT_DIMS = {a.text_dim: a.name for a in ARCHS.values() if a.text_dim}
+
+
+def _export_item(reader, text, key, rel, arch, root, overwrite, s) -> None:
+    original = tuple(reader.info(key)["original_size"])
+    tensors = musubi_latent_tensors(reader, key, arch)
+    meta = {"architecture": arch.full, "width": str(original[0]), "height": str(original[1])}
+    meta["format_version"] = FORMAT_VERSION
+    _write(root / musubi_latent_name(rel, original, arch.name), tensors, meta, root, overwrite, s)
+    if text is None:
+        return
+    if key not in text:
+        s.skipped.append({"key": key, "reason": "no caption in the text cache: latents written, musubi skips the item"})
+        return
+    te = musubi_text_tensors(text, key, arch)
+    meta = {"architecture": arch.full, "caption1": text.caption(key) or "", "format_version": FORMAT_VERSION}
+    _write(root / musubi_text_name(rel, arch.name), te, meta, root, overwrite, s)
+
+
+def _write(target: Path, tensors: dict, meta: dict, root: Path, overwrite: bool, s: ExportSummary) -> None:
+    data = safetensors_bytes(tensors, meta)
+    write_checked(target, data, root, overwrite, s, lambda old: same_safetensors(old, tensors, meta))
+
+
+def _refusal(reader, key, rel, image_root, bucket_rule, stems) -> str | None:
+    """Why this item cannot be handed to musubi, or None."""
+    info = reader.info(key)
+    original, bucket = tuple(info["original_size"]), tuple(info["bucket"])
+    if rel is None:
+        return "no source path recorded"
+    stem = os.path.splitext(os.path.basename(rel))[0]
+    if stem in stems:
+        return f"same file stem as {stems[stem]}: musubi's flat cache folder holds one file per stem"
+    stems[stem] = key
+    why = _image_problem(image_root / rel, original)
+    if why:
+        return why
+    resolution, no_upscale, buckets = bucket_rule
+    want = musubi_bucket(original, resolution, no_upscale, buckets)
+    if want != bucket:
+        return (
+            f"encoded at bucket {bucket[0]}x{bucket[1]}, musubi recomputes {want[0]}x{want[1]} for a "
+            f"{original[0]}x{original[1]} image; rebuild the latents with --buckets musubi"
+        )
+    if info.get("crop") is not None and tuple(info["crop"]) != _centre_crop(original, bucket):
+        return "random crop: musubi crops at the centre; rebuild without --random-crop"
+    return None
+
+
+def _centre_crop(original: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of musubi's centre crop (``resize_image_to_bucket``)."""
+    if original == bucket:
+        return 0, 0
+    scale = max(bucket[0] / original[0], bucket[1] / original[1])
+    w, h = int(original[0] * scale + 0.5), int(original[1] * scale + 0.5)
+    return (w - bucket[0]) // 2, (h - bucket[1]) // 2
+
+
+def _image_problem(image: Path, original: tuple[int, int]) -> str | None:
+    from PIL import Image
+
+    if not image.is_file():
+        return f"image {image} not found: its size and EXIF orientation cannot be checked"
+    try:
+        with Image.open(image) as img:
+            size, orientation = img.size, img.getexif().get(0x0112, 1)
+    except Exception as exc:  # per-item boundary: an unreadable image is refused with its reason
+        return f"cannot read the image header: {exc}"
+    if orientation not in (None, 1):
+        return (
+            "EXIF-rotated image: musubi reads the pixels unrotated, so its caching run would name and encode it "
+            "differently (and delete this file as not in the dataset)"
+        )
+    if size != original:
+        return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
+    return None
+
+
+def _pick_arch(arch: str | None, reader: CacheReader) -> str:
+    if arch is not None:
+        if arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)} for musubi export, got {arch!r}")
+        return arch
+    cls = reader.fingerprint.get("vae", {}).get("class")
+    text_family = (reader.text_fingerprint or {}).get("family")
+    if cls == "AutoencoderKLQwenImage":
+        return "qi"
+    if text_family == "z-image":
+        return "zi"
+    for a in ARCHS.values():  # a Flux.2 text cache names its variant
+        if a.vae_class == cls and text_family in a.text_families and text_family not in ("flux2-klein",):
+            return a.name
+    raise ConfigError(f"cannot tell the musubi architecture of this cache; pass --arch ({', '.join(ARCHS)})")
+
+
+def _check_vae(arch: MusubiArch, fingerprint: dict) -> None:
+    vae = fingerprint.get("vae", {})
+    cls = vae.get("class", "AutoencoderKL")
+    if cls != arch.vae_class:
+        raise ConfigError(f"--arch {arch.name} needs latents of {arch.vae_class}; this cache has {cls}")
+    if arch.name == "zi" and (vae.get("shift_factor") is None or vae.get("latent_channels") != 16):
+        raise ConfigError(
+            "--arch zi needs Z-Image's 16-channel VAE (scale 0.3611, shift 0.1159); this cache has another"
+        )
+
+
+def _image_root(reader: CacheReader, images) -> Path:
+    if images is None:
+        from cachebuild.consumers.preview import _recorded_dataset
+
+        found = _recorded_dataset(reader.root)
+        if found is None:
+            raise ConfigError(
+                "the image folder the cache was built from is gone; pass --images DIR (musubi export reads each "
+                "image's size and EXIF orientation as musubi will)"
+            )
+        return found
+    if not Path(images).is_dir():
+        raise ConfigError(f"--images {images} is not a folder; pass the folder the cache was built from")
+    return Path(images)
+
+
+def _text_reader(cache, reader: CacheReader, arch: MusubiArch, s: ExportSummary) -> CacheReader | None:
+    """The text side to export, or None with the reason in the summary's warnings."""
+    family = (reader.text_fingerprint or {}).get("family")
+    if family is None:
+        s.warnings.append(
+            f"no text outputs in the cache: only latents written; musubi trains an item only with its "
+            f"_{arch.name}_te file (build them with cachebuild textenc, or musubi's own text caching)"
+        )
+        return None
+    if family not in arch.text_families:
+        s.warnings.append(f"text outputs of {family} not exported: {arch.name} takes {' or '.join(arch.text_families)}")
+        return None
+    return open_cache(cache, text=True)
+
+
+def _bucket_rule(fingerprint: dict) -> tuple[tuple[int, int], bool, list[tuple[int, int]]]:
+    b = fingerprint.get("buckets", {})
+    resolution = tuple(b.get("resolution", (1024, 1024)))
+    return resolution, bool(b.get("no_upscale")), musubi_buckets(resolution)
+
+
+def _warn_settings(fingerprint: dict, s: ExportSummary) -> None:
+    if fingerprint.get("buckets", {}).get("rule") != "musubi":
+        s.warnings.append("built with kohya's bucket rule: items whose bucket musubi would pick otherwise are refused")
+    if fingerprint.get("latents") == "sample":
+        s.warnings.append(
+            "this cache holds posterior samples; musubi's own caching stores the mode (build with --latents mean "
+            "to match it)"
+        )
+    if fingerprint.get("flip"):
+        s.warnings.append("flipped latents are not exported: musubi has no flip augmentation in its cache")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """musubi's ``dtype_to_str``: the torch name after the dot (``bfloat16``, ``float32``)."""
+    return str(dtype).split(".")[-1]
