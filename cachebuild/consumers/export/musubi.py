@@ -194,6 +194,9 @@ def musubi_latent_tensors(reader: CacheReader, key: str, arch: MusubiArch) -> di
 def musubi_text_tensors(reader: CacheReader, key: str, arch: MusubiArch) -> dict[str, torch.Tensor]:
     """``{key name: tensor}`` of one item's musubi text file, from the pipeline's ``prompt_embeds``."""
     inputs = reader.pipeline_inputs(key, family=reader.text_fingerprint.get("family"))
+    if arch.family == "qwen-image":  # musubi keeps up to encode_prompt's 1024 rows, past __call__'s 512 default
+        rec = reader.record(key)
+        inputs = {"prompt_embeds": rec["qwen25vl"][rec["qwen25vl_mask"].bool()]}
     if "prompt_embeds" not in inputs:
         raise ConfigError(f"this cache's {arch.family} text gives no prompt_embeds yet; export it without text")
     embeds = inputs["prompt_embeds"]  # (T, D) or (L, D) padded
