@@ -231,18 +231,14 @@ class _Text:
         return self.inputs
 
 
-def test_qi_and_flux2_text_by_pipeline_names_when_their_text_lands():
+def test_flux2_text_by_pipeline_names_and_widths():
+    """(tests/test_export_musubi_families.py exports real Qwen-Image and Flux.2 text caches end to end.)"""
     from cachebuild.consumers.export.musubi import ARCHS, musubi_text_tensors
 
-    embeds, mask = torch.randn(9, 8, dtype=torch.bfloat16), torch.tensor([1] * 6 + [0] * 3)
-    qi = musubi_text_tensors(
-        _Text("qwen-image", {"prompt_embeds": embeds, "prompt_embeds_mask": mask}), "k", ARCHS["qi"]
-    )
-    assert list(qi) == ["varlen_vl_embed_bfloat16"] and torch.equal(qi["varlen_vl_embed_bfloat16"], embeds[:6])
     ctx = torch.randn(512, 8, dtype=torch.bfloat16)
     f2 = musubi_text_tensors(_Text("flux2", {"prompt_embeds": ctx}), "k", ARCHS["f2d"])
     assert list(f2) == ["ctx_vec_bfloat16"] and torch.equal(f2["ctx_vec_bfloat16"], ctx)  # all 512 positions
     with pytest.raises(ConfigError, match="f2k4b"):  # a klein-4B-wide output under --arch f2d
         musubi_text_tensors(_Text("flux2", {"prompt_embeds": torch.zeros(512, 7680)}), "k", ARCHS["f2d"])
     with pytest.raises(ConfigError, match="no prompt_embeds"):
-        musubi_text_tensors(_Text("qwen-image", {"latents": ctx}), "k", ARCHS["qi"])
+        musubi_text_tensors(_Text("flux2", {"latents": ctx}), "k", ARCHS["f2d"])
