@@ -25,6 +25,8 @@ TEXT_FAMILIES = (
     "flux",
     "chroma",
     "z-image",
+    "lumina2",
+    "sana",
     "generic",
 )  # mirrors config.TextFamily, without importing
 
@@ -105,8 +107,8 @@ _build_options = _options(  # every cache-building command
 _vae_options = _options(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev), "
-        "pipeline hub id or local pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
+        "lumina2, sana), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -149,8 +151,8 @@ _latents_options = _options(  # what is stored per image and how the encoder run
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
     click.option(
         "--model",
-        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image), pipeline hub id or local "
-        "pipeline folder.",
+        help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, lumina2, sana), pipeline "
+        "hub id or local pipeline folder.",
     ),
     click.option(
         "--family",

@@ -61,6 +61,8 @@ PRESETS: dict[str, str] = {
     "z-image": "Tongyi-MAI/Z-Image-Turbo",
     "qwen-image": "Qwen/Qwen-Image",  # latents only so far
     "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
+    "lumina2": "Alpha-VLLM/Lumina-Image-2.0",
+    "sana": "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",  # SanaPipeline's documented example
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
@@ -203,6 +205,8 @@ class TextFamily(str, Enum):
     FLUX = "flux"  # CLIP-L pooled output and T5-XXL last hidden state
     CHROMA = "chroma"  # T5-XXL with its attention mask: the real tokens and the first padding token
     ZIMAGE = "z-image"  # Qwen3's penultimate hidden state over the chat template, masked: the real tokens only
+    LUMINA2 = "lumina2"  # Gemma2's penultimate hidden state over system prompt + caption, masked: real tokens only
+    SANA = "sana"  # Gemma2's last hidden state over instruction + caption, masked: row 0 and the caption's rows
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

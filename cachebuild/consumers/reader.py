@@ -180,7 +180,8 @@ class CacheReader:
         for enc in encoders:
             name = enc["name"]
             if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
-                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], max_length or enc["max_length"])
+                length = max_length or enc.get("window") or enc["max_length"]  # window: Sana's rows, not its tokens
+                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], length)
             elif enc.get("hidden") and name == "t5":  # stored whole, unmasked: the mask only marks the real tokens
                 if max_length not in (None, enc["max_length"]):
                     raise ConfigError(

@@ -16,7 +16,8 @@ MODULES = {
     "chroma": "chroma",
     "z-image": "zimage",
 }
-MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2"}  # latents only so far: pass family= to pipeline_inputs
+MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2"}
+MODULES |= {"lumina2": "lumina2", "sana": "sana"}  # latents only so far: pass family= to pipeline_inputs
 
 
 def pipeline_inputs_for(family: str) -> Callable[[dict, dict], dict]:

@@ -7,6 +7,8 @@ checked from configs and weight hashes alone. See docs/format.md for the tensors
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +27,14 @@ from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weigh
 # into failed items; their pipelines compute in bf16, so bf16 storage loses nothing against them. CLIP and T5
 # outputs stay well inside fp16, which keeps 3 more bits.
 STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16}
+STORED_DTYPE |= {TextFamily.LUMINA2: DType.BF16, TextFamily.SANA: DType.BF16}  # Gemma2 hidden states, likewise
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
 ZIMAGE_CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
+LUMINA2_MAX_LENGTH = 256  # Lumina2Pipeline's max_sequence_length, counted with the system prompt's tokens
+SANA_MAX_LENGTH = 300  # SanaPipeline's max_sequence_length: the rows it hands its transformer, the instruction's
+# tokens not counted (see EncoderSpec.window)
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,27 @@ class EncoderSpec:
     extra_rows: int = 0  # trimmed: rows past the real tokens that are kept too (Chroma attends to one padding token)
     chat_template: tuple[tuple[str, bool], ...] = ()  # non-empty: each caption becomes one user message put
     # through the tokenizer's chat template with these apply_chat_template keywords before tokenizing (Z-Image)
+    prefix: str = ""  # text joined in front of every caption before tokenizing: Lumina 2's system prompt and
+    # " <Prompt Start> ", Sana's complex human instruction
+    lowercase: bool = False  # the caption is lower-cased and stripped before the prefix goes on (Sana)
+    right_pad: bool = False  # pad on the right whatever the tokenizer's default (Gemma's is left): the pipeline
+    # sets padding_side "right" itself (Lumina 2, Sana)
+    window: int = 0  # > 0: max_length is the prefix's tokens + window - 2 and the rows kept are the first one
+    # and, of the last window - 1 positions, those with real tokens (Sana's select_index; its transformer gets
+    # (window, D) with the mask over them)
 
     def fingerprint(self, manifest: Manifest) -> dict:
         extra = {"extra_rows": self.extra_rows} if self.extra_rows else {}  # absent: older caches keep theirs
         if self.chat_template:
             extra["chat_template"] = dict(self.chat_template)  # the template text itself is in tokenizer_sha256
+        if self.prefix:
+            extra["prefix"] = self.prefix
+        if self.lowercase:
+            extra["lowercase"] = True
+        if self.right_pad:
+            extra["padding_side"] = "right"
+        if self.window:
+            extra["window"] = self.window
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -144,6 +166,10 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
             )
         ],
     }
+    table |= {
+        TextFamily.LUMINA2: lambda: [lumina2_spec(root, dtype)],
+        TextFamily.SANA: lambda: [sana_spec(root, dtype)],
+    }
     specs = table[family]()
     for spec in specs:
         if not (spec.folder / "config.json").is_file() or not (spec.tokenizer).is_dir():
@@ -152,6 +178,81 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
                 f"{spec.name}; pass the right --family or a complete pipeline"
             )
     return family, specs
+
+
+def lumina2_spec(root: Path, dtype: DType) -> EncoderSpec:
+    """Gemma2's penultimate hidden state over the system prompt and the caption, masked, real tokens only."""
+    return EncoderSpec(
+        "gemma2",
+        root / "text_encoder",
+        root / "tokenizer",
+        "Gemma2Model",
+        -2,
+        False,
+        True,
+        None,
+        LUMINA2_MAX_LENGTH,
+        True,
+        dtype,
+        prefix=pipeline_prompt_prefix(TextFamily.LUMINA2),
+        right_pad=True,
+    )
+
+
+def sana_spec(root: Path, dtype: DType) -> EncoderSpec:
+    """Gemma2's last hidden state over the instruction and the lower-cased caption, masked; the first row and the
+    real rows of the last 299 positions. The tokenizer length depends on the instruction's token count, so the
+    tokenizer is read here (no model)."""
+    prefix = pipeline_prompt_prefix(TextFamily.SANA)
+    spec = EncoderSpec(
+        "gemma2",
+        root / "text_encoder",
+        root / "tokenizer",
+        "Gemma2Model",
+        -1,
+        False,
+        True,
+        None,
+        SANA_MAX_LENGTH,
+        True,
+        dtype,
+        prefix=prefix,
+        lowercase=True,
+        right_pad=True,
+        window=SANA_MAX_LENGTH,
+    )
+    if not (spec.tokenizer).is_dir():
+        return spec  # resolve_encoders names what is missing
+    prefix_tokens = len(load_tokenizer(spec).encode(prefix))  # with <bos>, as SanaPipeline counts them
+    return dataclasses.replace(spec, max_length=prefix_tokens + SANA_MAX_LENGTH - 2)
+
+
+def pipeline_prompt_prefix(family: TextFamily) -> str:
+    """The text the family's pipeline puts in front of every caption by default, read from the installed
+    diffusers (the reference): Lumina 2's ``system_prompt`` with its " <Prompt Start> " separator, Sana's
+    default ``complex_human_instruction`` lines joined by newlines."""
+    import diffusers
+
+    if family is TextFamily.LUMINA2:
+        pipe = diffusers.Lumina2Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None)
+        return pipe.system_prompt + " <Prompt Start> "
+    lines = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    return "\n".join(lines)
+
+
+def stored_rows(spec: EncoderSpec, n: int) -> int:
+    """How many rows of a ``trim`` encoder's output are stored for a caption of ``n`` real tokens (prefix and
+    special tokens included)."""
+    if spec.window:
+        return 1 + max(0, n - (spec.max_length - spec.window + 1))
+    return min(n + spec.extra_rows, spec.max_length)
+
+
+def kept_rows(spec: EncoderSpec, h: torch.Tensor, n: int) -> torch.Tensor:
+    """The stored rows of one caption's (L, D) output run with its mask, ``n`` real tokens, right-padded."""
+    if spec.window:  # row 0, then the real rows among the last window - 1 positions of max_length
+        return torch.cat([h[:1], h[spec.max_length - spec.window + 1 : n]]).clone()
+    return h[: n + spec.extra_rows].clone()
 
 
 def load_tokenizer(spec: EncoderSpec):
@@ -167,6 +268,12 @@ def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tens
     """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
     if spec.chat_template:
         texts = [chat_prompt(tokenizer, spec, text) for text in texts]
+    if spec.lowercase:
+        texts = [text.lower().strip() for text in texts]
+    if spec.prefix:
+        texts = [spec.prefix + text for text in texts]
+    if spec.right_pad:
+        tokenizer.padding_side = "right"
     enc = tokenizer(texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt")
     full = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
     return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
@@ -202,9 +309,7 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
                 h = h.float().cpu()  # (B, L, D)
                 lengths = mask.sum(dim=1).tolist()
                 for i, n in enumerate(lengths):
-                    results[i][spec.name] = (
-                        h[i, : n + spec.extra_rows].clone() if spec.trim else h[i]
-                    )  # (T, D) | (L, D)
+                    results[i][spec.name] = kept_rows(spec, h[i], n) if spec.trim else h[i]  # (T, D) | (L, D)
             if spec.pooled:
                 pooled = getattr(out, spec.pooled).float().cpu()  # (B, D)
                 for i in range(len(ids)):
@@ -281,6 +386,9 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "FluxPipeline": TextFamily.FLUX,
         "ChromaPipeline": TextFamily.CHROMA,
         "ZImagePipeline": TextFamily.ZIMAGE,
+        "Lumina2Pipeline": TextFamily.LUMINA2,
+        "Lumina2Text2ImgPipeline": TextFamily.LUMINA2,  # the same pipeline's earlier name
+        "SanaPipeline": TextFamily.SANA,
     }
     if cls in by_class:
         return by_class[cls]
