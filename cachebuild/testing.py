@@ -394,10 +394,9 @@ def make_tiny_gemma_tokenizer(path: Path) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
-    from cachebuild.config import TextFamily
-    from cachebuild.families.text import pipeline_prompt_prefix
+    from cachebuild.families import lumina2, sana
 
-    corpus = [" ".join(WORDS)] + [pipeline_prompt_prefix(f) for f in (TextFamily.LUMINA2, TextFamily.SANA)]
+    corpus = [" ".join(WORDS), lumina2.prompt_prefix(), sana.prompt_prefix()]
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
     bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # merges stay inside words

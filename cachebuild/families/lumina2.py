@@ -13,11 +13,19 @@ zero-padded to 256; the pipeline's own rows there are Gemma2's outputs at masked
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
+from cachebuild.config import DType
 from cachebuild.families.vae import normalize_latents
 
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec
+
 PIPELINE = "Lumina2Pipeline"
+MAX_LENGTH = 256  # Lumina2Pipeline's max_sequence_length, counted with the system prompt's tokens
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
@@ -27,3 +35,35 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
         out["prompt_embeds"] = rec["gemma2"]  # (256, D), zeros past the real tokens
         out["prompt_attention_mask"] = rec["gemma2_mask"]  # (256,) int64, as the tokenizer returns it
     return out
+
+
+def encoder_spec(root: Path, dtype: DType) -> EncoderSpec:
+    """Gemma2's penultimate hidden state over the system prompt and the caption, right-padded and masked, real
+    tokens only."""
+    from cachebuild.families.text import EncoderSpec
+
+    folder, tokenizer = root / "text_encoder", root / "tokenizer"
+    return EncoderSpec(
+        "gemma2",
+        folder,
+        tokenizer,
+        "Gemma2Model",
+        -2,
+        False,
+        True,
+        None,
+        MAX_LENGTH,
+        True,
+        dtype,
+        prefix=prompt_prefix(),
+        right_pad=True,
+    )
+
+
+def prompt_prefix() -> str:
+    """What the pipeline joins in front of every caption by default: its ``system_prompt`` and " <Prompt Start> ",
+    read from the installed diffusers (the reference) rather than copied."""
+    import diffusers
+
+    pipe = diffusers.Lumina2Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None)
+    return pipe.system_prompt + " <Prompt Start> "

@@ -14,11 +14,22 @@ zero-padded to 300.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
+from cachebuild.config import DType
 from cachebuild.families.vae import normalize_latents
 
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec
+
 PIPELINE = "SanaPipeline"
+MAX_LENGTH = 300  # SanaPipeline's max_sequence_length: the rows it hands its transformer, the instruction's tokens
+# not counted (see EncoderSpec.window)
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
@@ -28,3 +39,42 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
         out["prompt_embeds"] = rec["gemma2"]  # (300, D), zeros past the kept rows
         out["prompt_attention_mask"] = rec["gemma2_mask"]  # (300,) int64
     return out
+
+
+def encoder_spec(root: Path, dtype: DType) -> EncoderSpec:
+    """Gemma2's last hidden state over the instruction and the lower-cased caption, right-padded and masked; row 0
+    and the real rows of the last 299 positions. The tokenizer length depends on the instruction's token count, so
+    the tokenizer is read here (no model)."""
+    from cachebuild.families.text import EncoderSpec, load_tokenizer
+
+    folder, tokenizer, prefix = root / "text_encoder", root / "tokenizer", prompt_prefix()
+    spec = EncoderSpec(
+        "gemma2",
+        folder,
+        tokenizer,
+        "Gemma2Model",
+        -1,
+        False,
+        True,
+        None,
+        MAX_LENGTH,
+        True,
+        dtype,
+        prefix=prefix,
+        lowercase=True,
+        right_pad=True,
+        window=MAX_LENGTH,
+    )
+    if not tokenizer.is_dir():
+        return spec  # resolve_encoders names what is missing
+    prefix_tokens = len(load_tokenizer(spec).encode(prefix))  # <bos> included, as SanaPipeline counts them
+    return dataclasses.replace(spec, max_length=prefix_tokens + MAX_LENGTH - 2)
+
+
+def prompt_prefix() -> str:
+    """The default ``complex_human_instruction`` of ``SanaPipeline.__call__``, its lines joined by newlines as
+    the pipeline joins them, read from the installed diffusers (the reference) rather than copied."""
+    import diffusers
+
+    lines = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    return "\n".join(lines)

@@ -7,8 +7,7 @@ checked from configs and weight hashes alone. See docs/format.md for the tensors
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
+import importlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,9 +31,6 @@ CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
 ZIMAGE_CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
-LUMINA2_MAX_LENGTH = 256  # Lumina2Pipeline's max_sequence_length, counted with the system prompt's tokens
-SANA_MAX_LENGTH = 300  # SanaPipeline's max_sequence_length: the rows it hands its transformer, the instruction's
-# tokens not counted (see EncoderSpec.window)
 
 
 @dataclass(frozen=True)
@@ -166,9 +162,9 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
             )
         ],
     }
-    table |= {
-        TextFamily.LUMINA2: lambda: [lumina2_spec(root, dtype)],
-        TextFamily.SANA: lambda: [sana_spec(root, dtype)],
+    table |= {  # families whose module declares its encoder
+        TextFamily.LUMINA2: lambda: [importlib.import_module("cachebuild.families.lumina2").encoder_spec(root, dtype)],
+        TextFamily.SANA: lambda: [importlib.import_module("cachebuild.families.sana").encoder_spec(root, dtype)],
     }
     specs = table[family]()
     for spec in specs:
@@ -178,66 +174,6 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
                 f"{spec.name}; pass the right --family or a complete pipeline"
             )
     return family, specs
-
-
-def lumina2_spec(root: Path, dtype: DType) -> EncoderSpec:
-    """Gemma2's penultimate hidden state over the system prompt and the caption, masked, real tokens only."""
-    return EncoderSpec(
-        "gemma2",
-        root / "text_encoder",
-        root / "tokenizer",
-        "Gemma2Model",
-        -2,
-        False,
-        True,
-        None,
-        LUMINA2_MAX_LENGTH,
-        True,
-        dtype,
-        prefix=pipeline_prompt_prefix(TextFamily.LUMINA2),
-        right_pad=True,
-    )
-
-
-def sana_spec(root: Path, dtype: DType) -> EncoderSpec:
-    """Gemma2's last hidden state over the instruction and the lower-cased caption, masked; the first row and the
-    real rows of the last 299 positions. The tokenizer length depends on the instruction's token count, so the
-    tokenizer is read here (no model)."""
-    prefix = pipeline_prompt_prefix(TextFamily.SANA)
-    spec = EncoderSpec(
-        "gemma2",
-        root / "text_encoder",
-        root / "tokenizer",
-        "Gemma2Model",
-        -1,
-        False,
-        True,
-        None,
-        SANA_MAX_LENGTH,
-        True,
-        dtype,
-        prefix=prefix,
-        lowercase=True,
-        right_pad=True,
-        window=SANA_MAX_LENGTH,
-    )
-    if not (spec.tokenizer).is_dir():
-        return spec  # resolve_encoders names what is missing
-    prefix_tokens = len(load_tokenizer(spec).encode(prefix))  # with <bos>, as SanaPipeline counts them
-    return dataclasses.replace(spec, max_length=prefix_tokens + SANA_MAX_LENGTH - 2)
-
-
-def pipeline_prompt_prefix(family: TextFamily) -> str:
-    """The text the family's pipeline puts in front of every caption by default, read from the installed
-    diffusers (the reference): Lumina 2's ``system_prompt`` with its " <Prompt Start> " separator, Sana's
-    default ``complex_human_instruction`` lines joined by newlines."""
-    import diffusers
-
-    if family is TextFamily.LUMINA2:
-        pipe = diffusers.Lumina2Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None)
-        return pipe.system_prompt + " <Prompt Start> "
-    lines = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
-    return "\n".join(lines)
 
 
 def stored_rows(spec: EncoderSpec, n: int) -> int:
