@@ -218,3 +218,12 @@ def test_presets_and_pipeline_classes_name_the_families(tmp_path):
     for cls, family in classes.items():
         (tmp_path / "model_index.json").write_text(f'{{"_class_name": "{cls}"}}')
         assert text_families._detect_family(str(tmp_path), tmp_path) is TextFamily(family)
+
+
+def test_preview_decodes_the_latents_with_the_family_vae(built, tmp_path):
+    """preview takes the VAE the cache was built with, Sana's AutoencoderDC too, and decodes the stored latents."""
+    _, _, vae, _, out = built
+    png = tmp_path / "p.png"
+    result = CliRunner().invoke(cli, ["preview", str(out), "--vae", str(vae), "--output", str(png), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 0

@@ -149,7 +149,8 @@ class CacheReader:
         ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
 
         Args:
-            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``chroma``, ``qwen-image`` or ``flux2``;
+            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``chroma``, ``z-image``, ``lumina2``, ``sana``,
+                ``qwen-image`` or ``flux2``;
                 default: the text cache's family (a cache with latents only needs it named).
 
         Example:
