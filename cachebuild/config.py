@@ -62,7 +62,8 @@ PRESETS: dict[str, str] = {
     "qwen-image": "Qwen/Qwen-Image",  # latents only so far
     "flux2-dev": "black-forest-labs/FLUX.2-dev",  # latents only so far
     "lumina2": "Alpha-VLLM/Lumina-Image-2.0",
-    "sana": "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",  # SanaPipeline's documented example
+    "sana": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",  # loads without a variant; Sana's own docs load
+    # the BF16 repos (the pipeline docstring's example) with variant="bf16", which cachebuild does not pass
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}

@@ -227,3 +227,16 @@ def test_preview_decodes_the_latents_with_the_family_vae(built, tmp_path):
     result = CliRunner().invoke(cli, ["preview", str(out), "--vae", str(vae), "--output", str(png), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert png.stat().st_size > 0
+
+
+def test_hub_fetch_skips_sharded_fp16_copies():
+    """Sana's text encoder folder holds its weights twice, plain and as `fp16` shards: only the plain are fetched."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from cachebuild.hub import HUB_IGNORE
+
+    files = [f"text_encoder/model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    files += [f"text_encoder/model.fp16-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    files += ["text_encoder/model.safetensors.index.json", "vae/diffusion_pytorch_model.fp16.safetensors"]
+    kept = list(filter_repo_objects(files, allow_patterns=["*/*.json", "*/*.safetensors"], ignore_patterns=HUB_IGNORE))
+    assert kept == [*files[:2], "text_encoder/model.safetensors.index.json"]
