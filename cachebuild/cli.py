@@ -29,6 +29,8 @@ TEXT_FAMILIES = (
     "hidream",
     "flux2",
     "flux2-klein",
+    "lumina2",
+    "sana",
     "generic",
 )  # mirrors config.TextFamily, without importing
 
@@ -111,7 +113,7 @@ _vae_options = _options(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, hidream), pipeline hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -163,7 +165,7 @@ _text_encoder_options = _options(  # which encoders run and which of their outpu
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, hidream), pipeline hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana), pipeline hub id or local pipeline folder.",
     ),
     click.option(
         "--family",

@@ -71,6 +71,9 @@ PRESETS: dict[str, str] = {
     "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",  # Qwen3-4B text encoder
     "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",  # Qwen3-8B text encoder
     "hidream": "HiDream-ai/HiDream-I1-Full",  # its Llama 3.1 from LLAMA_REPO (families.text) where the repo has none
+    "lumina2": "Alpha-VLLM/Lumina-Image-2.0",
+    "sana": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",  # loads without a variant; Sana's own docs load
+    # the BF16 repos (the pipeline docstring's example) with variant="bf16", which cachebuild does not pass
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
@@ -219,6 +222,8 @@ class TextFamily(str, Enum):
     HIDREAM = "hidream"  # CLIP-L + CLIP-G pooled projections; T5-XXL and every Llama 3.1 layer, masked, all 128 rows
     FLUX2 = "flux2"  # Mistral3 hidden states 10/20/30 side by side over the system + user template, masked, 512 rows
     FLUX2_KLEIN = "flux2-klein"  # Qwen3 hidden states 9/18/27 side by side over the chat template, masked, 512 rows
+    LUMINA2 = "lumina2"  # Gemma2's penultimate hidden state over system prompt + caption, masked: real tokens only
+    SANA = "sana"  # Gemma2's last hidden state over instruction + caption, masked: row 0 and the caption's rows
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

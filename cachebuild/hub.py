@@ -77,7 +77,8 @@ def _resolve_single_file(spec: ModelSpec, path: Path) -> ResolvedVae:
     return ResolvedVae(str(path), folder, path, _read_json(folder / "config.json"), (path,))
 
 
-HUB_IGNORE = ["*.fp16.*", "*.bin", "*.onnx*", "*.msgpack", "*.h5", "*.ckpt", "*.pt"]  # variants and
+HUB_IGNORE = ["*.fp16.*", "*.fp16-*", "*.bin", "*.onnx*", "*.msgpack", "*.h5", "*.ckpt", "*.pt"]  # variants
+# (`model.fp16-00001-of-00002.safetensors` is a sharded one) and
 # other frameworks' copies of the same weights: fetching them would cost gigabytes and change nothing
 
 

@@ -490,6 +490,9 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
         elif kind == "qwen3_klein":  # deeper than Flux2KleinPipeline's layer 27, so that none of 9/18/27 is the last
             make_tiny_qwen_tokenizer(path / tok)
             make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale, layers=KLEIN_TINY_LAYERS)
+        elif kind == "gemma2":
+            make_tiny_gemma_tokenizer(path / tok)
+            make_tiny_gemma2(path / enc, path / tok, seed=i, init_scale=init_scale)
         elif kind == "mistral3":
             make_tiny_mistral_tokenizer(path / tok)
             make_tiny_mistral3(path / enc, path / tok, seed=i, init_scale=init_scale)
@@ -611,9 +614,92 @@ def make_tiny_mistral3(path: Path, tokenizer: Path, seed: int = 0, init_scale: f
     return path
 
 
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's own ids 0-4
+
+
+def make_tiny_gemma_tokenizer(path: Path) -> Path:
+    """A ``GemmaTokenizer`` (the class Lumina 2 and Sana load, ``GemmaTokenizerFast`` in transformers 4): BPE over
+    "▁"-joined words with byte fallback, <bos> first and right-padding not its default (Gemma pads left). Its merges
+    are learnt from :data:`WORDS` and the prompts Lumina 2 and Sana put before a caption, so those take a few
+    hundred tokens, not one per byte; any other text tokenizes to bytes at worst."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    from cachebuild.families import lumina2, sana
+
+    corpus = [" ".join(WORDS), lumina2.prompt_prefix(), sana.prompt_prefix()]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # merges stay inside words
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=GEMMA_SPECIALS, show_progress=False)
+    bpe.train_from_iterator([c.lower() for c in corpus] + corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab |= {f"<0x{b:02X}>": len(vocab) + b for b in range(256)}  # byte fallback pieces
+    merges = [tuple(m) for m in model["merges"]]
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, model_max_length=8192)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_gemma2(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 3-layer ``Gemma2Model`` (Lumina 2's and Sana's text encoder class) for the tokenizer at ``tokenizer``;
+    ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        max_position_embeddings=8192,
+        initializer_range=0.02 * init_scale,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    Gemma2Model(config).save_pretrained(path)
+    return path
+
+
+def make_tiny_dc_vae(path: Path, latent_channels: int = 4, scaling_factor: float = 0.41407, seed: int = 0) -> Path:
+    """Save a tiny ``AutoencoderDC`` (Sana's VAE kind: no posterior) with two stages, downsampling 2, to ``path``."""
+    import torch
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    vae = AutoencoderDC(
+        latent_channels=latent_channels,
+        attention_head_dim=8,
+        encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()),
+        scaling_factor=scaling_factor,
+    )
+    vae.save_pretrained(path)
+    return path
+
+
+TEXT_PIPELINES |= {
+    "lumina2": ("Lumina2Pipeline", [("text_encoder", "tokenizer", "gemma2")]),
+    "sana": ("SanaPipeline", [("text_encoder", "tokenizer", "gemma2")]),
+}
+COMPONENT_CLASSES["gemma2"] = ("Gemma2Model", "GemmaTokenizerFast")
+
+
 def main(argv: list[str]) -> int:
     makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
-    makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae}
+    makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae, "dc-vae": make_tiny_dc_vae}
     makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)

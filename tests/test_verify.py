@@ -189,3 +189,24 @@ def test_a_plain_verify_opens_the_manifest_read_only(cache, monkeypatch):
     verify_cache(cache)
     verify_cache(cache, repair=True)
     assert seen == [True, False]  # only --repair writes
+
+
+def test_trimmed_text_rows_past_the_real_tokens_are_expected(tmp_path):
+    """Chroma keeps one padding row past the real tokens: a sound Chroma text cache verifies clean, and a row
+    count off by one is still found."""
+    from cachebuild.testing import make_tiny_text_pipeline
+
+    pipe = make_tiny_text_pipeline(tmp_path / "pipe", "chroma")
+    captions, out = tmp_path / "captions", tmp_path / "cache"
+    captions.mkdir()
+    (captions / "a.txt").write_text("a photo of a cat", encoding="utf-8")
+    args = ["textenc", str(captions), "--model", str(pipe), "--out", str(out), "--device", "cpu", "--quiet"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    report = verify_cache(out)
+    assert not report.problems, report.problems
+    with Manifest.open(out) as m:  # one real token fewer recorded: the stored rows no longer match
+        info = json.loads(m.conn.execute("SELECT info FROM items WHERE store='textenc'").fetchone()[0])
+        info["tokens"]["t5"] -= 1
+        with m.transaction() as c:
+            c.execute("UPDATE items SET info=? WHERE store='textenc'", (json.dumps(info),))
+    assert verify_cache(out).problems

@@ -150,7 +150,8 @@ class CacheReader:
         ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
 
         Args:
-            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``chroma``, ``qwen-image`` or ``flux2``;
+            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``chroma``, ``z-image``, ``lumina2``, ``sana``,
+                ``qwen-image`` or ``flux2``;
                 default: the text cache's family (a cache with latents only needs it named).
 
         Example:
@@ -181,8 +182,9 @@ class CacheReader:
         for enc in encoders:
             name = enc["name"]
             if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
-                rows = enc["max_length"] - enc.get("drop_rows", 0)  # Qwen-Image: the template's prefix is not stored
-                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], max_length or rows)
+                # window: Sana's rows, not its tokens; drop_rows: Qwen-Image's template prefix is not stored
+                length = max_length or enc.get("window") or enc["max_length"] - enc.get("drop_rows", 0)
+                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], length)
             elif enc.get("hidden") and name == "t5":  # stored whole, unmasked: the mask only marks the real tokens
                 if max_length not in (None, enc["max_length"]):
                     raise ConfigError(

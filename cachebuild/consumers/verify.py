@@ -198,12 +198,22 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
     for enc in fingerprint.get("encoders", []):
         if enc.get("hidden"):
             rows = info.get("tokens", {}).get(enc["name"]) if enc.get("trim") else enc.get("max_length")
+            if rows is not None and enc.get("trim"):
+                rows = _trimmed_rows(enc, rows)
             out[enc["name"]] = None if rows is None else (rows, _ANY)
             if rows is not None and enc.get("all_layers"):  # HiDream's Llama: (layers, L, D)
                 out[enc["name"]] = (_ANY, rows, _ANY)
         if enc.get("pooled"):
             out[f"{enc['name']}_pooled"] = None
     return out
+
+
+def _trimmed_rows(enc: dict, tokens: int) -> int:
+    """Rows a trimmed encoder stored for ``tokens`` real tokens (``families.text.stored_rows``, from its fingerprint
+    and without torch): Chroma's extra padding row, Sana's first row and window."""
+    if enc.get("window"):
+        return 1 + max(0, tokens - (enc["max_length"] - enc["window"] + 1))
+    return min(tokens + enc.get("extra_rows", 0), enc["max_length"])
 
 
 class _AnyDim:

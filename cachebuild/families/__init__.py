@@ -17,7 +17,7 @@ MODULES = {
     "z-image": "zimage",
     "hidream": "hidream",
 }
-MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2"}  # latents only so far: pass family= to pipeline_inputs
+MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2", "lumina2": "lumina2", "sana": "sana"}
 MODULES |= {"flux2-klein": "flux2"}  # Flux.2 [klein]: Flux.2's VAE and its own Qwen3 text encoder
 
 

@@ -7,6 +7,7 @@ checked from configs and weight hashes alone. See docs/format.md for the tensors
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 # outputs stay well inside fp16, which keeps 3 more bits.
 STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16, TextFamily.HIDREAM: DType.BF16}
 STORED_DTYPE |= {TextFamily.FLUX2: DType.BF16, TextFamily.FLUX2_KLEIN: DType.BF16}  # Mistral3 and Qwen3 layers
+STORED_DTYPE |= {TextFamily.LUMINA2: DType.BF16, TextFamily.SANA: DType.BF16}  # Gemma2 hidden states, likewise
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
 DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
 ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
@@ -93,6 +95,15 @@ class EncoderSpec:
     processor: bool = False  # the tokenizer folder is a multimodal processor's (Flux.2's PixtralProcessor): see
     # load_tokenizer; captions lose "[IMG]", and no special tokens are added when the prompt starts with BOS
 
+    prefix: str = ""  # text joined in front of every caption before tokenizing: Lumina 2's system prompt and
+    # " <Prompt Start> ", Sana's complex human instruction
+    lowercase: bool = False  # the caption is lower-cased and stripped before the prefix goes on (Sana)
+    right_pad: bool = False  # pad on the right whatever the tokenizer's default (Gemma's is left): the pipeline
+    # sets padding_side "right" itself (Lumina 2, Sana)
+    window: int = 0  # > 0: max_length is the prefix's tokens + window - 2 and the rows kept are the first one
+    # and, of the last window - 1 positions, those with real tokens (Sana's select_index; its transformer gets
+    # (window, D) with the mask over them)
+
     @property
     def attention_mask(self) -> bool:
         """Whether the encoder runs with the attention mask."""
@@ -114,6 +125,14 @@ class EncoderSpec:
             extra["system_message"] = self.system_message
         if self.processor:
             extra["processor"] = True
+        if self.prefix:
+            extra["prefix"] = self.prefix
+        if self.lowercase:
+            extra["lowercase"] = True
+        if self.right_pad:
+            extra["padding_side"] = "right"
+        if self.window:
+            extra["window"] = self.window
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -260,6 +279,10 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
         ],
     }
     table[TextFamily.HIDREAM] = lambda: _hidream_specs(cfg, root, dtype, t5_dtype)
+    table |= {  # families whose module declares its encoder
+        TextFamily.LUMINA2: lambda: [importlib.import_module("cachebuild.families.lumina2").encoder_spec(root, dtype)],
+        TextFamily.SANA: lambda: [importlib.import_module("cachebuild.families.sana").encoder_spec(root, dtype)],
+    }
     specs = table[family]()
     for spec in specs:
         if not (spec.folder / "config.json").is_file() or not (spec.tokenizer).is_dir():
@@ -305,6 +328,21 @@ def _tokenizer_limit(folder: Path) -> int:
     config = folder / "tokenizer_config.json"
     limit = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
     return int(limit) if isinstance(limit, (int, float)) else 1 << 30
+
+
+def stored_rows(spec: EncoderSpec, n: int) -> int:
+    """How many rows of a ``trim`` encoder's output are stored for a caption of ``n`` real tokens (prefix and
+    special tokens included)."""
+    if spec.window:
+        return 1 + max(0, n - (spec.max_length - spec.window + 1))
+    return max(0, min(n + spec.extra_rows, spec.max_length) - spec.drop_rows)
+
+
+def kept_rows(spec: EncoderSpec, h: torch.Tensor, n: int) -> torch.Tensor:
+    """The stored rows of one caption's (L, D) output run with its mask, ``n`` real tokens, right-padded."""
+    if spec.window:  # row 0, then the real rows among the last window - 1 positions of max_length
+        return torch.cat([h[:1], h[spec.max_length - spec.window + 1 : n]]).clone()
+    return h[spec.drop_rows : n + spec.extra_rows].clone()
 
 
 def load_tokenizer(spec: EncoderSpec):
@@ -359,6 +397,12 @@ def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tens
     """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
     if spec.chat_template:
         texts = [chat_prompt(tokenizer, spec, text) for text in texts]
+    if spec.lowercase:
+        texts = [text.lower().strip() for text in texts]
+    if spec.prefix:
+        texts = [spec.prefix + text for text in texts]
+    if spec.right_pad:
+        tokenizer.padding_side = "right"
     if spec.prompt_template:
         texts = [spec.prompt_template.format(text) for text in texts]  # the caption's own braces stay as they are
     special = {}
@@ -422,9 +466,7 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
                 h = h.float().cpu()  # (B, L, D)
                 lengths = mask.sum(dim=1).tolist()
                 for i, n in enumerate(lengths):
-                    results[i][spec.name] = (
-                        h[i, spec.drop_rows : n + spec.extra_rows].clone() if spec.trim else h[i]
-                    )  # (T, D) | (L, D)
+                    results[i][spec.name] = kept_rows(spec, h[i], n) if spec.trim else h[i]  # (T, D) | (L, D)
             if spec.pooled:
                 pooled = getattr(out, spec.pooled).float().cpu()  # (B, D)
                 for i in range(len(ids)):
@@ -514,6 +556,9 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         "HiDreamImagePipeline": TextFamily.HIDREAM,
         "Flux2Pipeline": TextFamily.FLUX2,
         "Flux2KleinPipeline": TextFamily.FLUX2_KLEIN,
+        "Lumina2Pipeline": TextFamily.LUMINA2,
+        "Lumina2Text2ImgPipeline": TextFamily.LUMINA2,  # the same pipeline's earlier name
+        "SanaPipeline": TextFamily.SANA,
     }
     if cls in by_class:
         return by_class[cls]

@@ -30,9 +30,12 @@ PRESET_FACTORS: dict[str, dict] = {
     "sd35-large": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
     "sd35-medium": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latent_channels": 16},
     "hidream": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's VAE
+    "lumina2": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's VAE
+    "sana": {"scaling_factor": 0.41407, "shift_factor": None, "latent_channels": 32},  # DC-AE f32c32
 }
 POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # encode -> latent_dist
 FRAME_CLASSES = ("AutoencoderKLQwenImage",)  # causal 3D VAEs: an image goes in as one frame, (B, 3, 1, H, W)
+DETERMINISTIC_CLASSES = ("AutoencoderDC",)  # encode -> one `latent`, no distribution: only --latents mean
 PACKED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # their pipelines take 2x2 latent patches,
 # so a bucket side must be a multiple of twice the downsampling
 
@@ -41,7 +44,7 @@ PACKED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # their pipel
 class VaeFamily:
     """What a trainer needs to know about latents from this VAE."""
 
-    cls: str  # "AutoencoderKL", "AutoencoderTiny", "AutoencoderKLQwenImage" or "AutoencoderKLFlux2"
+    cls: str  # "AutoencoderKL", "AutoencoderTiny", "AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderDC"
     latent_channels: int  # C of the stored (C, H/f, W/f) latents
     downsample: int  # f: pixels per latent cell along each side
     scaling_factor: float  # raw -> scaled: (z - shift_factor) * scaling_factor (1.0 where `normalization` rules)
@@ -74,6 +77,8 @@ def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     fallback = PRESET_FACTORS.get(preset or "", {})
     if cls == "AutoencoderTiny":
         downsample = 2 ** (len(cfg.get("encoder_block_out_channels", (64, 64, 64, 64))) - 1)
+    elif cls == "AutoencoderDC":  # each encoder stage past the first halves the side: 32 for Sana's six
+        downsample = 2 ** (len(cfg.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))) - 1)
     else:
         downsample = 2 ** (len(cfg.get("block_out_channels", (128, 256, 512, 512))) - 1)
     scaling = cfg.get("scaling_factor", fallback.get("scaling_factor"))
@@ -159,7 +164,7 @@ def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     if cls is None:
         raise ModelLoadError(
             f"unsupported VAE class {family.cls}; cachebuild reads AutoencoderKL, AutoencoderTiny, "
-            "AutoencoderKLQwenImage and AutoencoderKLFlux2"
+            "AutoencoderKLQwenImage, AutoencoderKLFlux2 and AutoencoderDC"
         )
     try:
         if vae.file is None:
@@ -276,7 +281,10 @@ class VaeEncoder:
             x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
             x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
             enc = self.vae.encode(x[:, :, None] if self.family.frames else x)  # one frame: (B, 3, 1, H, W)
-            out = enc.latent_dist.parameters if self.family.has_posterior else enc.latents
+            if self.family.has_posterior:
+                out = enc.latent_dist.parameters
+            else:  # AutoencoderDC names its output `latent`, AutoencoderTiny `latents`
+                out = enc.latent if self.family.cls in DETERMINISTIC_CLASSES else enc.latents
             out = out[:, :, 0] if self.family.frames else out  # (B, 2C, 1, h, w) -> (B, 2C, h, w)
             result = out.float().cpu()
             del x, enc, out

@@ -32,7 +32,7 @@ from cachebuild.config import BucketRule, CropMode, LatentsConfig, LatentsMode
 from cachebuild.encode import device_memory_bytes, free_device_memory, pick_device, resolve_dtype
 from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError
-from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
+from cachebuild.families.vae import DETERMINISTIC_CLASSES, VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
@@ -257,6 +257,11 @@ def _check_against_family(cfg: LatentsConfig, family: VaeFamily) -> None:
         raise ConfigError(
             f"--bucket-reso-steps {cfg.buckets.steps} is not a multiple of this VAE's {why} "
             f"({family.pixel_multiple} pixels); use a multiple such as {family.pixel_multiple * 8}"
+        )
+    if cfg.latents is LatentsMode.SAMPLE and family.cls in DETERMINISTIC_CLASSES:
+        raise ConfigError(
+            f"--latents sample draws from the VAE's posterior; {family.cls} has none (it encodes each image to one "
+            "latent), so pass --latents mean"
         )
     if cfg.latents is LatentsMode.MOMENTS and not family.has_posterior:
         raise ConfigError(f"--latents moments needs a VAE with a posterior; {family.cls} has none; use mean")

@@ -36,6 +36,7 @@ from cachebuild.families.text import (
     output_dims,
     resident,
     resolve_encoders,
+    stored_rows,
     tokenize,
 )
 from cachebuild.offload import is_streamed
@@ -288,8 +289,7 @@ def _chunks(specs, tokens, n: int, itemsize: int, budget: int) -> Iterator[tuple
         size = 0
         for s in specs:
             hidden, pooled = dims[s.name]
-            rows = min(int(tokens[s.name][1][i].sum()) + s.extra_rows, s.max_length) if s.trim else s.max_length
-            rows = max(0, rows - s.drop_rows) if s.trim else rows  # Qwen-Image's template prefix is not stored
+            rows = stored_rows(s, int(tokens[s.name][1][i].sum())) if s.trim else s.max_length
             size += ((rows * hidden if s.hidden else 0) + (pooled if s.pooled else 0)) * itemsize
         if i > lo and used + size > budget:
             yield lo, i
