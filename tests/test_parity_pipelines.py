@@ -252,3 +252,14 @@ def test_a_wrong_layer_or_mask_would_fail(built):
         n = int(enc.attention_mask.sum())
         unmasked = right[-length:]
         assert relative_difference(masked[:n], unmasked[:n]) > 100 * TOLERANCE
+
+
+def test_verify_and_preview_accept_the_cache(built, tmp_path):
+    """Both stores of every family verify clean, and preview decodes its latents with the family's VAE."""
+    family, _, vae, data, out = built
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 0, (family, result.output)
+    png = tmp_path / "grid.png"
+    args = ["preview", str(out), "--vae", str(vae), "-n", "2", "-o", str(png), "--dataset", str(data)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and png.is_file(), (family, result.output)

@@ -197,3 +197,18 @@ def test_the_new_spec_fields_stay_out_of_other_fingerprints():
     spec = EncoderSpec("t5", Path("."), Path("."), "T5EncoderModel", -1, False, True, None, 512, True, DType.FP32)
     fingerprint = spec.fingerprint(Hashes())
     assert "prompt_template" not in fingerprint and "drop_rows" not in fingerprint
+
+
+def test_verify_and_preview_accept_the_cache(built, tmp_path):
+    """The trimmed rows (the 34 dropped ones not counted) verify clean; preview decodes with the 3D VAE."""
+    from click.testing import CliRunner
+
+    from cachebuild.cli import cli
+
+    pipe_folder, data, out = built
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "grid.png"
+    args = ["preview", str(out), "--model", str(pipe_folder), "-n", "2", "-o", str(png), "--dataset", str(data)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and png.is_file(), result.output

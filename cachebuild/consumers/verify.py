@@ -25,6 +25,7 @@ from cachebuild.cache.files import TMP_SUFFIX, sha256_file, shard_index
 from cachebuild.cache.manifest import DONE, Manifest
 from cachebuild.cache.shards import ShardFile
 from cachebuild.config import DType
+from cachebuild.families.rows import stored_rows
 
 if TYPE_CHECKING:  # torch is imported when the first tensor is checked: a checksum-only pass needs none
     import torch
@@ -209,11 +210,10 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
 
 
 def _trimmed_rows(enc: dict, tokens: int) -> int:
-    """Rows a trimmed encoder stored for ``tokens`` real tokens (``families.text.stored_rows``, from its fingerprint
-    and without torch): Chroma's extra padding row, Sana's first row and window."""
-    if enc.get("window"):
-        return 1 + max(0, tokens - (enc["max_length"] - enc["window"] + 1))
-    return min(tokens + enc.get("extra_rows", 0), enc["max_length"])
+    """Rows a trimmed encoder stored for ``tokens`` real tokens, from its fingerprint."""
+    return stored_rows(
+        tokens, enc["max_length"], enc.get("extra_rows", 0), enc.get("drop_rows", 0), enc.get("window", 0)
+    )
 
 
 class _AnyDim:

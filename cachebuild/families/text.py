@@ -20,6 +20,7 @@ from cachebuild.cache.manifest import Manifest
 from cachebuild.config import PRESET_FAMILY, PRESETS, DType, Offload, TextencConfig, TextFamily
 from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
+from cachebuild.families import rows
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
 from cachebuild.offload import free_bytes, needed_bytes, should_offload, stream_from_host
 
@@ -333,9 +334,7 @@ def _tokenizer_limit(folder: Path) -> int:
 def stored_rows(spec: EncoderSpec, n: int) -> int:
     """How many rows of a ``trim`` encoder's output are stored for a caption of ``n`` real tokens (prefix and
     special tokens included)."""
-    if spec.window:
-        return 1 + max(0, n - (spec.max_length - spec.window + 1))
-    return max(0, min(n + spec.extra_rows, spec.max_length) - spec.drop_rows)
+    return rows.stored_rows(n, spec.max_length, spec.extra_rows, spec.drop_rows, spec.window)
 
 
 def kept_rows(spec: EncoderSpec, h: torch.Tensor, n: int) -> torch.Tensor:
