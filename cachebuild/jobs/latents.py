@@ -31,6 +31,7 @@ from cachebuild.cache.store import (
 from cachebuild.config import CropMode, DType, LatentsConfig, LatentsMode
 from cachebuild.encode import pick_device, resolve_dtype
 from cachebuild.engines.base import Encoded, Run
+from cachebuild.engines.device import prefer_expandable_segments
 from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
@@ -65,6 +66,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
+    prefer_expandable_segments()  # before anything starts CUDA (resolve_dtype asks it about bf16)
     device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     summary = RunSummary(LATENTS, str(cfg.out))
