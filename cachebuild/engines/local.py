@@ -73,7 +73,7 @@ class LocalEngine:
         part = type(run.summary)(run.summary.store, run.summary.out)  # the writer thread's own counts
         run.live.append(part)
         try:
-            writer = WriterThreadFor(stages, run.manifest.root, part)
+            writer = WriterThreadFor(stages, run.manifest.root, part, run.times)
             with writer:
                 decoded = iter_batches(sized(batches, sizer, device), self.workers, self.max_pixels)
                 drive_device(decoded, encoder, device, writer.put, run, budget)
@@ -175,10 +175,16 @@ def _meta_recorder(manifest, store: str) -> Callable[[str, dict], None]:
 class WriterThreadFor:
     """The writer thread of a one-device run: its own manifest connection, its own ShardSink."""
 
-    def __init__(self, stages: Stages, root, summary):
+    def __init__(self, stages: Stages, root, summary, times: StageTimes | None = None):
         from cachebuild.engines.writer import WriterThread
 
-        self._thread = WriterThread(lambda: _local_sink(stages, root, summary), stages.write)
+        def write(sink, encoded: Encoded) -> None:
+            start = time.perf_counter()
+            stages.write(sink, encoded)
+            if times:
+                times.add("write", start)
+
+        self._thread = WriterThread(lambda: _local_sink(stages, root, summary), write)
 
     def put(self, encoded: Encoded) -> None:
         self._thread.put(encoded)

@@ -30,7 +30,7 @@ from cachebuild.cache.store import (
 )
 from cachebuild.config import CropMode, DType, LatentsConfig, LatentsMode
 from cachebuild.encode import pick_device, resolve_dtype
-from cachebuild.engines.base import Encoded, Run
+from cachebuild.engines.base import Encoded, Run, StageTimes
 from cachebuild.engines.device import prefer_expandable_segments
 from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError
@@ -49,11 +49,14 @@ PLAN_CHUNK_ITEMS = 8192  # pending items planned at a time (rows, header reads, 
 # the end of each bucket (one per bucket at most) stays a small share of the chunk's batches
 
 
-def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> RunSummary:
+def build_latents(
+    cfg: LatentsConfig, progress: ProgressFn | None = None, times: StageTimes | None = None
+) -> RunSummary:
     """Build or finish the latent cache that ``cfg`` describes.
 
     Re-running with the same config after an interruption finishes the job; re-running a finished job
-    loads no model and writes nothing.
+    loads no model and writes nothing. ``times``, when given, receives the seconds spent per stage (one
+    device only; the benchmarks print them).
 
     Raises:
         ConfigError, ModelLoadError, FingerprintMismatch, CacheError: before any work is done.
@@ -87,7 +90,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
             if first is not None:
                 stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family))
-                run = Run(manifest, summary, cfg.batch_size, cfg.vram_budget_bytes)
+                run = Run(manifest, summary, cfg.batch_size, cfg.vram_budget_bytes, times=times)
                 run.report = _reporter(run, tally, progress)
                 engine.run(itertools.chain([first], batches), stages, run)
         else:
