@@ -99,3 +99,24 @@ def test_bad_device_arguments_fail_before_any_work(tmp_path, tiny_vae, dataset, 
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert not (out / "latents").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_several_device_run_resumes_to_the_same_tensors(tmp_path, tiny_vae):
+    import subprocess
+    import sys
+
+    from tests.conftest import done_count, kill_while_running
+
+    ds = _dataset(tmp_path / "ds", 24)
+    with _threads_of_one_of_two_cpu_devices():
+        build_latents(make_cfg(ds, tmp_path / "one", tiny_vae, batch_size=2))
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "cachebuild", "latents", str(ds), "--vae", str(tiny_vae), "--out", str(out)]
+    cmd += ["--resolution", "128", "--min-bucket-reso", "64", "--max-bucket-reso", "256", "--dtype", "fp32"]
+    cmd += ["--batch-size", "2", "--shard-mb", "0.01", "--workers", "0", "--devices", "cpu,cpu", "-q"]
+    assert kill_while_running(cmd, out, (4,)) == 1, "the run finished before it could be killed"
+    assert done_count(out) < 24
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert_same_cache(read_cache(out), read_cache(tmp_path / "one"))

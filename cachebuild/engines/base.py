@@ -102,7 +102,6 @@ class StageTimes:
     write: float = 0.0  # in the writer thread: waiting for copies, casts, checks, shards, commits
     write_wait: float = 0.0  # the device loop blocked on a full writer queue
     images: int = 0
-    samples: list = field(default_factory=list)
 
     def add(self, name: str, start: float) -> float:
         now = time.perf_counter()

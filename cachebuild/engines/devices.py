@@ -96,8 +96,10 @@ class DevicesEngine:
         dispatcher = _Dispatcher(self._start(stages, run), batches, plan_batch, stages, run)
         try:
             dispatcher.run()
-        finally:
-            dispatcher.stop()
+        except BaseException:
+            dispatcher.kill()  # as after a crash: what is not committed stays pending
+            raise
+        dispatcher.stop()
         clean_after_crash(run.manifest, stages.store, run.manifest.root / stages.store)  # dead devices' leftovers
 
     def _start(self, stages: Stages, run: Run) -> list[_Device]:
@@ -207,6 +209,13 @@ class _Dispatcher:
                 d.proc.join()
             d.conn.close()
 
+    def kill(self) -> None:
+        for d in self.devices:
+            if d.proc.is_alive():
+                d.proc.kill()
+            d.proc.join()
+            d.conn.close()
+
     def _hand_out(self, alive: list[_Device]) -> None:
         for d in sorted(alive, key=lambda d: len(d.tasks)):
             while len(d.tasks) < d.ahead:
@@ -287,6 +296,9 @@ class _Dispatcher:
             d.name, describe_exit(d.proc.exitcode), len(items),
         )  # fmt: skip
         self.pending.extendleft(reversed(list(batch_by_bucket(items, self.plan_batch))))
+        counted = len(items) - sum(d.tasks)  # encoded (and counted as finished) but never committed
+        d.processed -= counted
+        self.run_.report(-counted, None, tuple(x.progress() for x in self.devices))
         d.tasks.clear()
         d.outstanding.clear()
 
