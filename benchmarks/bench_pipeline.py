@@ -138,12 +138,14 @@ def compare_devices(args: argparse.Namespace, images: Path, vae: str | None, wor
     before = torch.get_num_threads()
     torch.set_num_threads(half)
     try:
-        seconds = []
+        seconds, steady = [], []
         for cfg in (one_cfg, two_cfg):
             shutil.rmtree(cfg.out, ignore_errors=True)
+            ticks: list[tuple[float, int]] = []  # (time, items finished) after each batch
             t = time.perf_counter()
-            done = build_latents(cfg).done
+            done = build_latents(cfg, lambda p, ticks=ticks: ticks.append((time.perf_counter(), p.processed))).done
             seconds.append(time.perf_counter() - t)
+            steady.append((ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]) if len(ticks) > 1 else 0.0)
     finally:
         torch.set_num_threads(before)
     one, two = done / seconds[0], done / seconds[1]
@@ -151,6 +153,7 @@ def compare_devices(args: argparse.Namespace, images: Path, vae: str | None, wor
         ("(c) one CPU device", f"{one:8.2f} img/s  ({half} threads, {one_cfg.workers} workers)"),
         ("    --devices cpu,cpu", f"{two:8.2f} img/s  ({half} threads and half the workers each)"),
         ("    ratio two / one", f"{two / one:8.3f}  (process start and model loads included)"),
+        ("    first to last batch", f"{steady[0]:8.2f} vs {steady[1]:.2f} img/s, ratio {steady[1] / steady[0]:.3f}"),
         ("    tensors equal", str(same_tensors(one_cfg.out, two_cfg.out))),
     ]
 
