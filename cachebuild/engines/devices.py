@@ -22,29 +22,26 @@ import logging
 import multiprocessing
 import os
 import pickle
-import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from cachebuild.cache.files import ShardInfo
 from cachebuild.cache.store import (
     DeviceProgress,
-    RunSummary,
-    ShardSink,
     clean_after_crash,
     count_commit,
     first_free_shard_index,
     record_failures,
 )
 from cachebuild.engines.base import Run, Stages
+from cachebuild.engines.device_process import DRAIN, DeviceSpec, device_main
 from cachebuild.engines.local import AUTO_BATCH_META, planning_batch
 from cachebuild.errors import CacheError, ConfigError
 from cachebuild.images.load import PREFETCH_BATCHES
 from cachebuild.images.plan import ItemPlan, batch_by_bucket
-from cachebuild.images.workers import describe_exit, die_with_parent
+from cachebuild.images.workers import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +49,6 @@ DEVICE_BATCHES_AHEAD = 2  # planned batches handed to a device beyond what its d
 # (workers + PREFETCH_BATCHES): enough to keep it busy, few enough that a dead device gives back few
 WAIT_SECONDS = 1.0  # how long the dispatcher sleeps without news before it looks at the processes again
 EXIT_SECONDS = 60.0  # how long a finished device process may take to exit before it is killed
-_DRAIN = "drain"  # to a device: nothing more for now; encode what you hold and commit your open shard
 
 
 def parse_devices(text: str) -> tuple[str, ...]:
@@ -111,35 +107,17 @@ class DevicesEngine:
         threads = max(1, (os.cpu_count() or 1) // max(1, cpus))
         devices = []
         for k, name in enumerate(self.devices):
-            spec = _Spec(
+            spec = DeviceSpec(
                 k, name, stages, self.workers // n + (k < self.workers % n), self.max_pixels, threads,
                 run.batch_size, run.vram_budget, known, first + k, n, str(run.manifest.root),
             )  # fmt: skip
             ours, theirs = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_device_main, args=(theirs, os.getpid(), spec), name=f"cachebuild-{name}")
+            proc = ctx.Process(target=device_main, args=(theirs, os.getpid(), spec), name=f"cachebuild-{name}")
             proc.start()
             theirs.close()
             label = f"{name}#{k}" if self.devices.count(name) > 1 else name
             devices.append(_Device(label, proc, ours, spec.workers + PREFETCH_BATCHES + DEVICE_BATCHES_AHEAD))
         return devices
-
-
-@dataclass
-class _Spec:
-    """What a device process needs to run its share."""
-
-    index: int
-    device: str
-    stages: Stages
-    workers: int
-    max_pixels: int
-    threads: int  # torch threads on a CPU device: the cores shared out between the CPU devices
-    batch_size: int | None
-    vram_budget: int | None
-    known: dict  # batch sizes found by earlier runs
-    first_index: int  # shard stripes: first_index, first_index + index_step, ...
-    index_step: int
-    root: str
 
 
 @dataclass
@@ -189,7 +167,7 @@ class _Dispatcher:
                 return
             for d in alive:  # nothing left to hand out: each device finishes and commits what it holds
                 if self.exhausted and not self.pending and not d.drained and (d.tasks or d.outstanding):
-                    d.send(_DRAIN)
+                    d.send(DRAIN)
                     d.drained = True
             self._receive(alive)
 
@@ -308,113 +286,3 @@ def _unpickle_error(data: bytes) -> BaseException:
         return pickle.loads(data)
     except Exception:  # an exception class that does not round-trip: its text is what matters
         return CacheError(data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
-
-
-# -- the device process --------------------------------------------------------------------------------------
-def _device_main(conn: Connection, parent_pid: int, spec: _Spec) -> None:
-    die_with_parent(parent_pid)
-    lock = threading.Lock()
-
-    def send(msg) -> None:
-        with lock:
-            conn.send(msg)
-
-    try:
-        stats = _encode_share(conn, send, spec)
-        send(("done", stats))
-    except BaseException as exc:  # reported to the parent, which raises it as its own
-        with contextlib.suppress(Exception):
-            send(("error", _pickle_error(exc)))
-        raise SystemExit(1) from None
-    finally:
-        conn.close()
-
-
-def _encode_share(conn: Connection, send, spec: _Spec) -> dict:
-    import torch
-
-    from cachebuild.encode import free_device_memory
-    from cachebuild.engines.device import prefer_expandable_segments
-    from cachebuild.engines.local import drive_device, open_sizer, sized
-    from cachebuild.engines.writer import WriterThread
-    from cachebuild.images.load import iter_batches
-
-    device = torch.device(spec.device)
-    if device.type == "cpu":
-        torch.set_num_threads(spec.threads)
-    prefer_expandable_segments()
-    summary = RunSummary(spec.stages.store, spec.root)
-    run = Run(None, summary, spec.batch_size, spec.vram_budget)
-    run.report = lambda n, memory, _: send(("encoded", n, memory))
-    sizer, budget = open_sizer(device, run, spec.stages.sizing_key, spec.known, lambda k, v: send(("meta", k, v)))
-    encoder = spec.stages.open_encoder(device)
-    if device.type == "cuda":
-        sizer.peak = encoder.peak
-
-    def handle(sink, work) -> None:
-        if work is _DRAIN:
-            sink.flush()
-        else:
-            spec.stages.write(sink, work)
-
-    more = True
-
-    def tasks() -> Iterator[list[ItemPlan]]:
-        """Batches up to the next drain (or the end): the decode look-ahead then empties."""
-        nonlocal more
-        while (msg := conn.recv()) != _DRAIN:
-            if msg is None:
-                more = False
-                return
-            yield msg
-
-    with WriterThread(lambda: _remote_sink(spec, summary, send), handle) as writer:
-        while more:
-            decoded = iter_batches(sized(tasks(), sizer, device), spec.workers, spec.max_pixels)
-            drive_device(decoded, encoder, device, writer.put, run, budget)
-            writer.put(_DRAIN)  # after every batch of this stretch: the open shard is committed
-    stats = {"oom_splits": encoder.oom_splits, "upcasts": encoder.upcasts}
-    del encoder
-    free_device_memory(device)
-    return stats
-
-
-class _RemoteSink(ShardSink):
-    """A device process's sink: writes shards itself, has the parent commit them and record failures."""
-
-    def __init__(self, send, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._send = send
-
-    def commit(self, info: ShardInfo, rows: list) -> None:
-        self._send(("commit", info, rows))
-
-    def fail(self, failures: list[tuple[str, str]]) -> None:
-        if failures:
-            self._send(("fail", failures))
-
-
-@contextlib.contextmanager
-def _remote_sink(spec: _Spec, summary: RunSummary, send):
-    from pathlib import Path
-
-    from cachebuild.cache.manifest import Manifest
-
-    stages = spec.stages
-    with (
-        Manifest.open(Path(spec.root), read_only=True) as manifest,
-        _RemoteSink(
-            send, manifest, stages.store, stages.fmt, stages.shard_bytes, stages.header, summary,
-            first_index=spec.first_index, index_step=spec.index_step,
-        ) as sink,
-    ):  # fmt: skip
-        yield sink
-
-
-def _pickle_error(exc: BaseException) -> bytes:
-    try:
-        data = pickle.dumps(exc)
-        pickle.loads(data)
-        return data
-    except Exception:
-        return f"{type(exc).__name__}: {exc}".encode()
