@@ -151,7 +151,13 @@ _latents_options = _options(  # what is stored per image and how the encoder run
         help="Posterior sample (seeded per item), its mean, or mean and std.",
     ),
     _dtype_option("--dtype", "auto", "Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32."),
-    click.option("--batch-size", default=4, show_default=True, help="Images per encoder call (halved on OOM)."),
+    click.option(
+        "--batch-size",
+        default="auto",
+        show_default=True,
+        help="Images per encoder call, or auto: per bucket shape the largest that fits --vram-budget (4 on a CPU); "
+        "halved on OOM.",
+    ),
     click.option(
         "--workers", type=int, default=None, help="Decode processes (default: cores - 1, at most 8; 0: none)."
     ),
@@ -159,6 +165,15 @@ _latents_options = _options(  # what is stored per image and how the encoder run
         "--max-pixels", default=178_956_970, show_default=True, help="Larger images fail as decompression bombs."
     ),
     click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan)."),
+    click.option(
+        "--devices",
+        help="Encode on several devices, one process each: cuda:0,cuda:1, all (every GPU) or cpu,cpu.",
+    ),
+    click.option(
+        "--vram-budget",
+        type=float,
+        help="Device memory for --batch-size auto, GiB (default: free memory at start less 10%, at least 1 GiB).",
+    ),
 )
 
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
@@ -525,6 +540,7 @@ def _latents_config(dataset: Path, o: dict):
         LatentsMode,
         default_workers,
     )
+    from cachebuild.engines.devices import parse_devices
 
     buckets = BucketConfig(
         _parse_resolution(o["resolution"]),
@@ -543,8 +559,10 @@ def _latents_config(dataset: Path, o: dict):
         flip=o["flip_aug"],
         latents=LatentsMode(o["latents_mode"]),
         dtype=DType(o["dtype"]),
-        batch_size=o["batch_size"],
+        batch_size=_parse_batch_size(o["batch_size"]),
         workers=default_workers() if o["workers"] is None else o["workers"],
+        devices=parse_devices(o["devices"]) if o["devices"] else (),
+        vram_budget_gb=o["vram_budget"],
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
         **_build_settings(o),
@@ -607,6 +625,15 @@ def _run_build(build, cfg, quiet: bool, as_json: bool, unit: str) -> None:
     sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
 
 
+def _parse_batch_size(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a number of images, or auto", param_hint="--batch-size") from None
+
+
 def _parse_resolution(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.replace("x", ",").split(",")]
@@ -638,6 +665,8 @@ class _progress_bar:
         post = {"failed": p.failed, "rss": _human_bytes(psutil.Process().memory_info().rss)}
         if p.device_bytes is not None:
             post["dev"] = _human_bytes(p.device_bytes)
+        for d in getattr(p, "devices", ()):  # several devices: each one's rate, or that it was lost
+            post[d.name] = f"{d.rate:.1f}/s" if d.alive else "lost"
         self.bar.set_postfix(post, refresh=False)
 
     def __exit__(self, *_):

@@ -181,7 +181,8 @@ class LatentsConfig:
     dtype: DType = DType.AUTO  # compute dtype on the device
     dtype_out: DType = DType.FP16  # stored dtype: raw latents stay within a few hundred, where fp16 is exact
     # to 11 bits (bf16 only to 8); an overflow is caught by the non-finite guard, never written
-    batch_size: int = 4  # images per encoder call; halved automatically on out-of-memory
+    batch_size: int | None = None  # images per encoder call; None (auto): per bucket shape, the largest that fits
+    # --vram-budget (engines.batchsize), 4 on a CPU; halved automatically on out-of-memory either way
     workers: int = field(default_factory=default_workers)  # decode processes; 0 decodes in this process
     device: str | None = None  # None: cuda, then mps, then cpu
     format: StoreFormat = StoreFormat.SAFETENSORS
@@ -191,10 +192,17 @@ class LatentsConfig:
     retry_failed: bool = False  # encode items that failed in an earlier run again
     rebuild: bool = False  # discard entries made with other settings instead of refusing
     prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
+    devices: tuple[str, ...] = ()  # several: one encoder process per device (engines.devices); () : --device
+    vram_budget_gb: float | None = None  # device memory a batch-size search may plan for, GiB; None: free memory
+    # at start less a margin (engines.batchsize.default_budget)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be auto or at least 1, got {self.batch_size}")
+        if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
+            raise ConfigError(f"--vram-budget must be positive (GiB), got {self.vram_budget_gb}")
+        if self.devices and self.device is not None:
+            raise ConfigError("--device and --devices name the devices twice; pass one of them")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (decode in this process) or more, got {self.workers}")
         if self.max_pixels < 1:
@@ -206,6 +214,10 @@ class LatentsConfig:
     @property
     def shard_bytes(self) -> int:
         return int(self.shard_mb * 1024 * 1024)
+
+    @property
+    def vram_budget_bytes(self) -> int | None:
+        return None if self.vram_budget_gb is None else int(self.vram_budget_gb * 2**30)
 
 
 class TextFamily(str, Enum):

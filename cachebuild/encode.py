@@ -80,8 +80,8 @@ class GuardedForward:
     """Runs batches through a module with the out-of-memory split and the non-finite fp32 redo.
 
     ``forward(inputs, dtype)`` takes a tuple of tensors whose first dimension is the batch and returns one
-    output per item (a tensor or a dict of tensors, float32 on the CPU). Calling the guard returns, per
-    item, that output or a failure reason (a str).
+    output per item (a tensor or a dict of tensors, float32, on the CPU or still on the device: the forward
+    decides). Calling the guard returns, per item, that output or a failure reason (a str).
     """
 
     def __init__(self, module, device: torch.device, dtype: torch.dtype, forward: Callable, what: str):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cachebuild.cache.files import TMP_SUFFIX, shard_index
+from cachebuild.cache.files import TMP_SUFFIX, ShardInfo, shard_index
 from cachebuild.cache.manifest import DONE, FAILED, PENDING, Manifest, ScanResult, SyncResult
 from cachebuild.cache.shards import ShardWriter, open_writer
 from cachebuild.errors import ConfigError, FingerprintMismatch, storage_error
@@ -69,6 +69,18 @@ class Progress:
     total: int  # items this run has to finish
     failed: int
     device_bytes: int | None
+    devices: tuple[DeviceProgress, ...] = ()  # one per device process of a several-device run
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    """One device's share of a several-device run, for the progress bar."""
+
+    name: str  # "cuda:1", "cpu#0"
+    pid: int  # its encoder process
+    processed: int  # items it finished
+    rate: float  # items per second since it encoded its first batch
+    alive: bool = True
 
 
 ProgressFn = Callable[[Progress], None]
@@ -168,14 +180,28 @@ class ShardSink:
     Failures are recorded as they arrive; done items become visible only with their shard's commit.
     """
 
-    def __init__(self, manifest: Manifest, store: str, fmt: str, shard_bytes: int, header: dict, summary: RunSummary):
+    def __init__(
+        self,
+        manifest: Manifest,
+        store: str,
+        fmt: str,
+        shard_bytes: int,
+        header: dict,
+        summary: RunSummary,
+        first_index: int | None = None,
+        index_step: int = 1,
+    ):
+        """``first_index`` and ``index_step`` stripe shard names between several sinks of one run (one per
+        device process: sink k of K takes first + k, first + k + K, ...), so names never clash; by default
+        the sink takes every index past the ones in use."""
         self.manifest, self.store, self.fmt = manifest, store, fmt
         self.folder = manifest.root / store
         self.shard_bytes, self.header, self.summary = shard_bytes, header, summary
         self._writer: ShardWriter | None = None
         self._rows: list[tuple[str, str | None, dict]] = []
         self._opened = 0.0
-        self._next = _next_shard_index(manifest, store, self.folder)
+        self._next = _next_shard_index(manifest, store, self.folder) if first_index is None else first_index
+        self._step = index_step
         fingerprint = manifest.fingerprint(store)
         # each shard describes itself well enough to rebuild the manifest from the shards (rebuild-manifest)
         self.header = header | {"fingerprint": json.dumps(fingerprint, sort_keys=True)}
@@ -187,7 +213,7 @@ class ShardSink:
         manifest items that become done with this shard's commit."""
         if self._writer is None:
             self._writer = open_writer(self.fmt, self.folder, self._next, dict(self.header))
-            self._next += 1
+            self._next += self._step
             self._opened = time.monotonic()
         self._writer.write(name, tensors, meta)
         self._rows += rows
@@ -207,11 +233,14 @@ class ShardSink:
             info = self._writer.close()
         except OSError as exc:  # disk full, read-only: one clear line; the committed shards are untouched
             raise (storage_error(exc) or exc) from exc
-        self.manifest.commit_shard(self.store, info, self._rows)
-        self.summary.shards_written += 1
-        self.summary.bytes_written += info.bytes
-        self.summary.encoded += len(self._rows)
+        self.commit(info, self._rows)
         self._writer, self._rows = None, []
+
+    def commit(self, info: ShardInfo, rows: list[tuple[str, str | None, dict]]) -> None:
+        """Register the durable shard ``info`` and its items in one transaction (a device process's sink
+        sends them to the one manifest writer instead)."""
+        self.manifest.commit_shard(self.store, info, rows)
+        count_commit(self.summary, info, rows)
 
     def __enter__(self) -> ShardSink:
         return self
@@ -219,6 +248,12 @@ class ShardSink:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.flush()  # on an exception the open shard is dropped: its items stay pending
+
+
+def count_commit(summary: RunSummary, info: ShardInfo, rows: list) -> None:
+    summary.shards_written += 1
+    summary.bytes_written += info.bytes
+    summary.encoded += len(rows)
 
 
 def clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
@@ -239,6 +274,11 @@ def clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
 def drop_dead_shards(manifest: Manifest, store: str) -> None:
     for name in manifest.drop_dead_shards(store):
         (manifest.root / store / name).unlink(missing_ok=True)
+
+
+def first_free_shard_index(manifest: Manifest, store: str) -> int:
+    """The first shard index no committed shard and no file in the store's folder uses."""
+    return _next_shard_index(manifest, store, manifest.root / store)
 
 
 def _next_shard_index(manifest: Manifest, store: str, folder: Path) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cachebuild.config import DType, LatentsMode
-from cachebuild.encode import GuardedForward
+from cachebuild.encode import GuardedForward, is_out_of_memory
 from cachebuild.errors import ModelLoadError
 from cachebuild.hub import ResolvedVae
 from cachebuild.keys import item_seed
@@ -245,21 +245,53 @@ class VaeEncoder:
 
     def encode(self, keys: list[str], pixels: torch.Tensor) -> list[EncodedItem]:
         """Encode a batch of (B, H, W, 3) uint8 pixels; one result per key, in order."""
-        raw = self.guard((pixels,))  # per image: (2C or C, h, w) float32, or a failure reason
-        if self.flip:
-            raw_flipped = self.guard((pixels.flip(2),))
-        results = []
-        for i, key in enumerate(keys):
-            parts = {"": raw[i]} | ({"_flipped": raw_flipped[i]} if self.flip else {})
+        raws = [r if isinstance(r, str) else {s: t.cpu() for s, t in r.items()} for r in self.encode_raw(pixels)]
+        return [self.finish(key, raw) for key, raw in zip(keys, raws, strict=True)]
+
+    def encode_raw(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor] | str]:
+        """The device half of ``encode``: (B, H, W, 3) uint8 pixels (on the host or already on the device) ->
+        per image ``{"": moments, "_flipped": moments}`` (float32, (2C or C, h, w), still on the device) or a
+        failure reason. The mirrored image is made on the device, never copied over a second time."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        raw = self.guard((pixels,))
+        raw_flipped = self.guard((pixels.flip(2),)) if self.flip else None
+        results: list[dict[str, torch.Tensor] | str] = []
+        for i in range(len(raw)):
+            parts = {"": raw[i]} | ({"_flipped": raw_flipped[i]} if raw_flipped is not None else {})
             reasons = [r for r in parts.values() if isinstance(r, str)]
-            if reasons:
-                results.append(EncodedItem(None, reasons[0]))
-                continue
-            tensors: dict[str, torch.Tensor] = {}
-            for suffix, moments in parts.items():
-                tensors |= self._finish(key, suffix, moments)
-            results.append(EncodedItem(tensors))
+            results.append(reasons[0] if reasons else parts)
         return results
+
+    def finish(self, key: str, raw: dict[str, torch.Tensor] | str) -> EncodedItem:
+        """The host half of ``encode``: one image's moments (on the CPU) -> its stored tensors (float32)."""
+        if isinstance(raw, str):
+            return EncodedItem(None, raw)
+        tensors: dict[str, torch.Tensor] = {}
+        for suffix, moments in raw.items():
+            tensors |= self._finish(key, suffix, moments)
+        return EncodedItem(tensors)
+
+    def peak(self, n: int, bucket: tuple[int, int]) -> int | None:
+        """Peak device bytes of encoding ``n`` zero images of ``bucket`` (W, H), mirrored copy included; None
+        when that runs out of memory or the device's memory is not measured (only CUDA's is)."""
+        if self.device.type != "cuda":
+            return None
+        w, h = bucket
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            pixels = torch.zeros((n, h, w, 3), dtype=torch.uint8, device=self.device)
+            out = self._raw(pixels, self.dtype)
+            if self.flip:
+                out = self._raw(pixels.flip(2), self.dtype)
+            del pixels, out
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            peak = None
+        return peak  # outside the except block: the failed attempt's tensors are gone by now
 
     def _finish(self, key: str, suffix: str, moments: torch.Tensor) -> dict[str, torch.Tensor]:
         """Moments (mean ++ logvar along C, or plain latents) -> the stored tensors for this mode."""
@@ -276,7 +308,8 @@ class VaeEncoder:
         return {f"latents{suffix}": mean + std * noise}
 
     def _raw(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the CPU (moments, or latents for Tiny)."""
+        """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the device (moments, or latents for Tiny); the
+        caller moves it off the device (``engines.device.copy_to_host``) without waiting for the copy."""
         with torch.inference_mode():
             x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
             x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
@@ -286,6 +319,6 @@ class VaeEncoder:
             else:  # AutoencoderDC names its output `latent`, AutoencoderTiny `latents`
                 out = enc.latent if self.family.cls in DETERMINISTIC_CLASSES else enc.latents
             out = out[:, :, 0] if self.family.frames else out  # (B, 2C, 1, h, w) -> (B, 2C, h, w)
-            result = out.float().cpu()
+            result = out.float()
             del x, enc, out
         return result

@@ -28,13 +28,15 @@ from cachebuild.cache.store import (
     open_store,
     record_failures,
 )
-from cachebuild.config import BucketRule, CropMode, LatentsConfig, LatentsMode
-from cachebuild.encode import device_memory_bytes, free_device_memory, pick_device, resolve_dtype
+from cachebuild.config import BucketRule, CropMode, DType, LatentsConfig, LatentsMode
+from cachebuild.encode import pick_device, resolve_dtype
+from cachebuild.engines.base import Encoded, Run, StageTimes
+from cachebuild.engines.device import prefer_expandable_segments
 from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import DETERMINISTIC_CLASSES, VaeEncoder, VaeFamily, family_of, load_vae
-from cachebuild.hub import resolve_vae
-from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
+from cachebuild.hub import ResolvedVae, resolve_vae
+from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.keys import fs_path
@@ -48,11 +50,14 @@ PLAN_CHUNK_ITEMS = 8192  # pending items planned at a time (rows, header reads, 
 # the end of each bucket (one per bucket at most) stays a small share of the chunk's batches
 
 
-def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> RunSummary:
+def build_latents(
+    cfg: LatentsConfig, progress: ProgressFn | None = None, times: StageTimes | None = None
+) -> RunSummary:
     """Build or finish the latent cache that ``cfg`` describes.
 
     Re-running with the same config after an interruption finishes the job; re-running a finished job
-    loads no model and writes nothing.
+    loads no model and writes nothing. ``times``, when given, receives the seconds spent per stage (one
+    device only; the benchmarks print them).
 
     Raises:
         ConfigError, ModelLoadError, FingerprintMismatch, CacheError: before any work is done.
@@ -65,7 +70,8 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
-    device = pick_device(cfg.device)
+    prefer_expandable_segments()  # before anything starts CUDA (resolve_dtype asks it about bf16)
+    device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     summary = RunSummary(LATENTS, str(cfg.out))
     with Manifest.open(cfg.out) as manifest:
@@ -80,21 +86,81 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
             manifest.set_meta(f"source:{LATENTS}", source)
         tally = _Tally(total=manifest.counts(LATENTS)[PENDING])
         if tally.total:
-            batches = _plan_batches(manifest, cfg, summary, tally)
+            engine = make_engine(cfg)
+            batches = _plan_batches(manifest, cfg, summary, tally, engine.plan_batch_size(cfg.batch_size))
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
             if first is not None:
-                model = load_vae(vae, family, dtype.torch, device)
-                summary.model_loaded = True
-                encoder = VaeEncoder(model, family, device, dtype, cfg.latents, cfg.flip, cfg.seed)
-                header = _shard_header(cfg, family)
-                with ShardSink(manifest, LATENTS, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
-                    _encode_all(cfg, itertools.chain([first], batches), encoder, sink, summary, tally, progress)
-                summary.oom_splits, summary.fp32_redos = encoder.guard.oom_splits, encoder.guard.upcasts
-                del model, encoder
-                free_device_memory(device)
+                stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family))
+                run = Run(manifest, summary, cfg.batch_size, cfg.vram_budget_bytes, times=times)
+                run.report = _reporter(run, tally, progress)
+                engine.run(itertools.chain([first], batches), stages, run)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
+
+
+def make_engine(cfg: LatentsConfig):
+    """The engine ``--devices`` asks for: one device in this process, or one encoder process per device."""
+    if len(cfg.devices) > 1:
+        from cachebuild.engines.devices import DevicesEngine
+
+        return DevicesEngine(cfg.devices, cfg.workers, cfg.max_pixels)
+    return LocalEngine(cfg.workers, cfg.max_pixels, cfg.devices[0] if cfg.devices else cfg.device)
+
+
+@dataclass
+class LatentsStages:
+    """The latents job's stages for an engine (``engines.base.Stages``); picklable, for device processes."""
+
+    cfg: LatentsConfig
+    vae: ResolvedVae
+    family: VaeFamily
+    dtype: DType  # the compute dtype, resolved for the run's device
+    header: dict
+    store: str = LATENTS
+
+    @property
+    def fmt(self) -> str:
+        return self.cfg.format.value
+
+    @property
+    def shard_bytes(self) -> int:
+        return self.cfg.shard_bytes
+
+    @property
+    def sizing_key(self) -> str:
+        return f"{self.dtype.value}|{self.family.cls}|flip={self.cfg.flip}"
+
+    def open_encoder(self, device: torch.device) -> VaeEncoder:
+        model = load_vae(self.vae, self.family, self.dtype.torch, device)
+        return VaeEncoder(model, self.family, device, self.dtype, self.cfg.latents, self.cfg.flip, self.cfg.seed)
+
+    def write(self, sink: ShardSink, encoded: Encoded) -> None:
+        """Per item: the stored tensors (sampled with the item's seed), cast to --dtype-out, checked finite."""
+        cfg, out_dtype = self.cfg, self.cfg.dtype_out.torch
+        finisher = VaeEncoder(None, self.family, torch.device("cpu"), self.dtype, cfg.latents, cfg.flip, cfg.seed)
+        failures = [(item.key, reason) for item, reason in encoded.failures]
+        for item, raw in zip(encoded.items, encoded.outputs.ready(), strict=True):
+            res = finisher.finish(item.key, raw)
+            if res.tensors is None:
+                failures.append((item.key, res.reason))
+                continue
+            tensors = {k: v.to(out_dtype) for k, v in res.tensors.items()}
+            if not all(torch.isfinite(t).all() for t in tensors.values()):
+                failures.append((item.key, f"latents overflow --dtype-out {cfg.dtype_out.value}; use fp32"))
+                continue
+            meta = _item_meta(item, cfg)
+            sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
+        sink.fail(failures)
+
+
+def _reporter(run: Run, tally: _Tally, progress: ProgressFn | None):
+    def report(finished: int, device_bytes: int | None, devices: tuple) -> None:
+        tally.processed += finished
+        if progress:
+            progress(Progress(tally.processed, tally.total, run.failed_so_far(), device_bytes, devices))
+
+    return report
 
 
 def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str) -> dict:
@@ -132,59 +198,21 @@ class _Tally:
     processed: int = 0  # items finished (done or failed) so far
 
 
-def _encode_all(
-    cfg: LatentsConfig,
-    batches: Iterator[list[ItemPlan]],
-    encoder: VaeEncoder,
-    sink: ShardSink,
-    summary: RunSummary,
-    tally: _Tally,
-    progress: ProgressFn | None,
-) -> None:
-    last_bucket = None
-    out_dtype = cfg.dtype_out.torch
-
-    def encode_and_store(loaded: LoadedBatch) -> None:
-        nonlocal last_bucket
-        failures = [(item.key, reason) for item, reason in loaded.failures]
-        if loaded.pixels is not None:
-            bucket = loaded.items[0].bucket
-            if last_bucket is not None and bucket != last_bucket:
-                free_device_memory(encoder.device)  # a new shape: drop the old shape's cached blocks
-            last_bucket = bucket
-            results = encoder.encode([i.key for i in loaded.items], torch.from_numpy(loaded.pixels))
-            for item, res in zip(loaded.items, results, strict=True):
-                if res.tensors is None:
-                    failures.append((item.key, res.reason))
-                    continue
-                tensors = {k: v.to(out_dtype) for k, v in res.tensors.items()}
-                if not all(torch.isfinite(t).all() for t in tensors.values()):
-                    failures.append((item.key, f"latents overflow --dtype-out {cfg.dtype_out.value}; use fp32"))
-                    continue
-                meta = _item_meta(item, cfg)
-                sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
-        sink.fail(failures)
-        tally.processed += len(loaded.items) + len(loaded.failures)
-        if progress:
-            progress(Progress(tally.processed, tally.total, summary.failed_now, device_memory_bytes(encoder.device)))
-
-    LocalEngine(cfg.workers, cfg.max_pixels).run(batches, encode_and_store)
-
-
 def _plan_batches(
-    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally
+    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally, batch_size: int
 ) -> Iterator[list[ItemPlan]]:
     """Bucket batches of the pending items, planned one chunk of ``PLAN_CHUNK_ITEMS`` at a time, lazily.
 
     Batches are bucket-homogeneous within a chunk, so the chunk size decides which items share a batch;
-    the tensors do not depend on it (promise 6), as they do not depend on the batch size.
+    the tensors do not depend on it (promise 6), as they do not depend on the batch size. ``batch_size`` is
+    the engine's planning batch: under ``--batch-size auto`` the device cuts it to the size found for the shape.
     """
     bucket_plan = BucketPlan(cfg.buckets)
     with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
         for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
             plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary)
             tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
-            yield from batch_by_bucket(plans, cfg.batch_size)
+            yield from batch_by_bucket(plans, batch_size)
 
 
 def _plan_chunk(
