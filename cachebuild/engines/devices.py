@@ -167,9 +167,8 @@ class _Dispatcher:
                 return
             for d in alive:  # nothing left to hand out: each device finishes and commits what it holds
                 if self.exhausted and not self.pending and not d.drained and (d.tasks or d.outstanding):
-                    d.send(DRAIN)
-                    d.drained = True
-            self._receive(alive)
+                    d.drained = self._send(d, DRAIN)
+            self._receive([d for d in alive if d.alive])
 
     def stop(self) -> None:
         """Say goodbye to the devices (their writers commit nothing more) and wait for them to exit."""
@@ -200,10 +199,22 @@ class _Dispatcher:
                 batch = self._next_batch()
                 if batch is None:
                     return
-                d.send(batch)
+                if not self._send(d, batch):  # it died since the last look: the batch goes to another
+                    self.pending.appendleft(batch)
+                    break
                 d.tasks.append(len(batch))
                 d.outstanding.update((i.key, i) for i in batch)
                 d.drained = False
+
+    def _send(self, d: _Device, msg) -> bool:
+        """Send ``msg`` to ``d``; False when its process is gone (a kill can land between two looks at it), which
+        then counts as its loss."""
+        try:
+            d.send(msg)
+        except OSError:  # BrokenPipeError, ConnectionResetError
+            self._lost(d)
+            return False
+        return True
 
     def _next_batch(self) -> list[ItemPlan] | None:
         if self.pending:
