@@ -176,6 +176,8 @@ class LatentsConfig:
     retry_failed: bool = False  # encode items that failed in an earlier run again
     rebuild: bool = False  # discard entries made with other settings instead of refusing
     prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
+    manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
+    # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -237,6 +239,8 @@ class TextencConfig:
     retry_failed: bool = False
     rebuild: bool = False
     prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
+    manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
+    # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
 
     def __post_init__(self) -> None:
         if not self.source.exists():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cachebuild.cache.manifest import LATENTS, PENDING, Manifest
+from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import (
     Progress,
     ProgressFn,
@@ -67,7 +68,7 @@ def build_latents(cfg: LatentsConfig, progress: ProgressFn | None = None) -> Run
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     summary = RunSummary(LATENTS, str(cfg.out))
-    with Manifest.open(cfg.out) as manifest:
+    with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
