@@ -315,7 +315,7 @@ def status(cache, as_json):
 
 
 @cli.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=LOCATION)
 @click.option("--repair", is_flag=True, help="Mark damaged items pending and delete bad or stray shard files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @_library_errors

@@ -194,6 +194,19 @@ def test_a_shard_uploaded_but_never_committed_is_removed_and_its_items_encoded(
     assert_same(tensors_of(open_cache(f"s3://{name}/cache")), tensors_of(open_cache(tmp_path / "local")))
 
 
+def test_a_second_local_manifest_for_the_same_url_is_refused(tmp_path, tiny_vae, dataset, bucket):
+    name, fs = bucket
+    upload(fs, dataset, f"{name}/images")
+    src, out = UrlPath(f"s3://{name}/images"), UrlPath(f"s3://{name}/cache")
+    build_latents(make_cfg(src, out, tiny_vae, manifest_dir=tmp_path / "a"))
+    build_latents(make_cfg(src, out, tiny_vae, manifest_dir=tmp_path / "b"))  # starts from the snapshot: fine
+    fs.rm(f"{name}/images/img000.png")
+    fs.invalidate_cache()
+    assert build_latents(make_cfg(src, out, tiny_vae, manifest_dir=tmp_path / "b")).removed == 1  # b publishes
+    with pytest.raises(ConfigError, match="published from another local manifest"):
+        build_latents(make_cfg(src, out, tiny_vae, manifest_dir=tmp_path / "a"))  # a is behind: refused
+
+
 def test_remote_captions_are_scanned_from_files_and_metadata(bucket):
     name, fs = bucket
     fs.pipe(f"{name}/caps/a.txt", b"a cat\n")

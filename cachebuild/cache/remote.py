@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -38,9 +39,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from cachebuild.cache.files import TMP_SUFFIX, ShardInfo, shard_index
+from cachebuild.cache.files import TMP_SUFFIX, ShardInfo, shard_index, write_durably
 from cachebuild.cache.manifest import MANIFEST_NAME, Manifest
-from cachebuild.errors import CachebuildError, CacheError, StorageError
+from cachebuild.errors import CachebuildError, CacheError, ConfigError, StorageError
 from cachebuild.storage import UrlPath, filesystem, is_url
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ SNAPSHOT_MIN_SECONDS = 30.0  # publish the manifest snapshot at most this often 
 # uploads the whole manifest (about 300 bytes an item), so a run of many small shards does not spend its
 # bandwidth on snapshots, while a reader or a resume on another machine is at most this far behind
 CACHE_DIR_ENV = "XDG_CACHE_HOME"
+PUBLISHED_NAME = "published.json"  # in the manifest folder: the identity of this manifest's last published
+# snapshot, so a run never goes on from a local manifest that another writer's snapshot has overtaken
 
 
 def user_cache_dir() -> Path:
@@ -142,10 +145,18 @@ class RemoteOutput:
 
     # -- the manifest snapshot -------------------------------------------------------------------------
     def restore(self) -> None:
-        """No local manifest: start from the published snapshot, if there is one."""
+        """No local manifest: start from the published snapshot, if there is one. With a local manifest,
+        check that the published snapshot is this manifest's own last publish.
+
+        Raises:
+            ConfigError: the snapshot was published from another local manifest (another machine, another
+                ``--manifest-dir``): going on would delete the shards that manifest committed.
+        """
         path = self.local / MANIFEST_NAME
         if path.exists():
             self._needs_publish = not self._snapshot_exists()
+            if not self._needs_publish:
+                self._check_own_snapshot()
             return
         self.local.mkdir(parents=True, exist_ok=True)
         for side in ("-wal", "-shm"):  # side files of a manifest that is gone would not belong to the snapshot
@@ -155,6 +166,7 @@ class RemoteOutput:
             return
         log.warning("no local manifest in %s; starting from the snapshot published at %s", self.local, self.out)
         download_snapshot(self.out, path)
+        self._write_state(self._snapshot_key(), in_flight=False)
 
     def publish(self) -> None:
         """Upload a consistent copy of the manifest beside the shards: temporary name, then move."""
@@ -168,11 +180,14 @@ class RemoteOutput:
         finally:
             dst.close()
         final = f"{self._base()}/{MANIFEST_NAME}"
+        state = self._read_state()
+        self._write_state(state.get("key") if state else None, in_flight=True)  # a crash in between: ours
         with self._errors("publishing the manifest snapshot"):
             fs = self.out.fs
             tmp = f"{final}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
             fs.put_file(str(tmp_local), tmp)
             fs.mv(tmp, final)
+            self._write_state(self._snapshot_key(), in_flight=False)
         tmp_local.unlink(missing_ok=True)
         self._published_at = time.monotonic()
         self._published_changes = self.manifest.conn.total_changes
@@ -187,6 +202,32 @@ class RemoteOutput:
     # -- helpers ---------------------------------------------------------------------------------------
     def _base(self) -> str:
         return self.out.path.rstrip("/")
+
+    def _check_own_snapshot(self) -> None:
+        state = self._read_state()
+        if state is not None and (state.get("in_flight") or state.get("key") == self._snapshot_key()):
+            return
+        raise ConfigError(
+            f"the manifest snapshot at {self.out} was published from another local manifest than the one in "
+            f"{self.local} (another machine or --manifest-dir); to continue from the published snapshot, pass an "
+            "empty --manifest-dir (or delete that folder)"
+        )
+
+    def _snapshot_key(self) -> str:
+        """The published snapshot's identity as the store reports it (ETag, size and time)."""
+        with self._errors(f"reading {self.out}"):
+            fs = self.out.fs
+            fs.invalidate_cache(self._base())
+            return str(fs.ukey(f"{self._base()}/{MANIFEST_NAME}"))
+
+    def _read_state(self) -> dict | None:
+        try:
+            return json.loads((self.local / PUBLISHED_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_state(self, key: str | None, in_flight: bool) -> None:
+        write_durably(self.local / PUBLISHED_NAME, json.dumps({"key": key, "in_flight": in_flight}).encode())
 
     def _snapshot_exists(self) -> bool:
         with self._errors(f"reading {self.out}"):
