@@ -22,13 +22,15 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from cachebuild.cache.manifest import MANIFEST_NAME, Manifest  # noqa: E402
-from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, ModelSpec  # noqa: E402
+from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, ModelSpec, TextencConfig  # noqa: E402
 from cachebuild.consumers.reader import open_cache  # noqa: E402
 from cachebuild.consumers.status import cache_status  # noqa: E402
 from cachebuild.errors import ConfigError  # noqa: E402
 from cachebuild.jobs.latents import build_latents  # noqa: E402
+from cachebuild.jobs.textenc import build_textenc  # noqa: E402
 from cachebuild.sources.captions import scan_captions  # noqa: E402
 from cachebuild.storage import UrlPath  # noqa: E402
+from cachebuild.testing import make_tiny_text_pipeline  # noqa: E402
 from tests.conftest import done_count, write_image  # noqa: E402
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_reso=64, max_reso=256, steps=64)
@@ -216,6 +218,33 @@ def test_remote_captions_are_scanned_from_files_and_metadata(bucket):
     assert scan.texts == {"a": "a cat", "sub/b": "a dog"}
     fs.pipe(f"{name}/meta/metadata.jsonl", b'{"file_name": "x.png", "text": "an owl"}\n')
     assert scan_captions(UrlPath(f"s3://{name}/meta")).texts == {"x": "an owl"}
+
+
+def test_textenc_from_s3_captions_to_s3_joins_with_latents_there(tmp_path, tiny_vae, dataset, bucket):
+    name, fs = bucket
+    upload(fs, dataset, f"{name}/images")
+    captions = {"img000": "a photo of a cat", "sub/img007": "red car", "img001": "a photo of a cat"}
+    for key, text in captions.items():
+        fs.pipe(f"{name}/images/{key}.txt", text.encode())
+    pipe = make_tiny_text_pipeline(tmp_path / "pipe", "sd15")
+    out = UrlPath(f"s3://{name}/cache")
+    build_latents(make_cfg(UrlPath(f"s3://{name}/images"), out, tiny_vae))
+    text_cfg = dict(model=str(pipe), device="cpu", dtype=DType.FP32, dtype_out=DType.FP32)
+    remote = build_textenc(TextencConfig(UrlPath(f"s3://{name}/images"), out, **text_cfg))
+    assert remote.done == 3 and remote.failed == 0
+    for key, text in captions.items():
+        (tmp_path / "caps" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "caps" / f"{key}.txt").write_text(text)
+    build_latents(make_cfg(dataset, tmp_path / "local", tiny_vae))
+    build_textenc(TextencConfig(tmp_path / "caps", tmp_path / "local", **text_cfg))
+
+    cache, reference = open_cache(f"s3://{name}/cache"), open_cache(tmp_path / "local")
+    assert sorted(cache.keys()) == sorted(captions) == sorted(reference.keys())
+    for key in captions:
+        a, b = cache[key], reference[key]
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[n], b[n]) for n in a if isinstance(a[n], torch.Tensor)), key
+    assert cache_status(out)["textenc"]["items"]["done"] == 3
 
 
 def test_missing_remote_dataset_and_cache_fail_with_one_line(tmp_path, tiny_vae, bucket):
