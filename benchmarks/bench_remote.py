@@ -1,7 +1,7 @@
 """Throughput of ``build_latents`` with the dataset and the cache on S3, against the same run on local disk.
 
-Starts moto's S3 server on 127.0.0.1 (nothing else is contacted), generates N noise images of mixed aspect
-ratios, uploads them, then times in one process, same VAE and settings:
+Starts moto's S3 server on 127.0.0.1 in a process of its own (nothing else is contacted), generates N noise
+images of mixed aspect ratios, uploads them, then times in one process, same VAE and settings:
 
   (a) local dataset -> local cache;
   (b) s3:// dataset -> s3:// cache (listing, header reads and decode reads through fsspec, each shard
@@ -17,8 +17,12 @@ the ratio measures cachebuild's own per-request and per-shard overhead, not an S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,11 +43,14 @@ def main() -> None:
     p.add_argument("--shard-mb", type=float, default=4.0, help="shard size, MiB (default 4)")
     args = p.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
+    # the server runs in its own process: in this one it would compete with the job for the GIL
+    host, port = "127.0.0.1", _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for(host, port)
     work = Path(tempfile.mkdtemp(prefix="cachebuild-bench-remote-"))
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench",
@@ -56,7 +63,8 @@ def main() -> None:
         run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -86,7 +94,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     nbytes = sum(p.stat().st_size for p in data.iterdir())
 
     def cfg(dataset, out) -> LatentsConfig:
-        buckets = BucketConfig(resolution=(args.resolution, args.resolution))
+        side = args.resolution
+        buckets = BucketConfig(resolution=(side, side), min_reso=side // 2, max_reso=side * 2)
         return LatentsConfig(
             dataset=dataset,
             out=out,
@@ -118,6 +127,23 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"read back {read_s:5.2f} s"
         )
     print(f"s3 / local build throughput: {results['local'][0] / results['s3'][0]:.2f}")
+    snapshot = fs.size(f"{bucket}/cache/manifest.sqlite")
+    print(f"published manifest snapshot: {snapshot / 1024:.0f} KiB, {snapshot / args.n:.0f} bytes per item")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(host: str, port: int, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"moto's server did not start on {host}:{port}")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def open_input(path: str, whole: bool = True):
         return path
     fs, inner = filesystem(path)
     if whole:
-        return io.BytesIO(fs.cat_file(inner))
+        return io.BytesIO(fs.cat_file(inner, start=0))  # a range from 0: one GET, no size request first
     return fs.open(inner, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead")
 
 
@@ -142,7 +142,7 @@ def read_input(path: str) -> bytes:
     """Every byte of a local path or a URL."""
     if is_url(path):
         fs, inner = filesystem(path)
-        return fs.cat_file(inner)
+        return fs.cat_file(inner, start=0)
     with open(path, "rb") as fh:
         return fh.read()
 
