@@ -209,6 +209,24 @@ def test_a_second_local_manifest_for_the_same_url_is_refused(tmp_path, tiny_vae,
         build_latents(make_cfg(src, out, tiny_vae, manifest_dir=tmp_path / "a"))  # a is behind: refused
 
 
+def test_snapshots_are_rate_limited_and_always_published_at_the_end(tmp_path, tiny_vae, dataset, bucket, monkeypatch):
+    from cachebuild.cache import remote
+
+    name, fs = bucket
+    upload(fs, dataset, f"{name}/images")
+    published = []
+    real = remote.RemoteOutput.publish
+    monkeypatch.setattr(remote.RemoteOutput, "publish", lambda self: published.append(1) or real(self))
+    src = UrlPath(f"s3://{name}/images")
+    summary = build_latents(make_cfg(src, UrlPath(f"s3://{name}/a"), tiny_vae, shard_mb=0.001))
+    assert summary.shards_written >= 3 and len(published) == 2  # the first commit's, and the end's
+    published.clear()
+    monkeypatch.setattr(remote, "SNAPSHOT_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(remote, "SNAPSHOT_TIME_SHARE", float("inf"))  # no limit: one per commit
+    summary = build_latents(make_cfg(src, UrlPath(f"s3://{name}/b"), tiny_vae, shard_mb=0.001))
+    assert len(published) == summary.shards_written + 1
+
+
 def test_remote_captions_are_scanned_from_files_and_metadata(bucket):
     name, fs = bucket
     fs.pipe(f"{name}/caps/a.txt", b"a cat\n")

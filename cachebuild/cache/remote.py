@@ -47,8 +47,10 @@ from cachebuild.storage import UrlPath, filesystem, is_url
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MIN_SECONDS = 30.0  # publish the manifest snapshot at most this often during a run: each publish
-# uploads the whole manifest (about 300 bytes an item), so a run of many small shards does not spend its
+# uploads the whole manifest (about 320 bytes an item), so a run of many small shards does not spend its
 # bandwidth on snapshots, while a reader or a resume on another machine is at most this far behind
+SNAPSHOT_TIME_SHARE = 0.05  # and spend at most this share of the run's time publishing: a manifest of millions
+# of items takes long to copy and upload, so the interval grows to 20 times the last publish's duration
 CACHE_DIR_ENV = "XDG_CACHE_HOME"
 PUBLISHED_NAME = "published.json"  # in the manifest folder: the identity of this manifest's last published
 # snapshot, so a run never goes on from a local manifest that another writer's snapshot has overtaken
@@ -95,6 +97,7 @@ class RemoteOutput:
         self.manifest: Manifest | None = None
         self._published_at = 0.0  # time.monotonic() of the last publish; 0: none in this run
         self._published_changes = 0  # the connection's total_changes at the last publish
+        self._publish_seconds = 0.0  # how long the last publish took
         self._needs_publish = False  # the snapshot is missing remotely: publish even if nothing changes
 
     # -- shards ----------------------------------------------------------------------------------------
@@ -111,7 +114,8 @@ class RemoteOutput:
 
     def committed(self) -> None:
         """After a shard's commit: publish the snapshot when the last publish is old enough."""
-        if time.monotonic() - self._published_at >= SNAPSHOT_MIN_SECONDS:
+        interval = max(SNAPSHOT_MIN_SECONDS, self._publish_seconds / SNAPSHOT_TIME_SHARE)
+        if time.monotonic() - self._published_at >= interval:
             self.publish()
 
     def clean(self, store: str, known: set[str]) -> set[str]:
@@ -171,6 +175,7 @@ class RemoteOutput:
     def publish(self) -> None:
         """Upload a consistent copy of the manifest beside the shards: temporary name, then move."""
         assert self.manifest is not None
+        start = time.monotonic()
         tmp_local = self.local / f"{MANIFEST_NAME}.publish{TMP_SUFFIX}"
         tmp_local.unlink(missing_ok=True)
         dst = sqlite3.connect(tmp_local)
@@ -190,6 +195,7 @@ class RemoteOutput:
             self._write_state(self._snapshot_key(), in_flight=False)
         tmp_local.unlink(missing_ok=True)
         self._published_at = time.monotonic()
+        self._publish_seconds = self._published_at - start
         self._published_changes = self.manifest.conn.total_changes
         self._needs_publish = False
 
