@@ -14,11 +14,13 @@ imported). Decode workers inherit the environment, so they reach the same endpoi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
-from cachebuild.errors import ConfigError
+from cachebuild.errors import ConfigError, StorageError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 HEADER_BLOCK_BYTES = 64 * 1024  # first read of a remote image while planning: headers sit in the first KBs,
@@ -133,16 +135,21 @@ def open_input(path: str, whole: bool = True):
     if not is_url(path):
         return path
     fs, inner = filesystem(path)
-    if whole:
-        return io.BytesIO(fs.cat_file(inner, start=0))  # a range from 0: one GET, no size request first
-    return fs.open(inner, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead")
+    with remote_read_errors(path):
+        if whole:
+            return io.BytesIO(fs.cat_file(inner, start=0))  # a range from 0: one GET, no size request first
+        fh = fs.open(inner, "rb", block_size=HEADER_BLOCK_BYTES, cache_type="readahead")
+        fh.read(1)  # fetch the first block here, where a failure of the store is told from a bad file
+        fh.seek(0)
+        return fh
 
 
 def read_input(path: str) -> bytes:
     """Every byte of a local path or a URL."""
     if is_url(path):
         fs, inner = filesystem(path)
-        return fs.cat_file(inner, start=0)
+        with remote_read_errors(path):
+            return fs.cat_file(inner, start=0)
     with open(path, "rb") as fh:
         return fh.read()
 
@@ -151,10 +158,28 @@ def input_size(path: str) -> int:
     """Size in bytes of a local path or a URL."""
     if is_url(path):
         fs, inner = filesystem(path)
-        return int(fs.size(inner))
+        with remote_read_errors(path):
+            return int(fs.size(inner))
     import os
 
     return os.path.getsize(path)
+
+
+@contextlib.contextmanager
+def remote_read_errors(url: str) -> Iterator[None]:
+    """A missing or forbidden object stays what it is locally (the item fails with its reason); any other
+    failure (connection, throttling after the backend's own retries, credentials) is the store's, not the
+    item's: a StorageError that stops the run, whose committed shards are kept for the same command to go on.
+    """
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:
+        raise StorageError(
+            f"reading {url} failed ({type(exc).__name__}: {exc}); check the connection, the credentials and the "
+            "endpoint, then run the same command again: committed shards are kept"
+        ) from None
 
 
 def _ask(location: UrlPath, question):

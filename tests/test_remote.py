@@ -26,7 +26,7 @@ from cachebuild.cache.manifest import MANIFEST_NAME, Manifest  # noqa: E402
 from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, ModelSpec, TextencConfig  # noqa: E402
 from cachebuild.consumers.reader import open_cache  # noqa: E402
 from cachebuild.consumers.status import cache_status  # noqa: E402
-from cachebuild.errors import ConfigError  # noqa: E402
+from cachebuild.errors import ConfigError, StorageError  # noqa: E402
 from cachebuild.jobs.latents import build_latents  # noqa: E402
 from cachebuild.jobs.textenc import build_textenc  # noqa: E402
 from cachebuild.sources.captions import scan_captions  # noqa: E402
@@ -239,6 +239,29 @@ def test_snapshots_are_rate_limited_and_always_published_at_the_end(tmp_path, ti
     monkeypatch.setattr(remote, "SNAPSHOT_TIME_SHARE", float("inf"))  # no limit: one per commit
     summary = build_latents(make_cfg(src, UrlPath(f"s3://{name}/b"), tiny_vae, shard_mb=0.001))
     assert len(published) == summary.shards_written  # the last commit's snapshot is already the final one
+
+
+def test_a_store_failing_mid_run_stops_it_and_the_same_command_finishes(tmp_path, tiny_vae, dataset, bucket):
+    name, fs = bucket
+    upload(fs, dataset, f"{name}/images")
+    cfg = make_cfg(UrlPath(f"s3://{name}/images"), UrlPath(f"s3://{name}/cache"), tiny_vae, batch_size=2)
+    cfg = replace(cfg, shard_mb=0.001)
+    real, reads = fs.cat_file, []
+
+    def reset_after_four(path, *args, **kwargs):  # fsspec hands every URL of this store the same instance
+        reads.append(path)
+        if len(reads) > 4:
+            raise ConnectionResetError("connection reset by peer")
+        return real(path, *args, **kwargs)
+
+    fs.cat_file = reset_after_four
+    try:
+        with pytest.raises(StorageError, match="run the same command again"):
+            build_latents(cfg)
+    finally:
+        del fs.cat_file
+    second = build_latents(cfg)
+    assert second.done == 8 and second.failed == 0 and 0 < second.encoded < 8  # the first batches were kept
 
 
 def test_remote_captions_are_scanned_from_files_and_metadata(bucket):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from cachebuild.errors import ItemError
+from cachebuild.errors import ItemError, StorageError
 from cachebuild.images.plan import ItemPlan
 from cachebuild.images.workers import describe_exit, run_alone, start_pool
 from cachebuild.storage import input_size, open_input, read_input
@@ -152,6 +152,8 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
             ok.append(item)
         except ItemError as exc:
             failures.append((item, str(exc)))
+        except StorageError:  # the object store failed, not the file: stop the run (storage.remote_read_errors)
+            raise
         except Exception as exc:  # per-item boundary: any decoder surprise fails this item only
             failures.append((item, f"could not decode: {type(exc).__name__}: {exc}"))
     return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)

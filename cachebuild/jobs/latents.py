@@ -32,7 +32,7 @@ from cachebuild.cache.store import (
 from cachebuild.config import CropMode, LatentsConfig, LatentsMode
 from cachebuild.encode import device_memory_bytes, free_device_memory, pick_device, resolve_dtype
 from cachebuild.engines.local import LocalEngine
-from cachebuild.errors import ConfigError, ItemError
+from cachebuild.errors import ConfigError, ItemError, StorageError
 from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import LOADER_VERSION, LoadedBatch, read_size
@@ -208,6 +208,8 @@ def _plan_chunk(
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
             return None, (row.key, str(exc))
+        except StorageError:  # the object store failed, not the file: stop the run
+            raise
         except Exception as exc:  # per-item boundary
             return None, (row.key, f"could not read the image header: {type(exc).__name__}: {exc}")
 
