@@ -136,6 +136,23 @@ def test_s3_dataset_to_s3_cache_equals_a_local_run(tmp_path, tiny_vae, dataset, 
     assert status["bytes"] == sum(fs.size(n) for n in names)
 
 
+def test_a_dataloader_with_workers_reads_a_remote_cache(tmp_path, tiny_vae, dataset, bucket):
+    name, fs = bucket
+    upload(fs, dataset, f"{name}/images")
+    build_latents(make_cfg(UrlPath(f"s3://{name}/images"), UrlPath(f"s3://{name}/cache"), tiny_vae, shard_mb=0.001))
+    cache = open_cache(f"s3://{name}/cache")
+    first = cache[cache.keys()[0]]["latents"]  # the parent fetches a shard and uses the store before forking
+    ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
+    loader = torch.utils.data.DataLoader(
+        cache.dataset(),
+        batch_sampler=cache.bucket_sampler(batch_size=2, seed=0),
+        num_workers=2,
+        multiprocessing_context=ctx,
+    )
+    seen = sum(len(batch["key"]) for batch in loader)
+    assert seen == 8 and torch.equal(cache[cache.keys()[0]]["latents"], first)
+
+
 def test_rerun_of_a_finished_s3_job_uploads_nothing(tmp_path, tiny_vae, dataset, bucket):
     name, fs = bucket
     upload(fs, dataset, f"{name}/images")
