@@ -319,6 +319,34 @@ def test_textenc_from_s3_captions_to_s3_joins_with_latents_there(tmp_path, tiny_
     assert cache_status(out)["textenc"]["items"]["done"] == 3
 
 
+def test_any_fsspec_url_works_and_local_and_remote_mix(tmp_path, tiny_vae, dataset, monkeypatch):
+    """fsspec's in-memory store (no ETag: identity from the creation time) stands for gs://, hf://...;
+    a remote dataset into a local cache, and a local dataset into a remote cache."""
+    import fsspec
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    mem = fsspec.filesystem("memory")
+    root = f"/ds-{uuid.uuid4().hex[:8]}"
+    upload(mem, dataset, root)
+    try:
+        reference = tensors_of(open_cache_after(build_latents(make_cfg(dataset, tmp_path / "local", tiny_vae))))
+        into_local = build_latents(make_cfg(UrlPath(f"memory://{root}"), tmp_path / "from-mem", tiny_vae))
+        assert into_local.done == 8
+        assert_same(tensors_of(open_cache(tmp_path / "from-mem")), reference)
+        into_mem = build_latents(make_cfg(dataset, UrlPath(f"memory://{root}-cache"), tiny_vae))
+        assert into_mem.done == 8 and mem.exists(f"{root}-cache/manifest.sqlite")
+        assert_same(tensors_of(open_cache(f"memory://{root}-cache")), reference)
+        assert build_latents(make_cfg(UrlPath(f"memory://{root}"), tmp_path / "from-mem", tiny_vae)).nothing_to_do
+    finally:
+        mem.rm(root, recursive=True)
+        if mem.exists(f"{root}-cache"):
+            mem.rm(f"{root}-cache", recursive=True)
+
+
+def open_cache_after(summary):
+    return open_cache(summary.out)
+
+
 def test_missing_remote_dataset_and_cache_fail_with_one_line(tmp_path, tiny_vae, bucket):
     name, _ = bucket
     with pytest.raises(ConfigError, match="does not exist"):
