@@ -134,6 +134,8 @@ def test_s3_dataset_to_s3_cache_equals_a_local_run(tmp_path, tiny_vae, dataset, 
     status = cache_status(out)
     assert status["items"]["done"] == 8 and status["cache"] == f"s3://{name}/cache"
     assert status["bytes"] == sum(fs.size(n) for n in names)
+    shown = subprocess.run(_cli("status", f"s3://{name}/cache"), capture_output=True, text=True)
+    assert shown.returncode == 0 and "latents: 8 done, 0 failed, 0 pending" in shown.stdout, shown.stderr
 
 
 def test_a_dataloader_with_workers_reads_a_remote_cache(tmp_path, tiny_vae, dataset, bucket):
