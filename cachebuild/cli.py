@@ -61,6 +61,20 @@ def _library_errors(fn):
     return wrapper
 
 
+class _Location(click.ParamType):
+    """A local folder or file (a ``Path``), or an fsspec URL such as s3://bucket/images (a ``storage.UrlPath``)."""
+
+    name = "path_or_url"
+
+    def convert(self, value, param, ctx):
+        from cachebuild.storage import UrlPath, as_location
+
+        return value if isinstance(value, (Path, UrlPath)) else as_location(str(value))
+
+
+LOCATION = _Location()
+
+
 def _options(*options):
     """One decorator that applies ``options`` in the order listed (as --help shows them)."""
 
@@ -83,7 +97,9 @@ _output_options = _options(
 )
 
 _build_options = _options(  # every cache-building command
-    click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder (created)."),
+    click.option(
+        "--out", "-o", type=LOCATION, required=True, help="Cache folder (created), or a URL such as s3://bucket/cache."
+    ),
     click.option(
         "--dtype-out",
         type=click.Choice(["fp16", "bf16", "fp32"]),
@@ -106,6 +122,11 @@ _build_options = _options(  # every cache-building command
         "--prune",
         is_flag=True,
         help="Confirm removing entries whose source is gone when the scan finds nothing or loses many of them.",
+    ),
+    click.option(
+        "--manifest-dir",
+        type=click.Path(path_type=Path),
+        help="Local folder for the manifest of a URL --out (default: under ~/.cache/cachebuild/manifests).",
     ),
 )
 
@@ -259,7 +280,7 @@ def cli(verbose: int) -> None:
 
 
 @cli.command()
-@click.argument("dataset", type=click.Path(path_type=Path))
+@click.argument("dataset", type=LOCATION)
 @_build_options
 @_vae_options
 @_bucket_options
@@ -281,7 +302,7 @@ def latents(dataset, quiet, as_json, **opts):
 
 
 @cli.command()
-@click.argument("captions", type=click.Path(path_type=Path))
+@click.argument("captions", type=LOCATION)
 @_build_options
 @_text_encoder_options
 @_caption_options
@@ -304,7 +325,7 @@ def textenc(captions, quiet, as_json, **opts):
 
 
 @cli.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=LOCATION)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_library_errors
 def status(cache, as_json):
@@ -336,7 +357,7 @@ def status(cache, as_json):
 
 
 @cli.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=LOCATION)
 @click.option("--repair", is_flag=True, help="Mark damaged items pending and delete bad or stray shard files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @_library_errors
@@ -608,6 +629,7 @@ def _build_settings(o: dict) -> dict:
         "retry_failed": o["retry_failed"],
         "rebuild": o["rebuild"],
         "prune": o["prune"],
+        "manifest_dir": o["manifest_dir"],
     } | ({"dtype_out": DType(o["dtype_out"])} if o["dtype_out"] else {})  # absent: the config's own default
 
 

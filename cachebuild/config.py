@@ -195,6 +195,8 @@ class LatentsConfig:
     devices: tuple[str, ...] = ()  # several: one encoder process per device (engines.devices); () : --device
     vram_budget_gb: float | None = None  # device memory a batch-size search may plan for, GiB; None: free memory
     # at start less a margin (engines.batchsize.default_budget)
+    manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
+    # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -281,6 +283,8 @@ class TextencConfig:
     rebuild: bool = False
     prune: bool = False  # False: a scan that finds nothing, or loses many done items, refuses (cache.store)
     offload: Offload = Offload.AUTO  # not in the fingerprint: streaming the weights does not change the outputs
+    manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
+    # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
 
     def __post_init__(self) -> None:
         if not self.source.exists():

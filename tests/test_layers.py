@@ -19,6 +19,7 @@ ROOMS = {
     "errors": 0,
     "config": 1,
     "keys": 1,
+    "storage": 1,  # fsspec URLs as paths: imports only errors
     "hub": 2,
     "cache": 3,
     "sources": 4,

@@ -127,6 +127,7 @@ class Manifest:
         self.conn = conn
         self._lock = None  # the writer lock (a filelock.FileLock) while held
         self.read_only = False
+        self.remote = None  # a cache.remote.RemoteOutput when the shards live at a URL (cache.remote.open_output)
 
     @classmethod
     def open(cls, root: Path, create: bool = True, read_only: bool = False) -> Manifest:

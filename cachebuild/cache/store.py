@@ -118,8 +118,11 @@ def open_store(
     if rebuild or (old is not None and old != fingerprint):
         if not rebuild:
             raise FingerprintMismatch(store, str(manifest.root), diff_fingerprints(old, fingerprint))
-        for name in manifest.clear_store(store):
+        dropped = manifest.clear_store(store)
+        for name in dropped:
             (folder / name).unlink(missing_ok=True)
+        if manifest.remote is not None:
+            manifest.remote.drop(store, dropped)
     folder.mkdir(parents=True, exist_ok=True)
     clean_after_crash(manifest, store, folder)
     return manifest.sync_items(store, scan.files, scan.clashes, retry_failed, fingerprint, scan.unlisted)
@@ -233,7 +236,11 @@ class ShardSink:
             info = self._writer.close()
         except OSError as exc:  # disk full, read-only: one clear line; the committed shards are untouched
             raise (storage_error(exc) or exc) from exc
+        if self.manifest.remote is not None:  # a remote --out: the shard lands there before its commit
+            self.manifest.remote.upload_shard(self.store, info)
         self.commit(info, self._rows)
+        if self.manifest.remote is not None:
+            self.manifest.remote.committed()  # publishes the manifest snapshot, rate-limited
         self._writer, self._rows = None, []
 
     def commit(self, info: ShardInfo, rows: list[tuple[str, str | None, dict]]) -> None:
@@ -263,7 +270,11 @@ def clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
         if entry.name.endswith(TMP_SUFFIX) or (shard_index(entry.name) is not None and entry.name not in known):
             log.info("removing %s left by an interrupted run", entry.name)
             os.unlink(entry.path)
-    missing = [n for n in known if not (folder / n).exists()]
+    if manifest.remote is not None:  # the shards live remotely; the local folder only stages them
+        present = manifest.remote.clean(store, known)
+        missing = [n for n in known if n not in present]
+    else:
+        missing = [n for n in known if not (folder / n).exists()]
     if missing:
         log.warning("%d shard file(s) missing from %s; their items will be encoded again", len(missing), folder)
         lost = set(missing)
@@ -272,8 +283,11 @@ def clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
 
 
 def drop_dead_shards(manifest: Manifest, store: str) -> None:
-    for name in manifest.drop_dead_shards(store):
+    dead = manifest.drop_dead_shards(store)
+    for name in dead:
         (manifest.root / store / name).unlink(missing_ok=True)
+    if manifest.remote is not None:
+        manifest.remote.drop(store, dead)
 
 
 def first_free_shard_index(manifest: Manifest, store: str) -> int:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache i
     from cachebuild.consumers.dataset import LatentDataset
     from cachebuild.consumers.sampler import BucketBatchSampler
 from cachebuild.errors import CacheError, ConfigError
+from cachebuild.storage import UrlPath, is_url
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,19 @@ def open_cache(path: str | os.PathLike, seed: int | None = None, text: bool | No
         >>> rec["latents"].shape, rec["bucket"]
         (torch.Size([4, 128, 96]), (768, 1024))
     """
+    if is_url(path):  # object storage: the published snapshot, shards fetched on use (cache.remote)
+        return _open_remote(UrlPath(str(path)), seed, text)
     return CacheReader(Path(path), seed, text)
+
+
+def _open_remote(url: UrlPath, seed: int | None, text: bool | None) -> CacheReader:
+    from cachebuild.cache.remote import mirror_snapshot, shard_fetchers
+
+    root = mirror_snapshot(url)
+    reader = CacheReader(root, seed, text)
+    fetch = shard_fetchers(url, root, (LATENTS, TEXTENC))
+    reader._handles.fetch, reader._text_handles.fetch = fetch[LATENTS], fetch[TEXTENC]
+    return reader
 
 
 class CacheReader:
@@ -350,8 +363,9 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_handles"] = ShardFileHandles(self._handles.folder)  # open handles never cross processes
-        state["_text_handles"] = ShardFileHandles(self._text_handles.folder)
+        # open handles never cross processes
+        state["_handles"] = ShardFileHandles(self._handles.folder, self._handles.fetch)
+        state["_text_handles"] = ShardFileHandles(self._text_handles.folder, self._text_handles.fetch)
         state["_rng"] = None
         return state
 
@@ -359,8 +373,9 @@ class CacheReader:
 class ShardFileHandles:
     """Open shard files of one store for the current process, least recently used closed first."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, fetch=None):
         self.folder = folder
+        self.fetch = fetch  # name -> local path, downloading it first (a cache at a URL); None: in ``folder``
         self._pid = os.getpid()
         self._open: OrderedDict[str, ShardFile] = OrderedDict()
 
@@ -369,7 +384,7 @@ class ShardFileHandles:
             self._pid, self._open = os.getpid(), OrderedDict()
         shard = self._open.get(name)
         if shard is None:
-            shard = ShardFile.open(self.folder / name)
+            shard = ShardFile.open(self.folder / name if self.fetch is None else self.fetch(name))
             self._open[name] = shard
             if len(self._open) > MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)[1].close()

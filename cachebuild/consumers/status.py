@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cachebuild.cache.manifest import FAILED, Manifest
+from cachebuild.storage import UrlPath, is_url
 
 
 def store_status(manifest: Manifest, store: str) -> dict:
@@ -28,10 +29,27 @@ def cache_status(out: Path) -> dict:
     Raises:
         CacheError: ``out`` holds no manifest.
     """
+    if is_url(out):
+        return _remote_status(out)
     with Manifest.open(out, read_only=True) as m:
         status = store_status(m, "latents")
         status["cache"] = str(out)
         if m.fingerprint("textenc") is not None:
             status["textenc"] = store_status(m, "textenc")
             status["textenc"]["unique"] = m.distinct_done("textenc", "text_id")  # embeddings stored
+    return status
+
+
+def _remote_status(out) -> dict:
+    """The status of a cache at a URL, from its published manifest snapshot; bytes as the store lists them."""
+    from cachebuild.cache.remote import mirror_snapshot, remote_bytes
+
+    url = out if isinstance(out, UrlPath) else UrlPath(str(out))
+    root = mirror_snapshot(url)
+    status = cache_status(root)
+    status["cache"] = str(url)
+    with Manifest.open(root, read_only=True) as m:
+        for store, part in (("latents", status), ("textenc", status.get("textenc"))):
+            if part is not None:
+                part["bytes"] = remote_bytes(url, store, {s["name"] for s in m.shards(store)})
     return status

@@ -25,7 +25,9 @@ from cachebuild.cache.files import TMP_SUFFIX, sha256_file, shard_index
 from cachebuild.cache.manifest import DONE, Manifest
 from cachebuild.cache.shards import ShardFile
 from cachebuild.config import DType
+from cachebuild.errors import ConfigError
 from cachebuild.families.rows import stored_rows
+from cachebuild.storage import is_url
 
 if TYPE_CHECKING:  # torch is imported when the first tensor is checked: a checksum-only pass needs none
     import torch
@@ -89,6 +91,11 @@ def verify_cache(path: str | os.PathLike, repair: bool = False) -> VerifyReport:
         >>> report.ok, report.damaged_keys
         (False, {'latents': ['sub/img001']})
     """
+    if is_url(path):  # shards are read from local disk: a cache at a URL is not checked in place
+        raise ConfigError(
+            f"verify reads shards on local disk; copy {path} to a folder first (e.g. aws s3 sync), verify that, or "
+            f"run: cachebuild status {path}"
+        )
     start = time.monotonic()
     root = Path(path)
     report = VerifyReport(str(root))

@@ -73,7 +73,7 @@ class LocalEngine:
         part = type(run.summary)(run.summary.store, run.summary.out)  # the writer thread's own counts
         run.live.append(part)
         try:
-            writer = WriterThreadFor(stages, run.manifest.root, part, run.times)
+            writer = WriterThreadFor(stages, run.manifest.root, part, run.times, run.manifest.remote)
             with writer:
                 decoded = iter_batches(sized(batches, sizer, device), self.workers, self.max_pixels)
                 drive_device(decoded, encoder, device, writer.put, run, budget)
@@ -175,7 +175,7 @@ def _meta_recorder(manifest, store: str) -> Callable[[str, dict], None]:
 class WriterThreadFor:
     """The writer thread of a one-device run: its own manifest connection, its own ShardSink."""
 
-    def __init__(self, stages: Stages, root, summary, times: StageTimes | None = None):
+    def __init__(self, stages: Stages, root, summary, times: StageTimes | None = None, remote=None):
         from cachebuild.engines.writer import WriterThread
 
         def write(sink, encoded: Encoded) -> None:
@@ -184,7 +184,7 @@ class WriterThreadFor:
             if times:
                 times.add("write", start)
 
-        self._thread = WriterThread(lambda: _local_sink(stages, root, summary), write)
+        self._thread = WriterThread(lambda: _local_sink(stages, root, summary, remote), write)
 
     def put(self, encoded: Encoded) -> None:
         self._thread.put(encoded)
@@ -197,12 +197,15 @@ class WriterThreadFor:
 
 
 @contextlib.contextmanager
-def _local_sink(stages: Stages, root, summary):
+def _local_sink(stages: Stages, root, summary, remote=None):
+    """The writer thread's sink on its own manifest connection; a remote output (``cache.remote``) uploads each
+    shard before its commit and publishes snapshots from this connection while the thread runs."""
     from cachebuild.cache.manifest import Manifest
     from cachebuild.cache.store import ShardSink
 
     with (
         Manifest.open(root, create=False) as manifest,
+        remote.publishing_from(manifest) if remote is not None else contextlib.nullcontext(),
         ShardSink(manifest, stages.store, stages.fmt, stages.shard_bytes, stages.header, summary) as sink,
     ):
         yield sink

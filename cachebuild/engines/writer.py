@@ -22,6 +22,7 @@ WRITE_QUEUE_BATCHES = 4  # encoded batches waiting for the writer: absorbs a slo
 PUT_POLL_SECONDS = 0.5  # how often a blocked ``put`` looks for a writer that died
 
 _STOP = object()
+_ABORT = object()  # after what is queued: leave without committing the open shard
 
 
 class WriterThread:
@@ -36,7 +37,6 @@ class WriterThread:
         self._open_sink, self._handle = open_sink, handle
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE_BATCHES)
         self._error: BaseException | None = None
-        self._abort = threading.Event()
         self._thread = threading.Thread(target=self._main, name="cachebuild-writer", daemon=True)
         self._thread.start()
 
@@ -59,10 +59,12 @@ class WriterThread:
         self.raise_error()
 
     def abort(self) -> None:
-        """Stop without committing what is queued or the open shard (its items stay pending)."""
-        self._abort.set()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_STOP)
+        """The loop failed: write what is already queued (encoded batches, as a loop without a writer thread
+        would have written them before failing), then stop without committing the open shard (its items stay
+        pending)."""
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):  # the writer's own error: the loop's error is the one raised
+                self.put(_ABORT)
         self._thread.join()
 
     def __enter__(self) -> WriterThread:
@@ -79,9 +81,9 @@ class WriterThread:
             with self._open_sink() as sink:
                 while True:
                     work = self._queue.get()
-                    if work is _STOP or self._abort.is_set():
-                        if self._abort.is_set():
-                            raise _Aborted
+                    if work is _ABORT:
+                        raise _Aborted
+                    if work is _STOP:
                         break
                     self._handle(sink, work)
         except _Aborted:

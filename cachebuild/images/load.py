@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from cachebuild.errors import ItemError
+from cachebuild.errors import ItemError, StorageError
 from cachebuild.images.plan import ItemPlan
 from cachebuild.images.workers import describe_exit, run_alone, start_pool
+from cachebuild.storage import input_size, open_input, read_input
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def read_size(path: str, max_pixels: int) -> tuple[int, int]:
     Raises:
         ItemError: the file is not a readable image, is empty, or is over ``max_pixels``.
     """
-    with _open(path, max_pixels) as img:
+    with _open(path, max_pixels, whole=False) as img:
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ItemError(f"image has zero size ({w}x{h})")
@@ -151,6 +152,8 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
             ok.append(item)
         except ItemError as exc:
             failures.append((item, str(exc)))
+        except StorageError:  # the object store failed, not the file: stop the run (storage.remote_read_errors)
+            raise
         except Exception as exc:  # per-item boundary: any decoder surprise fails this item only
             failures.append((item, f"could not decode: {type(exc).__name__}: {exc}"))
     return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)
@@ -237,13 +240,13 @@ def _crash_reason(exitcode: int | None) -> str:
     )
 
 
-def _open(path: str, max_pixels: int) -> Image.Image:
+def _open(path: str, max_pixels: int, whole: bool = True) -> Image.Image:
     # Pillow refuses images over twice this limit itself (before reading pixel data); the exact check is ours
     Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(open_input(path, whole=whole))  # a URL's bytes come through fsspec (storage)
     except Image.DecompressionBombError as exc:
         raise ItemError(f"decompression bomb refused: {str(exc).rstrip('.')}; raise --max-pixels if trusted") from exc
     except FileNotFoundError as exc:
@@ -310,8 +313,7 @@ def _tiny_decode(data: bytes) -> np.ndarray:
 
 
 def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    return read_input(path)
 
 
 def _maybe_draft(img: Image.Image, item: ItemPlan) -> None:
@@ -351,9 +353,7 @@ def _bomb_reason(pixels: int, max_pixels: int) -> str:
 
 
 def _unidentified_reason(path: str) -> str:
-    import os
-
-    if os.path.getsize(path) == 0:
+    if input_size(path) == 0:
         return "file is empty (0 bytes); re-copy it or delete it"
     return "not an image Pillow can read (unknown or unsupported format); convert it or remove it"
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cachebuild.cache.manifest import LATENTS, PENDING, Manifest
+from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import (
     Progress,
     ProgressFn,
@@ -33,7 +34,7 @@ from cachebuild.encode import pick_device, resolve_dtype
 from cachebuild.engines.base import Encoded, Run, StageTimes
 from cachebuild.engines.device import prefer_expandable_segments
 from cachebuild.engines.local import LocalEngine
-from cachebuild.errors import ConfigError, ItemError
+from cachebuild.errors import ConfigError, ItemError, StorageError
 from cachebuild.families.vae import DETERMINISTIC_CLASSES, VaeEncoder, VaeFamily, family_of, load_vae
 from cachebuild.hub import ResolvedVae, resolve_vae
 from cachebuild.images.load import LOADER_VERSION, read_size
@@ -41,6 +42,7 @@ from cachebuild.images.musubi_buckets import MUSUBI_STEPS
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
+from cachebuild.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ def build_latents(
         20000
     """
     start = time.monotonic()
+    if len(cfg.devices) > 1 and is_url(cfg.out):  # device processes write their shards to a local folder
+        raise ConfigError("--devices with a URL --out is not supported yet; pass one --device, or a local --out")
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
@@ -74,7 +78,7 @@ def build_latents(
     device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     summary = RunSummary(LATENTS, str(cfg.out))
-    with Manifest.open(cfg.out) as manifest:
+    with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
@@ -230,6 +234,8 @@ def _plan_chunk(
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
             return None, (row.key, str(exc))
+        except StorageError:  # the object store failed, not the file: stop the run
+            raise
         except Exception as exc:  # per-item boundary
             return None, (row.key, f"could not read the image header: {type(exc).__name__}: {exc}")
 

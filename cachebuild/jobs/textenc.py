@@ -25,6 +25,7 @@ from itertools import accumulate
 import torch
 
 from cachebuild.cache.manifest import PENDING, TEXTENC, Manifest
+from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import DType, TextencConfig
 from cachebuild.encode import GuardedForward, pick_device
@@ -69,7 +70,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
         cfg = dataclasses.replace(cfg, dtype_out=STORED_DTYPE.get(family, DType.FP16))
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     summary = RunSummary(TEXTENC, str(cfg.out))
-    with Manifest.open(cfg.out) as manifest:
+    with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
         fingerprint = {
             "family": family.value,

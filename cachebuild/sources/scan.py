@@ -15,6 +15,7 @@ from cachebuild.cache.files import sha256_file
 from cachebuild.cache.manifest import ScanResult, SourceFile
 from cachebuild.errors import ConfigError
 from cachebuild.keys import fs_path, path_text
+from cachebuild.storage import is_url
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".pgm", ".ppm"}
@@ -48,6 +49,12 @@ def scan_files(
         >>> scan_files(Path("./dataset")).files[0].key
         'sub/img001'
     """
+    if is_url(root):  # object storage: one listing, identities from the listing (sources.remote)
+        from cachebuild.sources.remote import scan_url
+
+        return scan_url(root, extensions, content_hash, exclude)
+    if exclude is not None and is_url(exclude):  # a remote cache never lies inside a local dataset
+        exclude = None
     root = root.resolve()
     by_key: dict[str, list[SourceFile]] = {}
     unlisted: dict[str, str] = {}  # folder -> why it could not be listed
