@@ -1,4 +1,6 @@
-"""Text encoders per family: which models run, which of their outputs are stored, and how they are called.
+"""Text encoders: which models run, which of their outputs are stored, and how they are called. Each family's
+module declares its encoders (``encoder_specs(ctx)``) and pipeline classes; this module resolves, tokenizes and
+runs them.
 
 Resolution never loads a model: it locates the local folders (fetching hub ids), so a finished job can be
 checked from configs and weight hashes alone. See docs/format.md for the tensors each family stores.
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 from collections.abc import Iterator
@@ -419,8 +420,8 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
     index = root / "model_index.json"
     cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
     by_class = {}
-    for module in sorted(set(MODULES.values())):
-        by_class |= importlib.import_module(f"cachebuild.families.{module}").PIPELINES
+    for name in MODULES:  # every family's module, each declaring its pipeline classes
+        by_class |= family_module(name).PIPELINES
     if cls not in by_class:
         raise ConfigError(f"cannot tell the model family of {model} ({cls or 'no model_index.json'}); pass --family")
     family = TextFamily(by_class[cls])
