@@ -62,6 +62,7 @@ def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
                  max_length=clip_length),
         ctx.clip("clip_g", "text_encoder_2", "tokenizer_2", clip_cls, -1, hidden=False, pooled="text_embeds",
                  max_length=clip_length),
+        # max_length given again: --max-length sets it, not --t5-max-length; --t5-mask does not apply either
         ctx.t5("text_encoder_3", "tokenizer_3", t5_length, max_length=t5_length, trim=False, masked=True),
         # LlamaModel: the pipeline's LlamaForCausalLM without its LM head, the same hidden states
         ctx.llm("llama3", "LlamaModel", -1, min(length, _tokenizer_limit(llama_tok)), False, folder=llama,
