@@ -15,24 +15,11 @@ from pathlib import Path
 
 import click
 
+from cachebuild.config import TextFamily
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
 _LISTED = 20  # skipped items and conflicts printed by name; --json has them all
-TEXT_FAMILIES = (
-    "sd15",
-    "sd2",
-    "sdxl",
-    "sd3",
-    "flux",
-    "chroma",
-    "z-image",
-    "qwen-image",
-    "hidream",
-    "flux2",
-    "flux2-klein",
-    "lumina2",
-    "sana",
-    "generic",
-)  # mirrors config.TextFamily, without importing
+TEXT_FAMILIES = tuple(f.value for f in TextFamily)  # --family choices; config imports no torch: --help stays fast
 
 
 class UsageError(click.ClickException):

@@ -70,7 +70,7 @@ PRESETS: dict[str, str] = {
     "flux2-dev": "black-forest-labs/FLUX.2-dev",
     "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",  # Qwen3-4B text encoder
     "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",  # Qwen3-8B text encoder
-    "hidream": "HiDream-ai/HiDream-I1-Full",  # its Llama 3.1 from LLAMA_REPO (families.text) where the repo has none
+    "hidream": "HiDream-ai/HiDream-I1-Full",  # its Llama 3.1 from families.hidream.LLAMA_REPO where the repo has none
     "lumina2": "Alpha-VLLM/Lumina-Image-2.0",
     "sana": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",  # loads without a variant; Sana's own docs load
     # the BF16 repos (the pipeline docstring's example) with variant="bf16", which cachebuild does not pass
@@ -272,7 +272,7 @@ class TextencConfig:
     revision: str | None = None
     dtype: DType = DType.AUTO  # compute dtype of the CLIP encoders
     t5_dtype: DType | None = None  # compute dtype of T5 (None: as --dtype); fp16 T5 overflows, bf16 does not
-    dtype_out: DType | None = None  # None: the family's (families.text.STORED_DTYPE): bf16 for LLM encoders,
+    dtype_out: DType | None = None  # None: the family's (families.text.stored_dtype): bf16 for LLM encoders,
     # whose hidden states carry activations past fp16's 65504; fp16 for CLIP and T5 outputs
     batch_size: int = 16  # captions per encoder call; halved automatically on out-of-memory
     device: str | None = None

@@ -190,7 +190,7 @@ def test_a_wrong_layer_template_mask_or_padding_would_fail(built):
     pipe = reference_pipeline(family, pipe_folder)
     text = CAPTIONS["b"]
     right = encode_prompts(pipe, [text])[0]["prompt_embeds"]
-    layers = tuple(text_families.FLUX2_LAYERS if family == "flux2" else text_families.FLUX2_KLEIN_LAYERS)
+    layers = tuple(flux2.LAYERS if family == "flux2" else flux2.KLEIN_LAYERS)
     ids, mask = _encoder_inputs(pipe, family, text)
     left_ids, left_mask = _encoder_inputs(pipe, family, text, side="left")
     bare_ids, bare_mask = _encoder_inputs(pipe, family, text, template=False)
@@ -243,7 +243,7 @@ def test_flux2_tokens_equal_the_processor_path(tmp_path):
 def test_the_system_message_is_the_pipelines():
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
-    assert text_families.FLUX2_SYSTEM_MESSAGE == SYSTEM_MESSAGE
+    assert flux2.SYSTEM_MESSAGE == SYSTEM_MESSAGE
 
 
 def test_processor_chat_template_prefers_the_legacy_json(tmp_path):
@@ -315,9 +315,9 @@ def test_real_sizes_and_stored_dtype(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 5120}, "vision_config": {}}))
     spec = text_families.EncoderSpec(
         "mistral3", tmp_path, tmp_path, "Mistral3ForConditionalGeneration", -1, False, True, None, 512, False,
-        DType.BF16, layers=text_families.FLUX2_LAYERS, masked=True,
+        DType.BF16, layers=flux2.LAYERS, masked=True,
     )  # fmt: skip
     width, _ = text_families.output_dims(spec)
     assert width == 15360 and 512 * width * 2 == 15 * 2**20
-    assert text_families.STORED_DTYPE[TextFamily.FLUX2] is DType.BF16
-    assert text_families.STORED_DTYPE[TextFamily.FLUX2_KLEIN] is DType.BF16
+    assert text_families.stored_dtype(TextFamily.FLUX2) is DType.BF16
+    assert text_families.stored_dtype(TextFamily.FLUX2_KLEIN) is DType.BF16

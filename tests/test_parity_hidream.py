@@ -15,6 +15,7 @@ from cachebuild import open_cache
 from cachebuild.cache.manifest import Manifest
 from cachebuild.cli import cli
 from cachebuild.config import DType, TextencConfig, TextFamily
+from cachebuild.families import hidream
 from cachebuild.families import text as text_families
 from cachebuild.testing import make_tiny_text_pipeline, make_tiny_vae
 from tests.conftest import write_image
@@ -131,7 +132,7 @@ def test_hidream_specs_and_fingerprint(built, tmp_path):
     other families' fingerprints are unchanged; bf16 storage by default; --max-length moves all four."""
     pipe_folder, _, data, out = built
     family, specs = text_families.resolve_encoders(TextencConfig(data, tmp_path / "x", model=str(pipe_folder)), CPU)
-    assert family is TextFamily.HIDREAM and text_families.STORED_DTYPE[family] is DType.BF16
+    assert family is TextFamily.HIDREAM and text_families.stored_dtype(family) is DType.BF16
     assert [(s.name, s.max_length, s.trim, s.attention_mask) for s in specs] == [
         ("clip_l", 128, False, False),
         ("clip_g", 128, False, False),
@@ -165,9 +166,9 @@ def test_llama_comes_from_its_own_repository_where_the_pipeline_has_none(built, 
     for f in (pipe_folder / "tokenizer_4").iterdir():
         shutil.copy(f, llama / f.name)
     asked = []
-    monkeypatch.setattr(text_families, "local_or_hub", lambda repo, rev: asked.append(repo) or llama)
+    monkeypatch.setattr(hidream, "local_or_hub", lambda repo, rev: asked.append(repo) or llama)
     _, specs = text_families.resolve_encoders(TextencConfig(data, tmp_path / "c", model=str(bare)), CPU)
-    assert asked == [text_families.LLAMA_REPO] and specs[3].folder == specs[3].tokenizer == llama
+    assert asked == [hidream.LLAMA_REPO] and specs[3].folder == specs[3].tokenizer == llama
 
 
 def test_a_hidream_cache_verifies_with_its_layer_axis(built):

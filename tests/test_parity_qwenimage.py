@@ -17,14 +17,10 @@ from cachebuild.cache.manifest import Manifest
 from cachebuild.cli import cli
 from cachebuild.config import DType, TextFamily
 from cachebuild.families import qwenimage
-from cachebuild.families.text import (
-    QWENIMAGE_DROP,
-    QWENIMAGE_MAX_LENGTH,
-    QWENIMAGE_TEMPLATE,
-    STORED_DTYPE,
-    EncoderSpec,
-    _detect_family,
-)
+from cachebuild.families.qwenimage import DROP as QWENIMAGE_DROP
+from cachebuild.families.qwenimage import TEMPLATE as QWENIMAGE_TEMPLATE
+from cachebuild.families.qwenimage import TOKENIZER_MAX_LENGTH as QWENIMAGE_MAX_LENGTH
+from cachebuild.families.text import EncoderSpec, _detect_family, stored_dtype
 from cachebuild.testing import make_tiny_text_pipeline
 from tests.conftest import write_image
 from tests.test_parity_vaes import reference_latents
@@ -170,7 +166,7 @@ def test_qwen_image_is_found_by_preset_and_class_and_stored_in_bf16(built, tmp_p
     pipe_folder, data, _ = built
     assert _detect_family("qwen-image", pipe_folder) is TextFamily.QWENIMAGE
     assert _detect_family(str(pipe_folder), pipe_folder) is TextFamily.QWENIMAGE  # by model_index.json's class
-    assert STORED_DTYPE[TextFamily.QWENIMAGE] is DType.BF16
+    assert stored_dtype(TextFamily.QWENIMAGE) is DType.BF16
     out = tmp_path / "cache"
     args = ["textenc", str(data), "--model", str(pipe_folder), "--out", str(out), "--device", "cpu"]
     result = CliRunner().invoke(cli, [*args, "--dtype", "fp32", "--quiet"])

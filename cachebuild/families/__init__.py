@@ -1,10 +1,15 @@
 """Model families: one module per family (VAE normalisation, text encoders, what its pipeline hands its
-denoiser). ``pipeline_inputs_for(name)`` finds a family's ``pipeline_inputs`` without importing the others."""
+denoiser). ``pipeline_inputs_for(name)`` finds a family's ``pipeline_inputs`` without importing the others.
+
+A family module declares ``PIPELINES`` (diffusers pipeline class -> family name), ``encoder_specs(ctx)`` (its
+text encoders, see families.text.SpecContext), optionally ``STORED_DTYPE`` (fp16 where absent), and
+``pipeline_inputs(record, vae_fingerprint)``; docs/architecture.md's "Adding a family" has the steps."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from types import ModuleType
 
 # family name (as the text fingerprint records it) -> module under cachebuild.families
 MODULES = {
@@ -23,4 +28,9 @@ MODULES |= {"flux2-klein": "flux2"}  # Flux.2 [klein]: Flux.2's VAE and its own 
 
 def pipeline_inputs_for(family: str) -> Callable[[dict, dict], dict]:
     """``pipeline_inputs(record, vae_fingerprint)`` of ``family``; KeyError for one with no adapter."""
-    return importlib.import_module(f"cachebuild.families.{MODULES[family]}").pipeline_inputs
+    return family_module(family).pipeline_inputs
+
+
+def family_module(family: str) -> ModuleType:
+    """The module under cachebuild.families that declares ``family``; KeyError for one with no module."""
+    return importlib.import_module(f"cachebuild.families.{MODULES[family]}")

@@ -11,11 +11,22 @@ outputs at masked padding, which nothing uses).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cachebuild.families.vae import normalize_latents
 
-PIPELINE = "ChromaPipeline"
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"ChromaPipeline": "chroma"}
+T5_MAX_LENGTH = 512  # ChromaPipeline's max_sequence_length (--t5-max-length overrides it)
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """T5 masked whatever --t5-mask says, as ChromaPipeline runs it; its transformer sees one padding token."""
+    return [ctx.t5("text_encoder", "tokenizer", T5_MAX_LENGTH, trim=True, extra_rows=1)]
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:

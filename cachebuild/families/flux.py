@@ -8,11 +8,25 @@ zeros; latents ``(z - shift_factor) * scaling_factor`` in ``(16, H/8, W/8)``, th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cachebuild.families.vae import normalize_latents
 
-PIPELINE = "FluxPipeline"
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"FluxPipeline": "flux"}
+T5_MAX_LENGTH = 512  # FluxPipeline's max_sequence_length (--t5-max-length overrides it)
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """CLIP-L's pooled output (no hidden states) and T5."""
+    return [
+        ctx.clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -1, hidden=False, pooled="pooler_output"),
+        ctx.t5("text_encoder_2", "tokenizer_2", T5_MAX_LENGTH),
+    ]
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:

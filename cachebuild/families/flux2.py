@@ -17,9 +17,27 @@ int64 is derived, not stored: ``(0, 0, 0, l)`` for row ``l``, whatever the promp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-PIPELINE = "Flux2Pipeline"  # and Flux2KleinPipeline (family flux2-klein)
+from cachebuild.config import DType
+
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2-klein"}
+STORED_DTYPE = DType.BF16  # Mistral3's and Qwen3's hidden states pass fp16's range (families.text.stored_dtype)
+MAX_LENGTH = 512  # Flux2Pipeline's and Flux2KleinPipeline's max_sequence_length: all 512 rows reach the
+# transformer, template and padding rows included
+LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers: Mistral hidden_states indices (0: embeddings)
+KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers: Qwen3 hidden_states indices
+CHAT = (("add_generation_prompt", False),)  # as Flux2Pipeline._get_mistral_3_small_prompt_embeds
+KLEIN_CHAT = (("add_generation_prompt", True), ("enable_thinking", False))  # as Flux2KleinPipeline's
+SYSTEM_MESSAGE = (  # diffusers.pipelines.flux2.system_messages.SYSTEM_MESSAGE, the system turn of every prompt
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
 TEXT_NAMES = ("mistral3", "qwen3")  # the stored text tensor: Flux.2 [dev]'s Mistral3, or Flux.2 [klein]'s Qwen3
 
 
@@ -31,6 +49,20 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
             out["prompt_embeds"] = rec[name]  # (512, 3D)
             out["text_ids"] = text_ids(rec[name].shape[0])
     return out
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """Flux.2 [dev]: Mistral3 layers 10/20/30 over the system + user template (its processor's tokenizer);
+    [klein]: Qwen3 layers 9/18/27 over the user template. Both masked, all 512 rows stored."""
+    if ctx.family == "flux2-klein":
+        return [
+            ctx.llm("qwen3", "Qwen3ForCausalLM", -1, MAX_LENGTH, False, chat_template=KLEIN_CHAT, layers=KLEIN_LAYERS,
+                    masked=True)
+        ]  # fmt: skip
+    return [
+        ctx.llm("mistral3", "Mistral3ForConditionalGeneration", -1, MAX_LENGTH, False, chat_template=CHAT,
+                layers=LAYERS, masked=True, system_message=SYSTEM_MESSAGE, processor=True)
+    ]  # fmt: skip
 
 
 def text_ids(length: int) -> torch.Tensor:

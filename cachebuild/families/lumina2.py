@@ -13,7 +13,6 @@ zero-padded to 256; the pipeline's own rows there are Gemma2's outputs at masked
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,9 +21,10 @@ from cachebuild.config import DType
 from cachebuild.families.vae import normalize_latents
 
 if TYPE_CHECKING:
-    from cachebuild.families.text import EncoderSpec
+    from cachebuild.families.text import EncoderSpec, SpecContext
 
-PIPELINE = "Lumina2Pipeline"
+PIPELINES = {"Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2"}  # the same pipeline's earlier name
+STORED_DTYPE = DType.BF16  # Gemma2's hidden states pass fp16's range (families.text.stored_dtype)
 MAX_LENGTH = 256  # Lumina2Pipeline's max_sequence_length, counted with the system prompt's tokens
 
 
@@ -37,27 +37,10 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def encoder_spec(root: Path, dtype: DType) -> EncoderSpec:
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
     """Gemma2's penultimate hidden state over the system prompt and the caption, right-padded and masked, real
     tokens only."""
-    from cachebuild.families.text import EncoderSpec
-
-    folder, tokenizer = root / "text_encoder", root / "tokenizer"
-    return EncoderSpec(
-        "gemma2",
-        folder,
-        tokenizer,
-        "Gemma2Model",
-        -2,
-        False,
-        True,
-        None,
-        MAX_LENGTH,
-        True,
-        dtype,
-        prefix=prompt_prefix(),
-        right_pad=True,
-    )
+    return [ctx.llm("gemma2", "Gemma2Model", -2, MAX_LENGTH, True, prefix=prompt_prefix(), right_pad=True)]
 
 
 def prompt_prefix() -> str:

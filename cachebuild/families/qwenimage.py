@@ -17,9 +17,24 @@ much padding follows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-PIPELINE = "QwenImagePipeline"
+from cachebuild.config import DType
+
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"QwenImagePipeline": "qwen-image"}
+STORED_DTYPE = DType.BF16  # Qwen2.5-VL's hidden states pass fp16's range (families.text.stored_dtype)
+# QwenImagePipeline's prompt_template_encode: a system message, then the caption as the user's turn
+TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+DROP = 34  # prompt_template_encode_start_idx: the template's tokens before the caption, not kept
+TOKENIZER_MAX_LENGTH = 1024 + DROP  # the pipeline's tokenizer_max_length plus the dropped tokens
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s default: prompt_embeds rows past it never reach the
 # transformer (encode_prompt's own default is 1024, which the stored rows already respect)
 
@@ -41,6 +56,15 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
         out["prompt_embeds"] = embeds
         out["prompt_embeds_mask"] = torch.ones(embeds.shape[0], dtype=torch.long)
     return out
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """Qwen2.5-VL's last hidden state, masked, the template's prefix dropped; run through its ``model`` (no LM
+    head)."""
+    return [
+        ctx.llm("qwen25vl", "Qwen2_5_VLForConditionalGeneration", -1, TOKENIZER_MAX_LENGTH, True,
+                prompt_template=TEMPLATE, drop_rows=DROP, body="model")
+    ]  # fmt: skip
 
 
 def normalize_latents(z: torch.Tensor, vae: dict) -> torch.Tensor:

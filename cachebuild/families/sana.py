@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,9 +24,10 @@ from cachebuild.config import DType
 from cachebuild.families.vae import normalize_latents
 
 if TYPE_CHECKING:
-    from cachebuild.families.text import EncoderSpec
+    from cachebuild.families.text import EncoderSpec, SpecContext
 
-PIPELINE = "SanaPipeline"
+PIPELINES = {"SanaPipeline": "sana"}
+STORED_DTYPE = DType.BF16  # Gemma2's hidden states pass fp16's range (families.text.stored_dtype)
 MAX_LENGTH = 300  # SanaPipeline's max_sequence_length: the rows it hands its transformer, the instruction's tokens
 # not counted (see EncoderSpec.window)
 
@@ -41,34 +41,19 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def encoder_spec(root: Path, dtype: DType) -> EncoderSpec:
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
     """Gemma2's last hidden state over the instruction and the lower-cased caption, right-padded and masked; row 0
     and the real rows of the last 299 positions. The tokenizer length depends on the instruction's token count, so
     the tokenizer is read here (no model)."""
-    from cachebuild.families.text import EncoderSpec, load_tokenizer
+    from cachebuild.families.text import load_tokenizer
 
-    folder, tokenizer, prefix = root / "text_encoder", root / "tokenizer", prompt_prefix()
-    spec = EncoderSpec(
-        "gemma2",
-        folder,
-        tokenizer,
-        "Gemma2Model",
-        -1,
-        False,
-        True,
-        None,
-        MAX_LENGTH,
-        True,
-        dtype,
-        prefix=prefix,
-        lowercase=True,
-        right_pad=True,
-        window=MAX_LENGTH,
-    )
-    if not tokenizer.is_dir():
-        return spec  # resolve_encoders names what is missing
+    prefix = prompt_prefix()
+    spec = ctx.llm("gemma2", "Gemma2Model", -1, MAX_LENGTH, True, prefix=prefix, lowercase=True, right_pad=True,
+                   window=MAX_LENGTH)  # fmt: skip
+    if not spec.tokenizer.is_dir():
+        return [spec]  # resolve_encoders names what is missing
     prefix_tokens = len(load_tokenizer(spec).encode(prefix))  # <bos> included, as SanaPipeline counts them
-    return dataclasses.replace(spec, max_length=prefix_tokens + MAX_LENGTH - 2)
+    return [dataclasses.replace(spec, max_length=prefix_tokens + MAX_LENGTH - 2)]
 
 
 def prompt_prefix() -> str:

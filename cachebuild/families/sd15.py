@@ -7,11 +7,25 @@ latents ``z * scaling_factor`` (``(C, H/8, W/8)``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cachebuild.families.vae import normalize_latents
 
-PIPELINE = "StableDiffusionPipeline"
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"StableDiffusionPipeline": "sd15"}  # sd2 where its text encoder is 1024 wide (families.text)
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """SD 1.x: CLIP-L's last layer, or with --clip-skip 2 the penultimate through the final norm; SD 2.x: the
+    OpenCLIP-H encoder's last layer (diffusers' text_encoder already ends at OpenCLIP's penultimate)."""
+    if ctx.family == "sd2":
+        return [ctx.clip("clip_h", "text_encoder", "tokenizer", "CLIPTextModel", -1)]
+    skip = ctx.cfg.clip_skip
+    return [ctx.clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -skip, final_norm=skip > 1)]
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:

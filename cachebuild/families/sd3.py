@@ -8,11 +8,26 @@ them; ``pooled_prompt_embeds`` (2048,) = ``cat([clip_l_pooled, clip_g_pooled])``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cachebuild.families.vae import normalize_latents
 
-PIPELINE = "StableDiffusion3Pipeline"
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"StableDiffusion3Pipeline": "sd3"}
+T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length (--t5-max-length overrides it)
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """Both CLIPs' penultimate layers and pooled projections, and T5."""
+    return [
+        ctx.clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
+        ctx.clip("clip_g", "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
+        ctx.t5("text_encoder_3", "tokenizer_3", T5_MAX_LENGTH),
+    ]
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:

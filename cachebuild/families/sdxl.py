@@ -9,11 +9,24 @@ What ``StableDiffusionXLPipeline`` hands its UNet: ``prompt_embeds`` (77, 768 + 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from cachebuild.families.vae import normalize_latents
 
-PIPELINE = "StableDiffusionXLPipeline"
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"StableDiffusionXLPipeline": "sdxl"}
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """CLIP-L and OpenCLIP-bigG at their penultimate layers, bigG's pooled projection."""
+    return [
+        ctx.clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -2),
+        ctx.clip("clip_g", "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
+    ]
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:

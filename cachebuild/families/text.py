@@ -1,4 +1,6 @@
-"""Text encoders per family: which models run, which of their outputs are stored, and how they are called.
+"""Text encoders: which models run, which of their outputs are stored, and how they are called. Each family's
+module declares its encoders (``encoder_specs(ctx)``) and pipeline classes; this module resolves, tokenizes and
+runs them.
 
 Resolution never loads a model: it locates the local folders (fetching hub ids), so a finished job can be
 checked from configs and weight hashes alone. See docs/format.md for the tensors each family stores.
@@ -7,7 +9,7 @@ checked from configs and weight hashes alone. See docs/format.md for the tensors
 from __future__ import annotations
 
 import contextlib
-import importlib
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -20,46 +22,14 @@ from cachebuild.cache.manifest import Manifest
 from cachebuild.config import PRESET_FAMILY, PRESETS, DType, Offload, TextencConfig, TextFamily
 from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
-from cachebuild.families import rows
+from cachebuild.families import MODULES, family_module, rows
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
 from cachebuild.offload import free_bytes, needed_bytes, should_offload, stream_from_host
 
 log = logging.getLogger(__name__)
 
-# Stored dtype where --dtype-out is not given. LLM text encoders (Qwen3 for Z-Image) carry "massive activations"
-# in their hidden states, channels in the thousands and beyond fp16's 65504, which the overflow guard would turn
-# into failed items; their pipelines compute in bf16, so bf16 storage loses nothing against them. CLIP and T5
-# outputs stay well inside fp16, which keeps 3 more bits.
-STORED_DTYPE = {TextFamily.ZIMAGE: DType.BF16, TextFamily.HIDREAM: DType.BF16}
-STORED_DTYPE |= {TextFamily.FLUX2: DType.BF16, TextFamily.FLUX2_KLEIN: DType.BF16}  # Mistral3 and Qwen3 layers
-STORED_DTYPE |= {TextFamily.LUMINA2: DType.BF16, TextFamily.SANA: DType.BF16}  # Gemma2 hidden states, likewise
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
-DEFAULT_T5_MAX_LENGTH = {TextFamily.SD3: 256, TextFamily.FLUX: 512, TextFamily.CHROMA: 512}  # the pipelines' own
-ZIMAGE_MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
-ZIMAGE_CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
-STORED_DTYPE |= {TextFamily.QWENIMAGE: DType.BF16}  # Qwen2.5-VL's hidden states: the same reason as Qwen3's
-# QwenImagePipeline's prompt_template_encode: a system message, then the caption as the user's turn
-QWENIMAGE_TEMPLATE = (
-    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-)
-QWENIMAGE_DROP = 34  # prompt_template_encode_start_idx: the template's tokens before the caption, not kept
-QWENIMAGE_MAX_LENGTH = 1024 + QWENIMAGE_DROP  # the pipeline's tokenizer_max_length plus the dropped tokens
-HIDREAM_MAX_LENGTH = 128  # HiDreamImagePipeline's max_sequence_length: T5's and Llama's padded length
-HIDREAM_CLIP_LIMIT = 218  # its CLIP encoders pad to min(max_sequence_length, 218) (their position tables hold 248)
-LLAMA_REPO = "meta-llama/Meta-Llama-3.1-8B-Instruct"  # HiDream's text_encoder_4 where the pipeline has none (its
-# hub repository leaves the gated Llama out; the pipeline's docstring loads it from here)
-FLUX2_MAX_LENGTH = 512  # Flux2Pipeline's and Flux2KleinPipeline's max_sequence_length: all 512 rows reach the
-# transformer, template and padding rows included
-FLUX2_LAYERS = (10, 20, 30)  # Flux2Pipeline's text_encoder_out_layers: Mistral hidden_states indices (0: embeddings)
-FLUX2_KLEIN_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's text_encoder_out_layers: Qwen3 hidden_states indices
-FLUX2_CHAT = (("add_generation_prompt", False),)  # as Flux2Pipeline._get_mistral_3_small_prompt_embeds
-FLUX2_KLEIN_CHAT = (("add_generation_prompt", True), ("enable_thinking", False))  # as Flux2KleinPipeline's
-FLUX2_SYSTEM_MESSAGE = (  # diffusers.pipelines.flux2.system_messages.SYSTEM_MESSAGE, the system turn of every prompt
-    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
-    "relationships, object\nattribution and actions without speculation."
-)
-IMAGE_TOKEN = "[IMG]"  # Flux2Pipeline removes it from prompts (its processor would count it as an image slot)
+IMAGE_TOKEN = "[IMG]"  # a processor prompt loses it (PixtralProcessor would count it as an image slot): Flux.2
 
 
 @dataclass(frozen=True)
@@ -150,6 +120,57 @@ class EncoderSpec:
         }
 
 
+@dataclass(frozen=True)
+class SpecContext:
+    """What a family module's ``encoder_specs(ctx)`` builds its encoders from; nothing is loaded.
+
+    Example:
+        >>> ctx.clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -2).max_length
+        77
+    """
+
+    cfg: TextencConfig
+    root: Path  # the local pipeline folder
+    family: TextFamily
+    dtype: DType  # compute dtype of every encoder but T5 (resolved: never auto)
+    t5_dtype: DType  # T5's compute dtype (--t5-dtype, else as dtype)
+
+    def clip(
+        self,
+        name: str,
+        sub: str,
+        tok: str,
+        cls: str,
+        layer: int,
+        hidden: bool = True,
+        pooled: str | None = None,
+        final_norm: bool = False,
+        max_length: int = CLIP_MAX_LENGTH,
+    ) -> EncoderSpec:
+        """A CLIP encoder under the pipeline folder, run unmasked (causal) over every position, stored whole."""
+        root = self.root
+        return EncoderSpec(name, root / sub, root / tok, cls, layer, final_norm, hidden, pooled, max_length, False,
+                           self.dtype)  # fmt: skip
+
+    def t5(self, sub: str, tok: str, default_length: int, **fields) -> EncoderSpec:
+        """T5's last hidden state at ``--t5-max-length`` (else ``default_length``), masked and trimmed with
+        ``--t5-mask``; ``fields`` replace any EncoderSpec field of that (a family's own rule)."""
+        length = self.cfg.t5_max_length or default_length
+        spec = EncoderSpec(
+            "t5", self.root / sub, self.root / tok, "T5EncoderModel", -1, False, True, None, length, self.cfg.t5_mask,
+            self.t5_dtype,
+        )  # fmt: skip
+        return dataclasses.replace(spec, **fields)
+
+    def llm(self, name: str, cls: str, layer: int, max_length: int, trim: bool, **fields) -> EncoderSpec:
+        """A language model's hidden states (``text_encoder/``, ``tokenizer/``) at ``dtype``, no pooled output;
+        ``fields`` set the EncoderSpec's keyword fields (templates, masks, layers) or replace its folders."""
+        root = self.root
+        spec = EncoderSpec(name, root / "text_encoder", root / "tokenizer", cls, layer, False, True, None, max_length,
+                           trim, self.dtype)  # fmt: skip
+        return dataclasses.replace(spec, **fields)
+
+
 def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFamily, list[EncoderSpec]]:
     """The family and its encoders, located on local disk (hub ids fetched), nothing loaded yet."""
     dtype = resolve_dtype(cfg.dtype, device)
@@ -160,131 +181,7 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
     family = cfg.family or _detect_family(cfg.model, root)
     if family is TextFamily.GENERIC:
         raise ConfigError("--family generic needs --text-encoder (and --tokenizer, --layer, --max-length)")
-    t5_len = cfg.t5_max_length or DEFAULT_T5_MAX_LENGTH.get(family, 512)
-
-    def clip(name, sub, tok, cls, layer, hidden=True, pooled=None, final_norm=False):
-        return EncoderSpec(
-            name, root / sub, root / tok, cls, layer, final_norm, hidden, pooled, CLIP_MAX_LENGTH, False, dtype
-        )
-
-    def t5(sub, tok):
-        return EncoderSpec(
-            "t5", root / sub, root / tok, "T5EncoderModel", -1, False, True, None, t5_len, cfg.t5_mask, t5_dtype
-        )
-
-    table = {
-        TextFamily.SD15: lambda: [
-            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -cfg.clip_skip, final_norm=cfg.clip_skip > 1)
-        ],
-        TextFamily.SD2: lambda: [clip("clip_h", "text_encoder", "tokenizer", "CLIPTextModel", -1)],
-        TextFamily.SDXL: lambda: [
-            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -2),
-            clip("clip_g", "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
-        ],
-        TextFamily.SD3: lambda: [
-            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
-            clip("clip_g", "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", -2, pooled="text_embeds"),
-            t5("text_encoder_3", "tokenizer_3"),
-        ],
-        TextFamily.FLUX: lambda: [
-            clip("clip_l", "text_encoder", "tokenizer", "CLIPTextModel", -1, hidden=False, pooled="pooler_output"),
-            t5("text_encoder_2", "tokenizer_2"),
-        ],
-        TextFamily.CHROMA: lambda: [  # masked, as ChromaPipeline runs it; its transformer sees one padding token
-            EncoderSpec(
-                "t5",
-                root / "text_encoder",
-                root / "tokenizer",
-                "T5EncoderModel",
-                -1,
-                False,
-                True,
-                None,
-                t5_len,
-                True,
-                t5_dtype,
-                extra_rows=1,
-            )
-        ],
-        TextFamily.ZIMAGE: lambda: [  # Qwen3's penultimate hidden state at the real (template) tokens, masked
-            EncoderSpec(
-                "qwen3",
-                root / "text_encoder",
-                root / "tokenizer",
-                "Qwen3Model",
-                -2,
-                False,
-                True,
-                None,
-                ZIMAGE_MAX_LENGTH,
-                True,
-                dtype,
-                chat_template=ZIMAGE_CHAT,
-            )
-        ],
-        TextFamily.QWENIMAGE: lambda: [  # Qwen2.5-VL's last hidden state, masked, the template's prefix dropped
-            EncoderSpec(
-                "qwen25vl",
-                root / "text_encoder",
-                root / "tokenizer",
-                "Qwen2_5_VLForConditionalGeneration",
-                -1,
-                False,
-                True,
-                None,
-                QWENIMAGE_MAX_LENGTH,
-                True,
-                dtype,
-                prompt_template=QWENIMAGE_TEMPLATE,
-                drop_rows=QWENIMAGE_DROP,
-                body="model",
-            )
-        ],
-        TextFamily.FLUX2: lambda: [  # Mistral3 layers 10/20/30 over the system + user template, masked, all rows
-            EncoderSpec(
-                "mistral3",
-                root / "text_encoder",
-                root / "tokenizer",
-                "Mistral3ForConditionalGeneration",
-                -1,
-                False,
-                True,
-                None,
-                FLUX2_MAX_LENGTH,
-                False,
-                dtype,
-                chat_template=FLUX2_CHAT,
-                layers=FLUX2_LAYERS,
-                masked=True,
-                system_message=FLUX2_SYSTEM_MESSAGE,
-                processor=True,
-            )
-        ],
-        TextFamily.FLUX2_KLEIN: lambda: [  # Qwen3 layers 9/18/27 over the user template, masked, all rows
-            EncoderSpec(
-                "qwen3",
-                root / "text_encoder",
-                root / "tokenizer",
-                "Qwen3ForCausalLM",
-                -1,
-                False,
-                True,
-                None,
-                FLUX2_MAX_LENGTH,
-                False,
-                dtype,
-                chat_template=FLUX2_KLEIN_CHAT,
-                layers=FLUX2_KLEIN_LAYERS,
-                masked=True,
-            )
-        ],
-    }
-    table[TextFamily.HIDREAM] = lambda: _hidream_specs(cfg, root, dtype, t5_dtype)
-    table |= {  # families whose module declares its encoder
-        TextFamily.LUMINA2: lambda: [importlib.import_module("cachebuild.families.lumina2").encoder_spec(root, dtype)],
-        TextFamily.SANA: lambda: [importlib.import_module("cachebuild.families.sana").encoder_spec(root, dtype)],
-    }
-    specs = table[family]()
+    specs = family_module(family).encoder_specs(SpecContext(cfg, root, family, dtype, t5_dtype))
     for spec in specs:
         if not (spec.folder / "config.json").is_file() or not (spec.tokenizer).is_dir():
             raise ModelLoadError(
@@ -294,41 +191,18 @@ def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFami
     return family, specs
 
 
-def _hidream_specs(cfg: TextencConfig, root: Path, dtype: DType, t5_dtype: DType) -> list[EncoderSpec]:
-    """HiDreamImagePipeline.encode_prompt's four encoders: the CLIPs' pooled projections (unmasked, causal, at
-    min(max_sequence_length, 218)); T5 and Llama 3.1 with their masks, every padded row kept (the transformer
-    gets no text mask); Llama's hidden states after each of its layers, stacked."""
-    length = cfg.max_length or HIDREAM_MAX_LENGTH
-    clip_length = min(length, HIDREAM_CLIP_LIMIT)
-    llama, llama_tok = root / "text_encoder_4", root / "tokenizer_4"
-    if not (llama / "config.json").is_file():
-        llama = llama_tok = local_or_hub(LLAMA_REPO, None)
+def stored_dtype(family: TextFamily) -> DType:
+    """The dtype a family's outputs are stored in where --dtype-out is not given: its module's ``STORED_DTYPE``,
+    else fp16.
 
-    def spec(name: str, sub: Path, tok: Path, cls: str, max_length: int, compute: DType, **kw) -> EncoderSpec:
-        return EncoderSpec(
-            name, sub, tok, cls, -1, False, kw.pop("hidden", True), kw.pop("pooled", None), max_length, False,
-            compute, **kw,
-        )  # fmt: skip
-
-    clip_cls, t5_tok = "CLIPTextModelWithProjection", root / "tokenizer_3"
-    return [
-        spec("clip_l", root / "text_encoder", root / "tokenizer", clip_cls, clip_length, dtype, hidden=False,
-             pooled="text_embeds"),
-        spec("clip_g", root / "text_encoder_2", root / "tokenizer_2", clip_cls, clip_length, dtype, hidden=False,
-             pooled="text_embeds"),
-        spec("t5", root / "text_encoder_3", t5_tok, "T5EncoderModel", min(length, _tokenizer_limit(t5_tok)),
-             t5_dtype, masked=True),
-        # LlamaModel: the pipeline's LlamaForCausalLM without its LM head, the same hidden states
-        spec("llama3", llama, llama_tok, "LlamaModel", min(length, _tokenizer_limit(llama_tok)), dtype,
-             masked=True, all_layers=True, pad_with_eos=True),
-    ]  # fmt: skip
-
-
-def _tokenizer_limit(folder: Path) -> int:
-    """The tokenizer's model_max_length (the pipelines cap max_sequence_length with it); unbounded if unset."""
-    config = folder / "tokenizer_config.json"
-    limit = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
-    return int(limit) if isinstance(limit, (int, float)) else 1 << 30
+    LLM text encoders (Qwen3, Qwen2.5-VL, Mistral3, Llama, Gemma2) carry "massive activations" in their hidden
+    states, channels in the thousands and beyond fp16's 65504, which the overflow guard would turn into failed
+    items; their pipelines compute in bf16, so their modules store bf16, which loses nothing against them. CLIP
+    and T5 outputs stay well inside fp16, which keeps 3 more bits.
+    """
+    if family is TextFamily.GENERIC:
+        return DType.FP16
+    return getattr(family_module(family), "STORED_DTYPE", DType.FP16)
 
 
 def stored_rows(spec: EncoderSpec, n: int) -> int:
@@ -545,26 +419,16 @@ def _detect_family(model: str | None, root: Path) -> TextFamily:
         return TextFamily(name)
     index = root / "model_index.json"
     cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
-    by_class = {
-        "StableDiffusionXLPipeline": TextFamily.SDXL,
-        "StableDiffusion3Pipeline": TextFamily.SD3,
-        "FluxPipeline": TextFamily.FLUX,
-        "ChromaPipeline": TextFamily.CHROMA,
-        "ZImagePipeline": TextFamily.ZIMAGE,
-        "QwenImagePipeline": TextFamily.QWENIMAGE,
-        "HiDreamImagePipeline": TextFamily.HIDREAM,
-        "Flux2Pipeline": TextFamily.FLUX2,
-        "Flux2KleinPipeline": TextFamily.FLUX2_KLEIN,
-        "Lumina2Pipeline": TextFamily.LUMINA2,
-        "Lumina2Text2ImgPipeline": TextFamily.LUMINA2,  # the same pipeline's earlier name
-        "SanaPipeline": TextFamily.SANA,
-    }
-    if cls in by_class:
-        return by_class[cls]
-    if cls == "StableDiffusionPipeline":
+    by_class = {}
+    for name in MODULES:  # every family's module, each declaring its pipeline classes
+        by_class |= family_module(name).PIPELINES
+    if cls not in by_class:
+        raise ConfigError(f"cannot tell the model family of {model} ({cls or 'no model_index.json'}); pass --family")
+    family = TextFamily(by_class[cls])
+    if family is TextFamily.SD15:  # StableDiffusionPipeline serves SD 2.x too: told apart by the encoder's width
         te = json.loads((root / "text_encoder" / "config.json").read_text())
         return TextFamily.SD2 if te.get("hidden_size") == 1024 else TextFamily.SD15  # OpenCLIP-H vs CLIP-L
-    raise ConfigError(f"cannot tell the model family of {model} ({cls or 'no model_index.json'}); pass --family")
+    return family
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device):

@@ -12,11 +12,25 @@ the real tokens do not depend on how much padding follows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from cachebuild.config import DType
 from cachebuild.families.vae import normalize_latents
 
-PIPELINE = "ZImagePipeline"
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"ZImagePipeline": "z-image"}
+STORED_DTYPE = DType.BF16  # Qwen3's hidden states pass fp16's range (families.text.stored_dtype)
+MAX_LENGTH = 512  # ZImagePipeline's max_sequence_length, counted with the chat template's tokens
+CHAT = (("add_generation_prompt", True), ("enable_thinking", True))  # as ZImagePipeline._encode_prompt
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """Qwen3's penultimate hidden state at the real (template) tokens, masked."""
+    return [ctx.llm("qwen3", "Qwen3Model", -2, MAX_LENGTH, True, chat_template=CHAT)]
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:

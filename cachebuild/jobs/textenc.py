@@ -27,16 +27,16 @@ import torch
 from cachebuild.cache.manifest import PENDING, TEXTENC, Manifest
 from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
-from cachebuild.config import DType, TextencConfig
+from cachebuild.config import TextencConfig
 from cachebuild.encode import GuardedForward, pick_device
 from cachebuild.families.text import (
-    STORED_DTYPE,
     EncoderSpec,
     encoder_forward,
     load_tokenizer,
     output_dims,
     resident,
     resolve_encoders,
+    stored_dtype,
     stored_rows,
     tokenize,
 )
@@ -67,7 +67,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
     device = pick_device(cfg.device)
     family, specs = resolve_encoders(cfg, device)
     if cfg.dtype_out is None:  # the family's stored dtype, resolved before it enters the fingerprint
-        cfg = dataclasses.replace(cfg, dtype_out=STORED_DTYPE.get(family, DType.FP16))
+        cfg = dataclasses.replace(cfg, dtype_out=stored_dtype(family))
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     summary = RunSummary(TEXTENC, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
