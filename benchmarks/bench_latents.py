@@ -40,8 +40,12 @@ RSS_POLL_SECONDS = 0.05  # how often the memory sampler looks; short peaks betwe
 
 
 def main() -> None:
-    args = parse_args()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cachebuild-bench-"))
+    in_workdir(parse_args(), run, "cachebuild-bench-")
+
+
+def in_workdir(args: argparse.Namespace, run, prefix: str) -> None:
+    """``run(args, work)`` in ``--workdir``, or in a temporary folder removed afterwards."""
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=prefix))
     try:
         run(args, work)
     finally:
@@ -49,19 +53,24 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def parse_args() -> argparse.Namespace:
+def model_args(p: argparse.ArgumentParser, n: int, resolution: str) -> None:
+    """The options every latents benchmark takes: images, work folder, model, device, dtype, workers, size."""
     from cachebuild.config import default_workers
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=200, help="images to generate and encode (default 200)")
-    p.add_argument("--workdir", help="keep images, model and cache here (default: a temporary folder, removed)")
+    p.add_argument("--n", type=int, default=n, help=f"images to generate and encode (default {n})")
+    p.add_argument("--workdir", help="keep images, model and caches here (default: a temporary folder, removed)")
     p.add_argument("--vae", help="VAE folder, file or hub id (default: a tiny random-weight VAE)")
     p.add_argument("--model", help="or a preset / pipeline (sd15, sdxl, ...) whose VAE is used")
     p.add_argument("--device", help="cuda, cpu, mps (default: the best available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decode processes (in all)")
+    p.add_argument("--resolution", default=resolution, help=f"bucket area as one side, or W,H (default {resolution})")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_args(p, 200, "1024")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode processes")
-    p.add_argument("--resolution", default="1024", help="bucket area as one side, or W,H (default 1024)")
     return p.parse_args()
 
 

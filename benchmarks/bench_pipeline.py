@@ -22,38 +22,29 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_latents import bucket_counts, generate_images, latents_config, time_bare_model  # noqa: E402
+from bench_latents import (  # noqa: E402
+    bucket_counts,
+    generate_images,
+    in_workdir,
+    latents_config,
+    model_args,
+    time_bare_model,
+)
 
 
 def main() -> None:
-    args = parse_args()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cachebuild-bench-pipe-"))
-    try:
-        run(args, work)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    in_workdir(parse_args(), run, "cachebuild-bench-pipe-")
 
 
 def parse_args() -> argparse.Namespace:
-    from cachebuild.config import default_workers
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=64, help="images to generate and encode (default 64)")
-    p.add_argument("--workdir", help="keep images, model and caches here (default: a temporary folder)")
-    p.add_argument("--vae", help="VAE folder, file or hub id (default: a tiny random-weight VAE)")
-    p.add_argument("--model", help="or a preset / pipeline whose VAE is used")
-    p.add_argument("--device", help="cuda, cpu, mps (default: the best available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    model_args(p, 64, "512")
     p.add_argument("--batch-size", default="auto", help="a number, or auto (default)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode processes (in all)")
-    p.add_argument("--resolution", default="512", help="bucket area as one side, or W,H (default 512)")
     p.add_argument("--no-devices", action="store_true", help="skip (c), the two-CPU-device comparison")
     return p.parse_args()
 

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from cachebuild import open_cache
-from cachebuild.cli import cli
 from cachebuild.families import flux2
 from cachebuild.families import text as text_families
 from cachebuild.testing import make_tiny_flux2_vae, make_tiny_text_pipeline
-from tests.conftest import write_image
+from tests.test_parity_pipelines import build_through_cli
 from tests.test_parity_vaes import reference_latents
 
 CAPTIONS = {
@@ -94,19 +92,7 @@ def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
     pipe = make_tiny_text_pipeline(root / "pipe", family, init_scale=INIT_SCALE)
     vae = make_tiny_flux2_vae(root / "vae")
-    data, out = root / "data", root / "cache"
-    for i, (key, text) in enumerate(CAPTIONS.items()):
-        write_image(data / f"{key}.png", (64, 64), seed=i)  # bucket-sized: no resize, no crop
-        (data / f"{key}.txt").write_text(text, encoding="utf-8")
-    common = ["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
-    runs = [
-        ["latents", str(data), "--vae", str(vae), "--latents", "mean", "--workers", "0"],
-        ["textenc", str(data), "--model", str(pipe)],
-    ]
-    runs[0] += ["--resolution", "64", "--min-bucket-reso", "64", "--bucket-reso-steps", "32"]
-    for args in runs:
-        result = CliRunner().invoke(cli, [*args, *common])
-        assert result.exit_code == 0, result.output
+    data, out = build_through_cli(root, CAPTIONS, pipe, ["--vae", str(vae)], step=32)
     return family, pipe, vae, data, out
 
 

@@ -160,6 +160,26 @@ def reference_latents(vae_folder: Path, image: Path) -> torch.Tensor:
     return (z - shift) * vae.config.scaling_factor
 
 
+def build_through_cli(root: Path, captions: dict[str, str], pipe: Path, vae: list[str], step: int = 16):
+    """(dataset, cache): a 64-px image and a caption per key under ``root / "data"``, then ``cachebuild latents
+    --latents mean`` with the ``vae`` arguments and ``cachebuild textenc --model pipe``, in fp32, through the CLI.
+    Bucket-sized images: no resize, no crop."""
+    data, out = root / "data", root / "cache"
+    for i, (key, text) in enumerate(captions.items()):
+        write_image(data / f"{key}.png", (64, 64), seed=i)
+        (data / f"{key}.txt").write_text(text, encoding="utf-8")
+    common = ["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
+    buckets = ["--resolution", "64", "--min-bucket-reso", "64", "--bucket-reso-steps", str(step)]
+    runs = [
+        ["latents", str(data), *vae, "--latents", "mean", "--workers", "0", *buckets],
+        ["textenc", str(data), "--model", str(pipe)],
+    ]
+    for args in runs:
+        result = CliRunner().invoke(cli, [*args, *common])
+        assert result.exit_code == 0, result.output
+    return data, out
+
+
 @pytest.fixture(scope="module", params=["sd15", "sdxl", "sd3", "flux", "chroma", "z-image"])
 def built(request, tmp_path_factory):
     """(family, pipeline folder, vae folder, dataset, cache) built through the CLI."""
@@ -167,19 +187,7 @@ def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(family)
     pipe = make_tiny_text_pipeline(root / "pipe", family, init_scale=INIT_SCALE)
     vae = make_tiny_vae(root / "vae", **VAE_FACTORS[family])
-    data, out = root / "data", root / "cache"
-    for i, (key, text) in enumerate(CAPTIONS.items()):
-        write_image(data / f"{key}.png", (64, 64), seed=i)  # bucket-sized: no resize, no crop
-        (data / f"{key}.txt").write_text(text, encoding="utf-8")
-    common = ["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
-    runs = [
-        ["latents", str(data), "--vae", str(vae), "--latents", "mean", "--workers", "0"],
-        ["textenc", str(data), "--model", str(pipe)],
-    ]
-    runs[0] += ["--resolution", "64", "--min-bucket-reso", "64", "--bucket-reso-steps", "16"]
-    for args in runs:
-        result = CliRunner().invoke(cli, [*args, *common])
-        assert result.exit_code == 0, result.output
+    data, out = build_through_cli(root, CAPTIONS, pipe, ["--vae", str(vae)])
     return family, pipe, vae, data, out
 
 

@@ -22,7 +22,7 @@ from cachebuild.families.qwenimage import TEMPLATE as QWENIMAGE_TEMPLATE
 from cachebuild.families.qwenimage import TOKENIZER_MAX_LENGTH as QWENIMAGE_MAX_LENGTH
 from cachebuild.families.text import EncoderSpec, _detect_family, stored_dtype
 from cachebuild.testing import make_tiny_text_pipeline
-from tests.conftest import write_image
+from tests.test_parity_pipelines import build_through_cli
 from tests.test_parity_vaes import reference_latents
 from tests.test_textenc import read_text_cache
 
@@ -68,19 +68,7 @@ def built(tmp_path_factory):
     """(pipeline folder, dataset, cache) built through the CLI from the pipeline folder alone."""
     root = tmp_path_factory.mktemp("qwen-image")
     pipe = make_tiny_text_pipeline(root / "pipe", "qwen-image", init_scale=INIT_SCALE)
-    data, out = root / "data", root / "cache"
-    for i, (key, text) in enumerate(CAPTIONS.items()):
-        write_image(data / f"{key}.png", (64, 64), seed=i)  # bucket-sized: no resize, no crop
-        (data / f"{key}.txt").write_text(text, encoding="utf-8")
-    common = ["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
-    runs = [
-        ["latents", str(data), "--model", str(pipe), "--latents", "mean", "--workers", "0"],
-        ["textenc", str(data), "--model", str(pipe)],
-    ]
-    runs[0] += ["--resolution", "64", "--min-bucket-reso", "64", "--bucket-reso-steps", "16"]
-    for args in runs:
-        result = CliRunner().invoke(cli, [*args, *common])
-        assert result.exit_code == 0, result.output
+    data, out = build_through_cli(root, CAPTIONS, pipe, ["--model", str(pipe)])
     return pipe, data, out
 
 
