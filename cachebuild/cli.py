@@ -448,6 +448,7 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
     \b
     Example:
       cachebuild export ./cache --format kohya --to ./dataset
+      cachebuild export ./cache --format kohya --to ./dataset --model lumina2
       cachebuild export ./cache --format musubi --arch zi --to ./musubi_cache
       cachebuild export ./cache --format webdataset --to ./shards
     """
