@@ -435,8 +435,9 @@ def rebuild_manifest(cache, as_json):
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample exported from a moments cache.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--model", help="kohya lumina: the Lumina 2 pipeline the text cache was built with (for input_ids).")
 @_library_errors
-def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json):
+def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json, model):
     """Write the cache as another trainer's own cache files (see docs/export.md).
 
     kohya: sd-scripts `<stem>_<W>x<H>_<family>.npz` beside the images in --to, for --cache_latents_to_disk.
@@ -447,6 +448,7 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
     \b
     Example:
       cachebuild export ./cache --format kohya --to ./dataset
+      cachebuild export ./cache --format kohya --to ./dataset --model lumina2
       cachebuild export ./cache --format musubi --arch zi --to ./musubi_cache
       cachebuild export ./cache --format webdataset --to ./shards
     """
@@ -462,7 +464,9 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
         else:
             from cachebuild.consumers.export.kohya import export_kohya
 
-            summary = export_kohya(cache, to, family=family, overwrite=overwrite, seed=seed, progress=on_progress)
+            summary = export_kohya(
+                cache, to, family=family, overwrite=overwrite, seed=seed, progress=on_progress, model=model
+            )
     if as_json:
         click.echo(json.dumps(asdict(summary), indent=2))
     else:

@@ -9,8 +9,9 @@ rule comes from):
   flux:      ``<stem>_<W:04d>x<H:04d>_flux.npz`` with the same fields suffixed ``_<h>x<w>`` (latent height x
              width), latents scaled as sd-scripts' Flux autoencoder returns them: (z - shift) * scale.
 
-With text-encoder outputs of the same family in the cache, ``<stem>_te_outputs.npz`` (sdxl) or
-``<stem>_flux_te.npz`` (flux) go beside the image too.
+With text-encoder outputs of the same family in the cache, ``<stem>_te_outputs.npz`` (sdxl),
+``<stem>_flux_te.npz`` (flux), ``<stem>_sd3_te.npz`` (sd3) or ``<stem>_lumina_te.npz`` (lumina: needs the
+pipeline's tokenizer, see kohya_lumina) go beside the image too.
 
 ``W x H`` in the name is the image's own size, which sd-scripts parses back from the name. Nothing is written
 outside ``--to``; an existing file with other contents is left alone unless ``overwrite`` is set, and a file
@@ -29,6 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachebuild.consumers.export.kohya_lumina import (
+    ItemRefused,
+    LuminaTokens,
+    lumina_text_arrays,
+    sd_scripts_gap,
+    sd_scripts_options,
+)
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
 from cachebuild.keys import fs_path, item_seed, path_text
@@ -116,6 +124,7 @@ def export_kohya(
     overwrite: bool = False,
     seed: int = 0,
     progress=None,
+    model: str | None = None,
 ) -> ExportSummary:
     """Write the latent cache at ``cache`` as sd-scripts ``.npz`` files beside the images under ``to``.
 
@@ -126,9 +135,12 @@ def export_kohya(
         overwrite: replace existing files whose contents differ.
         seed: for ``--latents moments`` caches, the seed of the one sample exported per image.
         progress: called with (done, total) after each item's latents.
+        model: lumina: the Lumina 2 pipeline the text cache was built with; its tokenizer gives the ``input_ids``
+            sd-scripts' text file holds (checked against the cache's tokenizer hash).
 
     Raises:
-        ConfigError: unknown family, or one that does not fit the cache's VAE; ``to`` is not a folder.
+        ConfigError: unknown family, or one that does not fit the cache's VAE; ``to`` is not a folder; a
+            Lumina 2 text cache without ``model``, or with a ``model`` whose tokenizer differs from the cache's.
         CacheError: ``cache`` is not a cache.
 
     Example:
@@ -148,6 +160,7 @@ def export_kohya(
         summary.warnings.append(
             f"this VAE downsamples by {downsample}, sd-scripts assumes {KOHYA_DOWNSAMPLE}: it will not use these files"
         )
+    tokens = _lumina_tokens(reader.text_fingerprint, family, model, summary)  # before any file is written
     # stored paths are text; the files beside the images are named after the images' real bytes
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
     for done, key in enumerate(reader, 1):
@@ -155,7 +168,7 @@ def export_kohya(
         if progress:
             progress(done, len(reader))
     if reader.text_fingerprint is not None:
-        _export_text(open_cache(cache, text=True), paths, root, family, overwrite, summary)
+        _export_text(open_cache(cache, text=True), paths, root, family, overwrite, summary, tokens)
     if summary.shadowed:
         summary.warnings.append(
             f"{len(summary.shadowed)} old-style <stem>.npz file(s) sit beside exported images, e.g. "
@@ -181,12 +194,40 @@ def _export_one(
         s.shadowed.append(path_text(str(image.with_suffix(".npz").relative_to(root.resolve()))))
 
 
-def _export_text(reader: CacheReader, paths: dict[str, str], root: Path, family: str, overwrite: bool, s) -> None:
-    """``<stem>_te_outputs.npz`` (sdxl) or ``<stem>_flux_te.npz`` (flux) beside each image with a caption."""
+def _lumina_tokens(fingerprint: dict | None, family: str, model: str | None, s: ExportSummary) -> LuminaTokens | None:
+    """The tokenizer for a Lumina 2 text cache's ``input_ids``; None (with a warning) where sd-scripts' encoding
+    cannot give the stored hidden states, or where there is no Lumina text to export."""
+    if family != "lumina" or not fingerprint or fingerprint.get("family") not in TEXT_FAMILIES["lumina"]:
+        return None
+    encoder = next((e for e in fingerprint.get("encoders", []) if e.get("hidden")), {})
+    gap = sd_scripts_gap(encoder)
+    if gap:
+        s.warnings.append(f"text outputs not exported: sd-scripts would compute other hidden states ({gap})")
+        return None
+    tokens = LuminaTokens(encoder, model)
+    options = sd_scripts_options(encoder)
+    if options:  # sd-scripts does not check these against its files: a mismatch would train silently
+        s.warnings.append(f"_lumina_te.npz files hold what sd-scripts caches with {' '.join(options)}: train with it")
+    return tokens
+
+
+def _export_text(
+    reader: CacheReader,
+    paths: dict[str, str],
+    root: Path,
+    family: str,
+    overwrite: bool,
+    s: ExportSummary,
+    tokens: LuminaTokens | None = None,
+) -> None:
+    """``<stem>_te_outputs.npz`` (sdxl), ``<stem>_flux_te.npz`` (flux), ``<stem>_sd3_te.npz`` (sd3) or
+    ``<stem>_lumina_te.npz`` (lumina, with ``tokens``) beside each image with a caption."""
     text_family = reader.text_fingerprint.get("family")
     if family not in TEXT_SUFFIX or text_family not in TEXT_FAMILIES[family]:
         s.warnings.append(f"text outputs ({text_family}) not exported: sd-scripts has no {family} text cache for them")
         return
+    if family == "lumina" and tokens is None:
+        return  # the reason is in the warnings already (_lumina_tokens)
     for key in reader.unmatched["text_only"]:
         _skip(s, key, "caption with no image in the latent cache: no place to put its text outputs")
     for key in reader:
@@ -195,17 +236,21 @@ def _export_text(reader: CacheReader, paths: dict[str, str], root: Path, family:
             continue  # already reported by the latents export
         target = image.with_name(os.path.splitext(image.name)[0] + TEXT_SUFFIX[family])
         try:
-            arrays = kohya_text_arrays(reader, key, family)
+            arrays = kohya_text_arrays(reader, key, family, tokens)
+        except ItemRefused as exc:
+            _skip(s, key, f"text outputs not exported: {exc}")
+            continue
         except ConfigError as exc:  # the text cache lacks a tensor the layout needs: latents only, said once
             s.warnings.append(f"text outputs not exported: {exc}")
             return
         _write_npz(target, arrays, root, overwrite, s)
 
 
-def kohya_text_arrays(reader: CacheReader, key: str, family: str) -> dict[str, np.ndarray]:
-    """The arrays of one item's sd-scripts text-encoder outputs file, by their npz names."""
+def kohya_text_arrays(reader: CacheReader, key: str, family: str, tokens=None) -> dict[str, np.ndarray]:
+    """The arrays of one item's sd-scripts text-encoder outputs file, by their npz names; ``tokens`` (lumina:
+    a :class:`LuminaTokens`) gives the ``input_ids`` the cache does not store."""
     if family == "lumina":
-        return _lumina_text_arrays(reader, key)
+        return lumina_text_arrays(reader, key, tokens)
     t = {
         name: v.float().numpy() if v.is_floating_point() else v.numpy() for name, v in reader.text_tensors(key).items()
     }
@@ -239,21 +284,6 @@ def kohya_text_arrays(reader: CacheReader, key: str, family: str) -> dict[str, n
 
 def _token_mask(count: int, length: int) -> np.ndarray:
     return (np.arange(length) < count).astype(np.int64)  # as a tokenizer's attention_mask: int64, 1 at real tokens
-
-
-def _lumina_text_arrays(reader: CacheReader, key: str) -> dict[str, np.ndarray]:
-    """``_lumina_te.npz``: Gemma 2's hidden states over the padded length, its mask and the token ids, from the
-    Lumina 2 pipeline's names (``prompt_embeds``, ``prompt_attention_mask``)."""
-    inputs = reader.pipeline_inputs(key, family=reader.text_fingerprint.get("family"))
-    ids = inputs.get("input_ids", inputs.get("prompt_input_ids"))
-    if "prompt_embeds" not in inputs or ids is None:
-        raise ConfigError(
-            "sd-scripts' _lumina_te.npz holds hidden_state, attention_mask and input_ids; this text cache does not "
-            "give them all (input_ids are not stored); let sd-scripts cache Lumina's text itself"
-        )
-    embeds, mask = inputs["prompt_embeds"].float(), inputs.get("prompt_attention_mask")
-    mask = torch.ones(embeds.shape[0], dtype=torch.int64) if mask is None else mask.to(torch.int64)
-    return {"hidden_state": embeds.numpy(), "attention_mask": mask.numpy(), "input_ids": ids.to(torch.int64).numpy()}
 
 
 def _write_npz(target: Path, arrays: dict[str, np.ndarray], root: Path, overwrite: bool, s: ExportSummary) -> bool:
