@@ -98,11 +98,11 @@ def test_lumina_text_files_load_by_sd_scripts_rules(built, tmp_path):
     assert again["written"] == 0 and again["unchanged"] == 2 * len(SIZES)
 
 
-def test_lumina_text_needs_the_model(built, tmp_path):
+def test_without_the_model_the_latents_are_written_and_the_text_skipped_with_the_reason(built, tmp_path):
     ds = shutil.copytree(built[0], tmp_path / "ds")
     result = export_cli(built, ds)
-    assert result.exit_code == 2 and "pass --model" in result.output
-    assert "Traceback" not in result.output and not list(ds.rglob("*.npz"))  # refused before any file
+    assert result.exit_code == 0 and "pass --model" in result.output, result.output
+    assert list(ds.rglob("*_lumina.npz")) and not list(ds.rglob("*_lumina_te.npz"))
 
 
 def test_lumina_text_refuses_another_tokenizer(built, tmp_path):

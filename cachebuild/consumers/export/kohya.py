@@ -204,6 +204,12 @@ def _lumina_tokens(fingerprint: dict | None, family: str, model: str | None, s: 
     if gap:
         s.warnings.append(f"text outputs not exported: sd-scripts would compute other hidden states ({gap})")
         return None
+    if model is None:  # the latents are still worth having; the text needs the pipeline's tokenizer
+        s.warnings.append(
+            "text outputs not exported: sd-scripts' _lumina_te.npz needs input_ids, tokenized again from each "
+            "caption: pass --model with the Lumina 2 pipeline the text cache was built with"
+        )
+        return None
     tokens = LuminaTokens(encoder, model)
     options = sd_scripts_options(encoder)
     if options:  # sd-scripts does not check these against its files: a mismatch would train silently
