@@ -163,9 +163,8 @@ class CacheReader:
         ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
 
         Args:
-            family: ``sd15``, ``sd2``, ``sdxl``, ``sd3``, ``flux``, ``chroma``, ``z-image``, ``lumina2``, ``sana``,
-                ``qwen-image`` or ``flux2``;
-                default: the text cache's family (a cache with latents only needs it named).
+            family: one of ``cachebuild.families.MODULES`` (``sdxl``, ``flux``, ``qwen-image``, ``flux2``,
+                ``hidream``, ...); default: the text cache's family (a cache with latents only needs it named).
 
         Example:
             >>> open_cache("./cache").pipeline_inputs("img001")["prompt_embeds"].shape
