@@ -28,7 +28,7 @@ from cachebuild.cache.store import (
     open_store,
     record_failures,
 )
-from cachebuild.config import CropMode, DType, LatentsConfig, LatentsMode
+from cachebuild.config import CropMode, DType, EngineKind, LatentsConfig, LatentsMode
 from cachebuild.encode import pick_device, resolve_dtype
 from cachebuild.engines.base import Encoded, Run, StageTimes
 from cachebuild.engines.device import prefer_expandable_segments
@@ -99,7 +99,12 @@ def build_latents(
 
 
 def make_engine(cfg: LatentsConfig):
-    """The engine ``--devices`` asks for: one device in this process, or one encoder process per device."""
+    """The engine ``--devices`` asks for: one device in this process, or one encoder process per device;
+    or with ``--engine ray``, a Ray cluster."""
+    if cfg.engine is EngineKind.RAY:
+        from cachebuild.engines.ray_cluster import RayEngine
+
+        return RayEngine(cfg.ray_address, cfg.max_pixels)
     if len(cfg.devices) > 1:
         from cachebuild.engines.devices import DevicesEngine
 
