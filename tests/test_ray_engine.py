@@ -161,3 +161,23 @@ def test_ray_options_fail_before_any_work(tmp_path, tiny_vae, dataset):
         make_cfg(dataset, tmp_path / "c", tiny_vae, ray_address="auto")
     with pytest.raises(ConfigError, match="drop --device"):
         make_cfg(dataset, tmp_path / "c", tiny_vae, engine=EngineKind.RAY)
+
+
+def test_engine_ray_without_ray_names_the_extra(tmp_path, tiny_vae, dataset, monkeypatch):
+    import cachebuild.config
+
+    monkeypatch.setattr(cachebuild.config.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install 'cachebuild\[ray\]'"):
+        make_cfg(dataset, tmp_path / "c", tiny_vae, device=None, engine=EngineKind.RAY)
+
+
+def test_cli_ray_address_without_the_engine_exits_2(tmp_path, tiny_vae, dataset):
+    from click.testing import CliRunner
+
+    from cachebuild.cli import cli
+    from tests.test_cli import latents_args
+
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli, latents_args(dataset, out, tiny_vae, "--ray-address", "auto"))
+    assert result.exit_code == 2 and "--ray-address is for --engine ray" in result.output
+    assert not (out / "latents").exists()
