@@ -182,6 +182,18 @@ _latents_options = _options(  # what is stored per image and how the encoder run
         type=float,
         help="Device memory for --batch-size auto, GiB (default: free memory at start less 10%, at least 1 GiB).",
     ),
+    click.option(
+        "--engine",
+        type=click.Choice(["local", "ray"]),
+        default="local",
+        show_default=True,
+        help="Where to run: this machine, or a Ray cluster (decode tasks, one encoder actor per GPU; needs "
+        "cachebuild[ray]).",
+    ),
+    click.option(
+        "--ray-address",
+        help="With --engine ray: auto (the cluster this machine belongs to) or an address; default: a local cluster.",
+    ),
 )
 
 _text_encoder_options = _options(  # which encoders run and which of their outputs are stored
@@ -548,6 +560,7 @@ def _latents_config(dataset: Path, o: dict):
         BucketRule,
         CropMode,
         DType,
+        EngineKind,
         LatentsConfig,
         LatentsMode,
         default_workers,
@@ -575,6 +588,8 @@ def _latents_config(dataset: Path, o: dict):
         workers=default_workers() if o["workers"] is None else o["workers"],
         devices=parse_devices(o["devices"]) if o["devices"] else (),
         vram_budget_gb=o["vram_budget"],
+        engine=EngineKind(o["engine"]),
+        ray_address=o["ray_address"],
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
         **_build_settings(o),

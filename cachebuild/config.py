@@ -55,6 +55,13 @@ class StoreFormat(str, Enum):
     HDF5 = "hdf5"
 
 
+class EngineKind(str, Enum):
+    """Where the stages run (``engines/``)."""
+
+    LOCAL = "local"  # this machine: one device, or one process per --devices entry
+    RAY = "ray"  # a Ray cluster: decode tasks, one encoder actor per GPU (pip install cachebuild[ray])
+
+
 PRESETS: dict[str, str] = {
     # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -197,6 +204,8 @@ class LatentsConfig:
     # at start less a margin (engines.batchsize.default_budget)
     manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
     # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
+    engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
+    ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -212,6 +221,7 @@ class LatentsConfig:
         if not self.dataset.is_dir():
             raise ConfigError(f"dataset folder {self.dataset} does not exist or is not a folder")
         check_output(self.out, self.dtype_out, self.format, self.shard_mb)
+        check_engine(self.engine, self.ray_address, self.devices, self.device)
 
     @property
     def shard_bytes(self) -> int:
@@ -316,3 +326,15 @@ class TextencConfig:
     @property
     def chunk_bytes(self) -> int:
         return int(self.chunk_mb * 1024 * 1024)
+
+
+def check_engine(engine: EngineKind, ray_address: str | None, devices: tuple[str, ...], device: str | None) -> None:
+    """``--engine ray`` needs ray installed and takes its devices from the cluster; ``--ray-address`` needs it."""
+    if engine is not EngineKind.RAY:
+        if ray_address is not None:
+            raise ConfigError("--ray-address is for --engine ray; add --engine ray or drop --ray-address")
+        return
+    if devices or device is not None:
+        raise ConfigError("--engine ray uses every GPU of the cluster; drop --device/--devices")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--engine ray needs Ray: pip install 'cachebuild[ray]'")

@@ -29,7 +29,7 @@ from cachebuild.cache.store import (
     open_store,
     record_failures,
 )
-from cachebuild.config import BucketRule, CropMode, DType, LatentsConfig, LatentsMode
+from cachebuild.config import BucketRule, CropMode, DType, EngineKind, LatentsConfig, LatentsMode
 from cachebuild.encode import pick_device, resolve_dtype
 from cachebuild.engines.base import Encoded, Run, StageTimes
 from cachebuild.engines.device import prefer_expandable_segments
@@ -69,8 +69,10 @@ def build_latents(
         20000
     """
     start = time.monotonic()
-    if len(cfg.devices) > 1 and is_url(cfg.out):  # device processes write their shards to a local folder
-        raise ConfigError("--devices with a URL --out is not supported yet; pass one --device, or a local --out")
+    if (len(cfg.devices) > 1 or cfg.engine is EngineKind.RAY) and is_url(cfg.out):  # their processes write shards
+        # to a folder path
+        what = "--engine ray" if cfg.engine is EngineKind.RAY else "--devices"
+        raise ConfigError(f"{what} with a URL --out is not supported yet; pass one --device, or a local --out")
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
@@ -104,7 +106,12 @@ def build_latents(
 
 
 def make_engine(cfg: LatentsConfig):
-    """The engine ``--devices`` asks for: one device in this process, or one encoder process per device."""
+    """The engine ``--devices`` asks for: one device in this process, or one encoder process per device;
+    or with ``--engine ray``, a Ray cluster."""
+    if cfg.engine is EngineKind.RAY:
+        from cachebuild.engines.ray_cluster import RayEngine
+
+        return RayEngine(cfg.ray_address, cfg.max_pixels)
     if len(cfg.devices) > 1:
         from cachebuild.engines.devices import DevicesEngine
 
