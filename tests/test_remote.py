@@ -404,8 +404,14 @@ def test_sigkill_of_an_s3_run_then_the_same_command_equals_a_local_run(tmp_path,
     assert cache_status(UrlPath(f"s3://{name}/cache"))["items"]["done"] == 24
 
 
-def test_several_devices_with_a_url_out_are_refused_in_one_line(tmp_path, tiny_vae, dataset, bucket):
+def test_several_devices_or_ray_with_a_url_out_are_refused_in_one_line(tmp_path, tiny_vae, dataset, bucket):
     name, _ = bucket
     cfg = make_cfg(dataset, UrlPath(f"s3://{name}/cache"), tiny_vae, device=None, devices=("cpu", "cpu"))
     with pytest.raises(ConfigError, match="--devices with a URL --out"):
+        build_latents(cfg)
+    pytest.importorskip("ray")
+    from cachebuild.config import EngineKind
+
+    cfg = make_cfg(dataset, UrlPath(f"s3://{name}/cache"), tiny_vae, device=None, engine=EngineKind.RAY)
+    with pytest.raises(ConfigError, match="--engine ray with a URL --out"):
         build_latents(cfg)
