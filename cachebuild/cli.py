@@ -147,6 +147,14 @@ _bucket_options = _options(  # which bucket, resize and crop each image gets
     ),
     click.option("--seed", default=0, show_default=True, help="Seed for random crops and sampled latents."),
     click.option("--flip-aug", is_flag=True, help="Also store latents of the mirrored image."),
+    click.option(
+        "--exif",
+        "exif",
+        type=click.Choice(["apply", "ignore"]),
+        default="apply",
+        show_default=True,
+        help="EXIF orientation: apply (upright) or ignore (pixels as stored, as sd-scripts and musubi read them).",
+    ),
 )
 
 _latents_options = _options(  # what is stored per image and how the encoder runs
@@ -561,6 +569,7 @@ def _latents_config(dataset: Path, o: dict):
         CropMode,
         DType,
         EngineKind,
+        ExifMode,
         LatentsConfig,
         LatentsMode,
         default_workers,
@@ -592,6 +601,7 @@ def _latents_config(dataset: Path, o: dict):
         ray_address=o["ray_address"],
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
+        exif=ExifMode(o.get("exif") or "apply"),
         **_build_settings(o),
     )
 

@@ -62,6 +62,18 @@ class EngineKind(str, Enum):
     RAY = "ray"  # a Ray cluster: decode tasks, one encoder actor per GPU (pip install cachebuild[ray])
 
 
+class ExifMode(str, Enum):
+    """Whether decoding applies the EXIF orientation tag (images.load)."""
+
+    APPLY = "apply"  # upright, as a viewer shows it; the recorded original size is the upright size
+    IGNORE = "ignore"  # pixels and size as stored in the file, as sd-scripts and musubi-tuner read them
+
+    @classmethod
+    def recorded(cls, fingerprint: dict | None) -> ExifMode:
+        """The mode a latents cache was built with: its fingerprint names it only when ``ignore``."""
+        return cls((fingerprint or {}).get("exif", cls.APPLY.value))
+
+
 PRESETS: dict[str, str] = {
     # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -206,6 +218,7 @@ class LatentsConfig:
     # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
     engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
     ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
+    exif: ExifMode = ExifMode.APPLY  # ignore: decode unrotated, as sd-scripts and musubi do (their exports need it)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:

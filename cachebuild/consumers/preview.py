@@ -1,6 +1,7 @@
 """Preview: decode a sample of cached latents with the VAE decoder and lay each beside its source crop.
 
-A person looking at the grid sees at once whether the cache is right: upright (EXIF applied), cropped where
+A person looking at the grid sees at once whether the cache is right: upright (EXIF applied, unless the cache
+was built with ``--exif ignore``: then both tiles show the pixels as stored, unrotated), cropped where
 expected, colours intact. Each cell is two tiles, left the source image cut exactly as the encoder saw it
 (re-read through the same loader), right the decoded latents; tiles are fitted into ``tile`` x ``tile`` pixels.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cachebuild.config import ModelSpec
+from cachebuild.config import ExifMode, ModelSpec
 from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import family_of, load_vae
@@ -98,10 +99,11 @@ def preview_cache(
     summary = PreviewSummary(str(out), keys, grid_size(len(keys), tile))
     canvas = Image.new("RGB", summary.size, BACKGROUND)
     paths = reader.source_paths()
+    exif = ExifMode.recorded(reader.fingerprint)  # read each source as the encoder did
     for i, key in enumerate(keys):
         cols = math.ceil(math.sqrt(len(keys)))
         x, y = PAD + (i % cols) * (2 * tile + 3 * PAD), PAD + (i // cols) * (tile + PAD)
-        source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary)
+        source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif)
         _paste_fitted(canvas, source, x, y, tile)
         _paste_fitted(canvas, _decode(vae, reader[key]["latents"], frames), x + tile + PAD, y, tile)
     canvas.save(out, format="PNG")
@@ -134,13 +136,16 @@ def _decode(vae, latents: torch.Tensor, frames: bool = False) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
-def _source_crop(key: str, info: dict, rel: str | None, dataset, summary: PreviewSummary) -> Image.Image:
+def _source_crop(
+    key: str, info: dict, rel: str | None, dataset, summary: PreviewSummary, exif: ExifMode = ExifMode.APPLY
+) -> Image.Image:
     """The bucket-sized pixels the encoder saw, re-read through the loader; a placeholder when it cannot be."""
     w, h = info["bucket"]
     if dataset is None or rel is None:
         return Image.new("RGB", (w, h), PLACEHOLDER)
     path = Path(dataset) / fs_path(rel)  # the stored text names the file's real bytes
-    plan = ItemPlan(key, str(path), tuple(info["original_size"]), (w, h), tuple(info["resized"]), tuple(info["crop"]))
+    original, resized, crop = tuple(info["original_size"]), tuple(info["resized"]), tuple(info["crop"])
+    plan = ItemPlan(key, str(path), original, (w, h), resized, crop, exif)
     try:
         return Image.fromarray(decode(plan, MAX_PIXELS), "RGB")
     except (ItemError, OSError) as exc:

@@ -7,7 +7,8 @@ A worker that dies costs at most the batches it held (``_Prefetch``), and worker
 
 Colour rules, applied in this order:
   * the first frame of an animated file;
-  * EXIF orientation applied (the stored original size is the upright size);
+  * EXIF orientation applied (the stored original size is the upright size), unless the item's ``exif`` is
+    ``ignore``: then the pixels and size are as stored in the file, as sd-scripts and musubi-tuner read them;
   * an embedded ICC profile converted to sRGB when Pillow has LittleCMS;
   * 16-bit and 32-bit greyscale scaled to 8 bits by value range (I;16: v / 257; I: clipped to 0..65535 first);
   * transparency (RGBA, LA, PA, and P/L/RGB/1 with a tRNS colour key) composited over white,
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
+from cachebuild.config import ExifMode
 from cachebuild.errors import ItemError, StorageError
 from cachebuild.images.plan import ItemPlan
 from cachebuild.images.workers import describe_exit, run_alone, start_pool
@@ -59,8 +61,8 @@ class LoadedBatch:
     failures: list[tuple[ItemPlan, str]]  # (item, reason)
 
 
-def read_size(path: str, max_pixels: int) -> tuple[int, int]:
-    """(W, H) after EXIF rotation, from the header only.
+def read_size(path: str, max_pixels: int, exif: ExifMode = ExifMode.APPLY) -> tuple[int, int]:
+    """(W, H) after EXIF rotation (as stored with ``ExifMode.IGNORE``), from the header only.
 
     Raises:
         ItemError: the file is not a readable image, is empty, or is over ``max_pixels``.
@@ -69,6 +71,8 @@ def read_size(path: str, max_pixels: int) -> tuple[int, int]:
         w, h = img.size
         if w <= 0 or h <= 0:
             raise ItemError(f"image has zero size ({w}x{h})")
+        if exif is ExifMode.IGNORE:
+            return w, h
         try:
             orientation = img.getexif().get(0x0112, 1)
         except (OSError, SyntaxError, ValueError) as exc:
@@ -88,7 +92,8 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
             _maybe_draft(img, item)
             img.load()
             _refuse_early_end(img, item.path)
-            img = ImageOps.exif_transpose(img)
+            if item.exif is ExifMode.APPLY:
+                img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
             img = _resize(img, item.resized)
         except ItemError:

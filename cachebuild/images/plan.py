@@ -1,8 +1,8 @@
 """Plan: aspect-ratio buckets (kohya sd-scripts' rules) and, per image, the resize and crop to take.
 
 All geometry here is pure arithmetic on sizes; nothing is decoded. A plan for an item says: the image is
-``original`` pixels after EXIF rotation; resize it to ``resized`` (covering the bucket); cut the bucket
-out at ``crop`` (left, top) in resized pixels.
+``original`` pixels (after EXIF rotation, unless ``exif`` is ignore); resize it to ``resized`` (covering the
+bucket); cut the bucket out at ``crop`` (left, top) in resized pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from cachebuild.config import BucketConfig, BucketRule, CropMode
+from cachebuild.config import BucketConfig, BucketRule, CropMode, ExifMode
 from cachebuild.errors import ItemError
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS, musubi_bucket, musubi_buckets
 from cachebuild.keys import item_seed
@@ -24,10 +24,11 @@ class ItemPlan:
 
     key: str
     path: str  # absolute path of the source file
-    original: tuple[int, int]  # size after EXIF rotation
+    original: tuple[int, int]  # size after EXIF rotation (as stored in the file with ExifMode.IGNORE)
     bucket: tuple[int, int]
     resized: tuple[int, int]  # size the whole image is resized to before the crop
     crop: tuple[int, int]  # (left, top) of the bucket inside the resized image
+    exif: ExifMode = ExifMode.APPLY  # carried with the item so every decode process reads the file the same way
 
 
 class BucketPlan:
@@ -113,10 +114,18 @@ def make_buckets(cfg: BucketConfig) -> list[tuple[int, int]]:
     return sorted(buckets)
 
 
-def plan_item(plan: BucketPlan, key: str, path: str, original: tuple[int, int], crop: CropMode, seed: int) -> ItemPlan:
+def plan_item(
+    plan: BucketPlan,
+    key: str,
+    path: str,
+    original: tuple[int, int],
+    crop: CropMode,
+    seed: int,
+    exif: ExifMode = ExifMode.APPLY,
+) -> ItemPlan:
     bucket = plan.select(original)
     resized, cut = plan.resize_and_crop(original, bucket, crop, seed, key)
-    return ItemPlan(key, path, original, bucket, resized, cut)
+    return ItemPlan(key, path, original, bucket, resized, cut, exif)
 
 
 def batch_by_bucket(items: Iterable[ItemPlan], batch_size: int) -> Iterator[list[ItemPlan]]:

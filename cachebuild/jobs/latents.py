@@ -29,7 +29,7 @@ from cachebuild.cache.store import (
     open_store,
     record_failures,
 )
-from cachebuild.config import BucketRule, CropMode, DType, EngineKind, LatentsConfig, LatentsMode
+from cachebuild.config import BucketRule, CropMode, DType, EngineKind, ExifMode, LatentsConfig, LatentsMode
 from cachebuild.encode import pick_device, resolve_dtype
 from cachebuild.engines.base import Encoded, Run, StageTimes
 from cachebuild.engines.device import prefer_expandable_segments
@@ -198,6 +198,8 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
     }
     if cfg.crop is CropMode.RANDOM or cfg.latents is LatentsMode.SAMPLE:
         fp["seed"] = cfg.seed  # only where randomness reaches the bytes
+    if cfg.exif is ExifMode.IGNORE:
+        fp["exif"] = cfg.exif.value  # only when ignored: caches built before the option (applied) still match
     return fp
 
 
@@ -235,8 +237,8 @@ def _plan_chunk(
     def one(row):
         path = str(root / fs_path(row.path))  # the stored text names the file's real bytes (keys.fs_path)
         try:
-            size = read_size(path, cfg.max_pixels)
-            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed), None
+            size = read_size(path, cfg.max_pixels, cfg.exif)
+            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif), None
         except ItemError as exc:
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
@@ -253,7 +255,7 @@ def _plan_chunk(
 
 def _item_meta(item: ItemPlan, cfg: LatentsConfig) -> dict:
     return {
-        "original_size": list(item.original),  # (W, H) after EXIF rotation
+        "original_size": list(item.original),  # (W, H) after EXIF rotation; as stored with --exif ignore
         "bucket": list(item.bucket),  # (W, H)
         "resized": list(item.resized),  # (W, H) before the crop
         "crop": list(item.crop),  # (left, top) in resized pixels

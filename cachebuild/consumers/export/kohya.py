@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachebuild.config import ExifMode
 from cachebuild.consumers.export.kohya_lumina import (
     ItemRefused,
     LuminaTokens,
@@ -184,7 +185,7 @@ def _export_one(
     info = reader.info(key)
     original = tuple(info["original_size"])
     image = _inside(root, rel) if rel else None
-    reason = _unusable(image, original)
+    reason = _unusable(image, original, ExifMode.recorded(reader.fingerprint))
     if reason:
         _skip(s, key, reason)
         return
@@ -373,8 +374,12 @@ def _inside(root: Path, rel: str) -> Path:
     return root.resolve() / rel
 
 
-def _unusable(image: Path | None, original: tuple[int, int]) -> str | None:
-    """Why sd-scripts would not use a file beside this image, or None."""
+def _unusable(image: Path | None, original: tuple[int, int], exif: ExifMode = ExifMode.APPLY) -> str | None:
+    """Why sd-scripts would not use a file beside this image, or None.
+
+    sd-scripts reads the size (``imagesize``) and the pixels (``load_image``) as stored, never applying the EXIF
+    orientation: a rotated image fits only a cache built with ``--exif ignore``.
+    """
     if image is None or not image.is_file():
         return "image not found under --to; sd-scripts reads caches beside their images"
     from PIL import Image
@@ -384,8 +389,11 @@ def _unusable(image: Path | None, original: tuple[int, int]) -> str | None:
             size, orientation = img.size, img.getexif().get(0x0112, 1)
     except Exception as exc:  # per-item boundary: an unreadable image is skipped with its reason
         return f"cannot read the image header: {exc}"
-    if orientation not in (None, 1):
-        return "EXIF-rotated image: sd-scripts reads pixels unrotated, so these latents would not match"
+    if orientation not in (None, 1) and exif is ExifMode.APPLY:
+        return (
+            "EXIF-rotated image: sd-scripts reads pixels unrotated and this cache holds them upright; "
+            "rebuild the latents with --exif ignore to export it"
+        )
     if size != original:
         return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
     return None

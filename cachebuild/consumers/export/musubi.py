@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.config import ExifMode
 from cachebuild.consumers.export.files import Progress, safetensors_bytes, same_safetensors, write_checked
 from cachebuild.consumers.export.kohya import ExportSummary
 from cachebuild.consumers.reader import CacheReader, open_cache
@@ -245,7 +246,7 @@ def _refusal(reader, key, rel, image_root, bucket_rule, stems) -> str | None:
     if stem in stems:
         return f"same file stem as {stems[stem]}: musubi's flat cache folder holds one file per stem"
     stems[stem] = key
-    why = _image_problem(image_root / rel, original)
+    why = _image_problem(image_root / rel, original, ExifMode.recorded(reader.fingerprint))
     if why:
         return why
     resolution, no_upscale, buckets = bucket_rule
@@ -269,7 +270,9 @@ def _centre_crop(original: tuple[int, int], bucket: tuple[int, int]) -> tuple[in
     return (w - bucket[0]) // 2, (h - bucket[1]) // 2
 
 
-def _image_problem(image: Path, original: tuple[int, int]) -> str | None:
+def _image_problem(image: Path, original: tuple[int, int], exif: ExifMode = ExifMode.APPLY) -> str | None:
+    """Why musubi's own caching run would not keep a file made for this image, or None. musubi reads the size
+    and pixels as stored (``Image.open``, no EXIF transpose): a rotated image fits only an ``--exif ignore`` cache."""
     from PIL import Image
 
     if not image.is_file():
@@ -279,10 +282,11 @@ def _image_problem(image: Path, original: tuple[int, int]) -> str | None:
             size, orientation = img.size, img.getexif().get(0x0112, 1)
     except Exception as exc:  # per-item boundary: an unreadable image is refused with its reason
         return f"cannot read the image header: {exc}"
-    if orientation not in (None, 1):
+    if orientation not in (None, 1) and exif is ExifMode.APPLY:
         return (
             "EXIF-rotated image: musubi reads the pixels unrotated, so its caching run would name and encode it "
-            "differently (and delete this file as not in the dataset)"
+            "differently (and delete this file as not in the dataset); rebuild the latents with --exif ignore "
+            "to export it"
         )
     if size != original:
         return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
