@@ -1,0 +1,138 @@
+"""Qwen-Image-Edit: the caption is encoded together with a condition image (the picture to edit).
+
+What ``QwenImageEditPipeline.encode_prompt`` computes for one caption and its condition image: the image is
+resized (PIL, ``VaeImageProcessor.resize``) to :func:`condition_size`, about 1024 * 1024 pixels at its aspect
+ratio in multiples of 32; the caption goes into the pipeline's template, whose user turn starts with the image's
+vision tokens; the processor (``Qwen2VLProcessor``: the Qwen2.5-VL image processor, which resizes again to its
+own patch grid, and the tokenizer, which expands ``<|image_pad|>`` to one token per merged patch) builds
+``input_ids``, ``attention_mask``, ``pixel_values`` and ``image_grid_thw``; Qwen2.5-VL runs over them, vision
+tower included, and the last hidden state is kept at the real tokens less the template's first 64 rows. There
+is no truncation (``encode_prompt`` ignores ``max_sequence_length``; ``__call__`` only checks it).
+
+Each caption is encoded alone, as one prompt of the pipeline is: no padding enters the rows.
+
+The processor needs torchvision for its video half (``Qwen2VLProcessor.from_pretrained`` loads a video
+processor); :func:`load_processor` uses it where it loads, and otherwise the same class without the video half,
+whose image processor is then the one ``AutoImageProcessor`` picks (the PIL backend where torchvision is
+missing). Both run the same ``__call__`` on text and images.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+
+from cachebuild.config import DType
+from cachebuild.errors import ModelLoadError
+
+PIPELINES = {"QwenImageEditPipeline": "qwen-image-edit"}
+STORED_DTYPE = DType.BF16  # Qwen2.5-VL's hidden states pass fp16's range (families.text.stored_dtype)
+# QwenImageEditPipeline.prompt_template_encode: a system message, then the image's vision tokens and the caption
+TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+DROP = 64  # prompt_template_encode_start_idx: the template's rows before the image, not kept
+CONDITION_AREA = 1024 * 1024  # __call__'s calculate_dimensions(1024 * 1024, width / height)
+
+
+def condition_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) the pipeline resizes a condition image of ``width`` x ``height`` to: the area
+    :data:`CONDITION_AREA` at the image's aspect ratio, each side rounded to a multiple of 32.
+
+    Example:
+        >>> condition_size(1920, 1080)
+        (1376, 768)
+    """
+    ratio = width / height
+    w = math.sqrt(CONDITION_AREA * ratio)
+    h = w / ratio
+    return round(w / 32) * 32, round(h / 32) * 32
+
+
+def condition_image(path: Path):
+    """The RGB PIL image the pipeline hands its processor for the picture at ``path`` (``VaeImageProcessor
+    .resize``: PIL's LANCZOS, the pipeline's default resample)."""
+    from PIL import Image
+
+    from diffusers.image_processor import VaeImageProcessor
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    w, h = condition_size(*img.size)
+    return VaeImageProcessor(vae_scale_factor=16).resize(img, h, w)
+
+
+def image_sha256(path: Path) -> str:
+    """The condition image's content hash: part of the text id, so a changed image is encoded again."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_processor(folder: Path):
+    """The pipeline's ``Qwen2VLProcessor`` from ``folder``; without torchvision (which its video processor needs),
+    the same class with the image processor and tokenizer only."""
+    from transformers import Qwen2VLProcessor
+
+    try:
+        return Qwen2VLProcessor.from_pretrained(folder)
+    except ImportError:
+        pass  # torchvision missing: the video half cannot load
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the Qwen2.5-VL processor from {folder}: {exc}") from exc
+    try:
+        return _image_text_processor().from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the Qwen2.5-VL processor from {folder}: {exc}") from exc
+
+
+@functools.cache
+def _image_text_processor():
+    """``Qwen2VLProcessor`` without its video processor: the same token attributes and ``__call__``."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageTextProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
+                self.image_token
+            )
+            self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
+                self.video_token
+            )
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return ImageTextProcessor
+
+
+def encode(model, processor, caption: str, image, device: torch.device) -> torch.Tensor:
+    """(T, D) float32 on the CPU: the rows ``encode_prompt`` returns for one caption and its condition image
+    (already resized by :func:`condition_image`)."""
+    inputs = processor(text=[TEMPLATE.format(caption)], images=image, padding=True, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+    h = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()]
+    return h[DROP:].float().cpu()
+
+
+def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` (T, 3584) and ``prompt_embeds_mask`` (T,) int64 ones: one caption's ``encode_prompt``
+    output with its condition image. For a batch the pipeline pads rows with zeros to the longest and the mask
+    with zeros to match."""
+    embeds = rec["qwen25vl"][rec["qwen25vl_mask"].bool()] if "qwen25vl_mask" in rec else rec["qwen25vl"]
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": torch.ones(embeds.shape[0], dtype=torch.long)}
