@@ -23,11 +23,15 @@ import functools
 import hashlib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cachebuild.config import DType
 from cachebuild.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
 
 PIPELINES = {"QwenImageEditPipeline": "qwen-image-edit"}
 STORED_DTYPE = DType.BF16  # Qwen2.5-VL's hidden states pass fp16's range (families.text.stored_dtype)
@@ -60,9 +64,8 @@ def condition_size(width: int, height: int) -> tuple[int, int]:
 def condition_image(path: Path):
     """The RGB PIL image the pipeline hands its processor for the picture at ``path`` (``VaeImageProcessor
     .resize``: PIL's LANCZOS, the pipeline's default resample)."""
-    from PIL import Image
-
     from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
 
     with Image.open(path) as img:
         img = img.convert("RGB")
@@ -136,3 +139,17 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
     with zeros to match."""
     embeds = rec["qwen25vl"][rec["qwen25vl_mask"].bool()] if "qwen25vl_mask" in rec else rec["qwen25vl"]
     return {"prompt_embeds": embeds, "prompt_embeds_mask": torch.ones(embeds.shape[0], dtype=torch.long)}
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """Qwen2.5-VL's last hidden state with the image's tokens, masked, the template's first 64 rows dropped, no
+    length limit (``max_length`` 0); the tokenizer folder is the processor's. Encoded by jobs.textenc_edit."""
+    return [
+        ctx.llm("qwen25vl", "Qwen2_5_VLForConditionalGeneration", -1, 0, False, prompt_template=TEMPLATE,
+                drop_rows=DROP, masked=True, tokenizer=ctx.root / "processor")
+    ]  # fmt: skip
+
+
+def text_id(caption: str, image_sha256: str) -> str:
+    """The dedup identity of one (caption, condition image) pair within a store."""
+    return hashlib.sha256(f"{caption}\0{image_sha256}".encode()).hexdigest()[:32]

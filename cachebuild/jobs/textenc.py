@@ -68,6 +68,10 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
     family, specs = resolve_encoders(cfg, device)
     if cfg.dtype_out is None:  # the family's stored dtype, resolved before it enters the fingerprint
         cfg = dataclasses.replace(cfg, dtype_out=stored_dtype(family))
+    if family.value == "qwen-image-edit":  # captions encoded with their condition images: a job of its own
+        from cachebuild.jobs.textenc_edit import build_textenc_edit
+
+        return build_textenc_edit(cfg, family, specs, device, start, progress)
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     summary = RunSummary(TEXTENC, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote

@@ -1,0 +1,139 @@
+"""Qwen-Image-Edit: `cachebuild textenc --control` against QwenImageEditPipeline.encode_prompt, in fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cachebuild import open_cache
+from cachebuild.cli import cli
+from cachebuild.families import qwenimage_edit as edit
+from cachebuild.testing import make_tiny_qwen_edit_pipeline
+from tests.conftest import write_image
+
+CAPTIONS = {"a": "make the cat red", "b": "add a {hat}", "c": "make the cat red", "d": "make the cat red"}
+IMAGES = {"a": ((40, 56), 0), "b": ((64, 48), 1), "c": ((40, 56), 2), "d": ((40, 56), 0)}  # (size, seed): c is
+# a's caption with another image, d a's caption and image
+INIT_SCALE = 10.0
+TOLERANCE = 1e-5
+CPU = torch.device("cpu")
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def reference_pipeline(root: Path):
+    """QwenImageEditPipeline with its text encoder, tokenizer and processor (the processor as cachebuild loads
+    it: ``Qwen2VLProcessor.from_pretrained`` needs torchvision for its video half)."""
+    import diffusers
+    import transformers
+
+    return diffusers.QwenImageEditPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder").eval(),
+        tokenizer=transformers.Qwen2Tokenizer.from_pretrained(root / "tokenizer"),
+        processor=edit.load_processor(root / "processor"),
+        transformer=None,
+    )
+
+
+def encode_prompt(pipe, text: str, image_path: Path | None) -> torch.Tensor:
+    """(T, D): the pipeline's prompt_embeds for one caption, the image resized as ``__call__`` resizes it."""
+    from PIL import Image
+
+    image = None
+    if image_path is not None:
+        img = Image.open(image_path).convert("RGB")
+        w, h, _ = __import__("diffusers").pipelines.qwenimage.pipeline_qwenimage_edit.calculate_dimensions(
+            1024 * 1024, img.size[0] / img.size[1]
+        )
+        image = pipe.image_processor.resize(img, h, w)
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(text, image=image, device=CPU)
+    assert mask is None  # one prompt: nothing padded
+    return embeds[0]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen-image-edit")
+    pipe = make_tiny_qwen_edit_pipeline(root / "pipe", init_scale=INIT_SCALE)
+    data, control, out = root / "data", root / "control", root / "cache"
+    data.mkdir()
+    for key, text in CAPTIONS.items():
+        (data / f"{key}.txt").write_text(text, encoding="utf-8")
+        size, seed = IMAGES[key]
+        write_image(control / f"{key}.png", size, seed=seed)
+    result = CliRunner().invoke(cli, textenc_args(data, pipe, out, control))
+    assert result.exit_code == 0, result.output
+    # the reader opens a cache by its latents store; these are the control images' (not checked here)
+    latents = ["latents", str(control), "--model", str(pipe), "--out", str(out), "--device", "cpu", "--quiet"]
+    latents += ["--resolution", "64", "--min-bucket-reso", "32", "--bucket-reso-steps", "16", "--workers", "0"]
+    result = CliRunner().invoke(cli, latents)
+    assert result.exit_code == 0, result.output
+    return pipe, data, control, out
+
+
+def textenc_args(data, pipe, out, control) -> list[str]:
+    args = ["textenc", str(data), "--model", str(pipe), "--out", str(out), "--device", "cpu"]
+    return args + ["--control", str(control), "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
+
+
+def test_pipeline_inputs_equal_the_edit_pipeline(built):
+    pipe_folder, _, control, out = built
+    pipe = reference_pipeline(pipe_folder)
+    cache = open_cache(out)
+    for key, text in CAPTIONS.items():
+        got = cache.pipeline_inputs(key)
+        want = encode_prompt(pipe, text, control / f"{key}.png")
+        assert got["prompt_embeds"].shape == want.shape, key
+        assert want.shape[0] > 100  # the image's tokens are in the rows
+        assert relative_difference(got["prompt_embeds"], want) <= TOLERANCE, key
+        assert torch.equal(got["prompt_embeds_mask"], torch.ones(want.shape[0], dtype=torch.long))
+
+
+def test_a_missing_image_or_a_wrong_drop_would_fail(built):
+    pipe_folder, _, control, out = built
+    pipe = reference_pipeline(pipe_folder)
+    got = open_cache(out).pipeline_inputs("a")["prompt_embeds"]
+    other = encode_prompt(pipe, CAPTIONS["a"], control / "c.png")  # same caption, another image
+    assert relative_difference(got, other) > 1e-2
+    processor = edit.load_processor(pipe_folder / "processor")
+    with pytest.raises(ValueError, match="no images"):  # the template's image slot cannot go without an image
+        processor(text=[edit.TEMPLATE.format(CAPTIONS["a"])], images=None, padding=True, return_tensors="pt")
+    image = edit.condition_image(control / "a.png")
+    full = edit.encode(pipe.text_encoder, processor, CAPTIONS["a"], image, CPU)
+    assert torch.allclose(full, got, rtol=1e-5, atol=1e-6)
+    inputs = processor(text=[edit.TEMPLATE.format(CAPTIONS["a"])], images=image, return_tensors="pt")
+    with torch.no_grad():
+        names = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        h = pipe.text_encoder(**{k: inputs[k] for k in names}, output_hidden_states=True).hidden_states[-1][0]
+    assert torch.allclose(h[64:], full, rtol=1e-5, atol=1e-6)
+    assert h[34:].shape != got.shape  # Qwen-Image's drop of 34 keeps 30 more template rows
+
+
+def test_identical_pairs_dedupe_and_a_changed_image_reencodes(built, tmp_path):
+    pipe_folder, data, control, out = built
+    cache = open_cache(out)
+    ids = {k: cache._text[k][1] for k in CAPTIONS}  # (shard, text id, tokens)
+    assert ids["a"] == ids["d"] and len(set(ids.values())) == 3  # a and c: one caption, two images
+    write_image(control / "b.png", (64, 48), seed=7)
+    result = CliRunner().invoke(cli, [*textenc_args(data, pipe_folder, out, control), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["changed"] == 1
+    want = encode_prompt(reference_pipeline(pipe_folder), CAPTIONS["b"], control / "b.png")
+    assert relative_difference(open_cache(out).pipeline_inputs("b")["prompt_embeds"], want) <= TOLERANCE
+
+
+def test_no_control_folder_is_one_clear_error(built, tmp_path):
+    pipe_folder, data, _, _ = built
+    args = ["textenc", str(data), "--model", str(pipe_folder), "--out", str(tmp_path / "c"), "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "--control" in result.output
