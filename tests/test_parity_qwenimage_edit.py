@@ -137,3 +137,42 @@ def test_no_control_folder_is_one_clear_error(built, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     assert "--control" in result.output
+
+
+def test_found_by_preset_and_class_stored_in_bf16_with_its_fields(built, tmp_path):
+    from cachebuild.cache.manifest import Manifest
+    from cachebuild.config import PRESETS, DType, TextFamily
+    from cachebuild.families.text import _detect_family, stored_dtype
+
+    pipe_folder, data, control, _ = built
+    assert PRESETS["qwen-image-edit"] == "Qwen/Qwen-Image-Edit"
+    assert _detect_family("qwen-image-edit", pipe_folder) is TextFamily.QWENIMAGE_EDIT
+    assert _detect_family(str(pipe_folder), pipe_folder) is TextFamily.QWENIMAGE_EDIT  # model_index.json's class
+    assert stored_dtype(TextFamily.QWENIMAGE_EDIT) is DType.BF16
+    out = tmp_path / "cache"
+    args = ["textenc", str(data), "--model", str(pipe_folder), "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--control", str(control), "--dtype", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    with Manifest.open(out, create=False) as manifest:
+        fingerprint = manifest.fingerprint("textenc")
+    assert fingerprint["dtype_out"] == "bf16" and fingerprint["family"] == "qwen-image-edit"
+    (encoder,) = fingerprint["encoders"]
+    assert encoder["prompt_template"] == edit.TEMPLATE and encoder["drop_rows"] == edit.DROP == 64
+    assert encoder["attention_mask"] and not encoder["trim"] and encoder["max_length"] == 0
+    assert fingerprint["control_image"] == {"area": 1024 * 1024, "multiple": 32}
+
+
+def test_an_item_without_its_condition_image_fails_with_the_reason(built, tmp_path):
+    from cachebuild.cache.manifest import Manifest
+
+    pipe_folder, data, control, _ = built
+    partial = tmp_path / "control"
+    partial.mkdir()
+    (partial / "a.png").write_bytes((control / "a.png").read_bytes())
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli, textenc_args(data, pipe_folder, out, partial))
+    with Manifest.open(out, create=False) as manifest:
+        failed = {row.key: row.reason for row in manifest.items("textenc", "failed")}
+        done = [row.key for row in manifest.items("textenc", "done")]
+    assert done == ["a"], result.output
+    assert set(failed) == {"b", "c", "d"} and all("--control" in why for why in failed.values())
