@@ -21,6 +21,40 @@ IMAGES = {"a": ((40, 56), 0), "b": ((64, 48), 1), "c": ((40, 56), 2), "d": ((40,
 INIT_SCALE = 10.0
 TOLERANCE = 1e-5
 CPU = torch.device("cpu")
+PIPELINE_AREA = edit.CONDITION_AREA  # 1024 * 1024; the tests resize to TEST_AREA: the tiny VAE on a megapixel
+TEST_AREA = 96 * 96  # image takes a minute on a CPU, and the steps are the same at any area
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_condition_area():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(edit, "CONDITION_AREA", TEST_AREA)
+        yield
+
+
+def calculate_dimensions(width: int, height: int) -> tuple[int, int]:
+    """The pipeline's own function at the tests' area: (width, height)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    w, h, _ = calculate_dimensions(TEST_AREA, width / height)
+    return w, h
+
+
+def test_the_condition_size_is_the_pipelines():
+    import inspect
+
+    from diffusers import QwenImageEditPipeline
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions as pipeline_dimensions
+
+    assert PIPELINE_AREA == 1024 * 1024
+    assert "calculate_dimensions(1024 * 1024, image_size[0] / image_size[1])" in inspect.getsource(
+        QwenImageEditPipeline.__call__
+    )
+    for size in [(1920, 1080), (40, 56), (1000, 1000), (512, 2048)]:
+        assert edit.condition_size(*size) == calculate_dimensions(*size)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(edit, "CONDITION_AREA", PIPELINE_AREA)
+            assert edit.condition_size(*size) == pipeline_dimensions(PIPELINE_AREA, size[0] / size[1])[:2]
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,9 +84,7 @@ def encode_prompt(pipe, text: str, image_path: Path | None) -> torch.Tensor:
     image = None
     if image_path is not None:
         img = Image.open(image_path).convert("RGB")
-        w, h, _ = __import__("diffusers").pipelines.qwenimage.pipeline_qwenimage_edit.calculate_dimensions(
-            1024 * 1024, img.size[0] / img.size[1]
-        )
+        w, h = calculate_dimensions(*img.size)
         image = pipe.image_processor.resize(img, h, w)
     with torch.no_grad():
         embeds, mask = pipe.encode_prompt(text, image=image, device=CPU)
@@ -159,7 +191,9 @@ def test_found_by_preset_and_class_stored_in_bf16_with_its_fields(built, tmp_pat
     (encoder,) = fingerprint["encoders"]
     assert encoder["prompt_template"] == edit.TEMPLATE and encoder["drop_rows"] == edit.DROP == 64
     assert encoder["attention_mask"] and not encoder["trim"] and encoder["max_length"] == 0
-    assert fingerprint["control_image"] == {"area": 1024 * 1024, "multiple": 32}
+    assert fingerprint["control_image"]["area"] == TEST_AREA and fingerprint["control_image"]["multiple"] == 32
+    assert len(fingerprint["control_image"]["vae_weights_sha256"]) == 64
+    assert fingerprint["extra_tensors"] == ["control_latents"]
 
 
 def test_an_item_without_its_condition_image_fails_with_the_reason(built, tmp_path):
@@ -176,3 +210,31 @@ def test_an_item_without_its_condition_image_fails_with_the_reason(built, tmp_pa
         done = [row.key for row in manifest.items("textenc", "done")]
     assert done == ["a"], result.output
     assert set(failed) == {"b", "c", "d"} and all("--control" in why for why in failed.values())
+
+
+def test_image_latents_equal_the_pipelines(built):
+    """``image_latents`` as ``__call__`` makes them: resize to calculate_dimensions, preprocess, one frame,
+    ``_encode_vae_image``; packed by prepare_latents into the tokens the transformer gets."""
+    import diffusers
+    from PIL import Image
+
+    from cachebuild.families.qwenimage import pack_latents
+
+    pipe_folder, _, control, out = built
+    vae = diffusers.AutoencoderKLQwenImage.from_pretrained(pipe_folder / "vae").eval()
+    pipe = diffusers.QwenImageEditPipeline(
+        scheduler=None, vae=vae, text_encoder=None, tokenizer=None, processor=None, transformer=None
+    )
+    cache = open_cache(out)
+    for key in CAPTIONS:
+        img = Image.open(control / f"{key}.png").convert("RGB")
+        w, h = calculate_dimensions(*img.size)
+        image = pipe.image_processor.preprocess(pipe.image_processor.resize(img, h, w), h, w).unsqueeze(2)
+        with torch.no_grad():
+            want = pipe._encode_vae_image(image, generator=None)[0]  # (C, 1, h/8, w/8)
+            _, packed = pipe.prepare_latents(image, 1, 4, h, w, torch.float32, CPU, None)
+        got = cache.pipeline_inputs(key)["image_latents"]
+        factor = pipe.vae_scale_factor  # 2 for the tiny VAE, 8 for the real one
+        assert got.shape == want.shape == (4, 1, h // factor, w // factor), key
+        assert relative_difference(got, want) <= TOLERANCE, key
+        assert relative_difference(pack_latents(got.transpose(0, 1)[None]), packed) <= TOLERANCE

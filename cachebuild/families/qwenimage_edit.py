@@ -135,10 +135,44 @@ def encode(model, processor, caption: str, image, device: torch.device) -> torch
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
     """``prompt_embeds`` (T, 3584) and ``prompt_embeds_mask`` (T,) int64 ones: one caption's ``encode_prompt``
-    output with its condition image. For a batch the pipeline pads rows with zeros to the longest and the mask
-    with zeros to match."""
+    output with its condition image (for a batch the pipeline pads rows with zeros to the longest and the mask
+    with zeros to match); ``image_latents`` (16, 1, h, w): ``_encode_vae_image``'s output for the condition
+    image, normalised, before ``prepare_latents`` packs it (``qwenimage.pack_latents(image_latents.transpose(0,
+    1)[None])`` gives its (h/2 * w/2, 64) tokens); h, w are the condition size over 8."""
     embeds = rec["qwen25vl"][rec["qwen25vl_mask"].bool()] if "qwen25vl_mask" in rec else rec["qwen25vl"]
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": torch.ones(embeds.shape[0], dtype=torch.long)}
+    out = {"prompt_embeds": embeds, "prompt_embeds_mask": torch.ones(embeds.shape[0], dtype=torch.long)}
+    if CONTROL_LATENTS in rec:
+        out["image_latents"] = rec[CONTROL_LATENTS][:, None]
+    return out
+
+
+CONTROL_LATENTS = "control_latents"  # the record's (C, h, w) normalised VAE latents of the condition image
+
+
+def condition_latents(vae, image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(C, h, w) float32 on the CPU: ``_encode_vae_image`` of the condition image (already resized by
+    :func:`condition_image`) as ``__call__`` prepares it: ``VaeImageProcessor.preprocess`` at the same size
+    ([-1, 1]), one frame, the posterior's mode, ``(z - latents_mean) / latents_std`` per channel."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    w, h = image.size
+    x = VaeImageProcessor(vae_scale_factor=16).preprocess(image, h, w).unsqueeze(2).to(device, dtype)
+    with torch.inference_mode():
+        z = vae.encode(x).latent_dist.mode()  # (1, C, 1, h, w)
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z.device, z.dtype)
+    return ((z - mean) / std)[0, :, 0].float().cpu()
+
+
+def load_condition_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The pipeline's ``AutoencoderKLQwenImage`` from ``folder`` (its ``vae/``), in eval mode on ``device``."""
+    import diffusers
+
+    try:
+        vae = diffusers.AutoencoderKLQwenImage.from_pretrained(folder, torch_dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the condition image's VAE from {folder}: {exc}") from exc
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:

@@ -5,6 +5,11 @@ The condition images sit in the ``--control`` folder under the caption's key (``
 identical pairs are encoded once and a changed image (or caption) makes the item pending again: the scan's
 per-item fingerprint covers both files. Items are encoded one at a time, as the pipeline encodes one prompt:
 the rows never see padding. An item whose image is missing or unreadable fails with the reason.
+
+Beside the rows each record holds the condition image's normalised VAE latents (``control_latents``), encoded
+from the same resized picture by the pipeline's ``vae/``: the ``image_latents`` the transformer gets next to
+the noise. (``cachebuild latents --source DIR`` would not give them: it resizes to training buckets, the
+pipeline to :func:`cachebuild.families.qwenimage_edit.condition_size`.)
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from cachebuild.cache.manifest import PENDING, TEXTENC
 from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig, TextFamily
-from cachebuild.errors import ConfigError
+from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.families import qwenimage_edit as edit
 from cachebuild.families.text import EncoderSpec, resident
+from cachebuild.hub import weight_files
 from cachebuild.jobs.textenc import CAPTION_RULES_VERSION, TEXT_CHUNK_CAPTIONS
 from cachebuild.sources.captions import CaptionScan, scan_captions
 from cachebuild.sources.scan import IMAGE_EXTENSIONS
@@ -54,7 +60,12 @@ def build_textenc_edit(
             "dtype_out": cfg.dtype_out.value,
             "format": cfg.format.value,
             "caption_rules": CAPTION_RULES_VERSION,
-            "control_image": {"area": edit.CONDITION_AREA, "multiple": 32},
+            "control_image": {
+                "area": edit.CONDITION_AREA,
+                "multiple": 32,
+                "vae_weights_sha256": manifest.files_sha256(weight_files(_vae_folder(spec))),
+            },
+            "extra_tensors": [edit.CONTROL_LATENTS],
         }
         sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
@@ -66,6 +77,14 @@ def build_textenc_edit(
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
+
+
+def _vae_folder(spec: EncoderSpec) -> Path:
+    folder = spec.folder.parent / "vae"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"{spec.folder.parent} has no vae/, which encodes the condition images; pass a complete "
+                             "Qwen-Image-Edit pipeline")  # fmt: skip
+    return folder
 
 
 def _controls(folder: Path) -> dict[str, Path]:
@@ -98,6 +117,7 @@ def _encode(cfg, spec, device, captions, controls, sink: ShardSink, summary: Run
     manifest = sink.manifest
     done = 0
     processor = edit.load_processor(spec.tokenizer)
+    vae = edit.load_condition_vae(_vae_folder(spec), spec.dtype.torch, device)
     with resident(spec, device, cfg.offload) as model:
         summary.model_loaded = True
         for page in manifest.item_pages(TEXTENC, PENDING, TEXT_CHUNK_CAPTIONS):
@@ -117,17 +137,19 @@ def _encode(cfg, spec, device, captions, controls, sink: ShardSink, summary: Run
                 if tid in stored:
                     continue
                 try:
-                    rows = edit.encode(model, processor, text, edit.condition_image(image), device)
+                    picture = edit.condition_image(image)
                 except OSError as exc:
                     sink.fail([(k, f"condition image {image} cannot be read ({exc})") for k in keys])
                     continue
+                rows = edit.encode(model, processor, text, picture, device)
                 out = rows.to(cfg.dtype_out.torch)
-                if not torch.isfinite(out).all():
+                latents = edit.condition_latents(vae, picture, device, spec.dtype.torch).to(cfg.dtype_out.torch)
+                if not (torch.isfinite(out).all() and torch.isfinite(latents).all()):
                     sink.fail([(k, f"encoder outputs overflow --dtype-out {cfg.dtype_out.value}") for k in keys])
                     continue
                 info = {"text_id": tid, "tokens": {spec.name: int(rows.shape[0])}, "truncated": []}
                 meta = info | {"text": text, "keys": keys, "control": str(image)}
-                sink.add(tid, {spec.name: out}, meta, [(k, None, info) for k in keys])
+                sink.add(tid, {spec.name: out, edit.CONTROL_LATENTS: latents}, meta, [(k, None, info) for k in keys])
             sink.flush()
             done += len(page)
             if progress:
