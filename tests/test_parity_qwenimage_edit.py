@@ -238,3 +238,14 @@ def test_image_latents_equal_the_pipelines(built):
         assert got.shape == want.shape == (4, 1, h // factor, w // factor), key
         assert relative_difference(got, want) <= TOLERANCE, key
         assert relative_difference(pack_latents(got.transpose(0, 1)[None]), packed) <= TOLERANCE
+
+
+def test_verify_accepts_the_cache(built):
+    pipe_folder, _, _, out = built
+    result = CliRunner().invoke(cli, ["verify", str(out)])
+    assert result.exit_code == 0, result.output
+    from cachebuild.consumers.verify import _expected
+
+    with_rows = _expected("textenc", {"encoders": [{"name": "qwen25vl", "hidden": True, "max_length": 0}],
+                                      "extra_tensors": ["control_latents"]}, {"tokens": {"qwen25vl": 308}})  # fmt: skip
+    assert with_rows["qwen25vl"][0] == 308 and with_rows["control_latents"] is None
