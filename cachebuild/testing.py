@@ -701,6 +701,7 @@ def main(argv: list[str]) -> int:
     makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
     makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae, "dc-vae": make_tiny_dc_vae}
     makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
+    makers["text-qwen-image-edit"] = make_tiny_qwen_edit_pipeline
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)
         return 2
