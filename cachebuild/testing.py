@@ -697,22 +697,6 @@ TEXT_PIPELINES |= {
 COMPONENT_CLASSES["gemma2"] = ("Gemma2Model", "GemmaTokenizerFast")
 
 
-def main(argv: list[str]) -> int:
-    makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
-    makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae, "dc-vae": make_tiny_dc_vae}
-    makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
-    makers["text-qwen-image-edit"] = make_tiny_qwen_edit_pipeline
-    if len(argv) != 2 or argv[0] not in makers:
-        print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)
-        return 2
-    print(makers[argv[0]](Path(argv[1])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
-
-
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -756,3 +740,19 @@ def make_tiny_qwen_edit_pipeline(path: Path, init_scale: float = 1.0, max_pixels
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+def main(argv: list[str]) -> int:
+    makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
+    makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae, "dc-vae": make_tiny_dc_vae}
+    makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
+    makers["text-qwen-image-edit"] = make_tiny_qwen_edit_pipeline
+    if len(argv) != 2 or argv[0] not in makers:
+        print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)
+        return 2
+    print(makers[argv[0]](Path(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
