@@ -47,16 +47,16 @@ DROP = 64  # prompt_template_encode_start_idx: the template's rows before the im
 CONDITION_AREA = 1024 * 1024  # __call__'s calculate_dimensions(1024 * 1024, width / height)
 
 
-def condition_size(width: int, height: int) -> tuple[int, int]:
-    """(width, height) the pipeline resizes a condition image of ``width`` x ``height`` to: the area
-    :data:`CONDITION_AREA` at the image's aspect ratio, each side rounded to a multiple of 32.
+def condition_size(width: int, height: int, area: int | None = None) -> tuple[int, int]:
+    """(width, height) the pipeline resizes a condition image of ``width`` x ``height`` to: ``area`` (default
+    :data:`CONDITION_AREA`) at the image's aspect ratio, each side rounded to a multiple of 32.
 
     Example:
         >>> condition_size(1920, 1080)
         (1376, 768)
     """
     ratio = width / height
-    w = math.sqrt(CONDITION_AREA * ratio)
+    w = math.sqrt((area or CONDITION_AREA) * ratio)
     h = w / ratio
     return round(w / 32) * 32, round(h / 32) * 32
 
@@ -71,6 +71,16 @@ def condition_image(path: Path):
         img = img.convert("RGB")
     w, h = condition_size(*img.size)
     return VaeImageProcessor(vae_scale_factor=16).resize(img, h, w)
+
+
+def pictures(path: Path) -> tuple:
+    """(the picture the processor gets, the (1, 3, 1, H, W) pixels in [-1, 1] the VAE encodes) for the condition
+    image at ``path``: ``__call__`` resizes once and preprocesses that picture at the same size, one frame."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    picture = condition_image(path)
+    w, h = picture.size
+    return picture, VaeImageProcessor(vae_scale_factor=16).preprocess(picture, h, w).unsqueeze(2)
 
 
 def image_sha256(path: Path) -> str:
@@ -116,10 +126,10 @@ def _image_text_processor():
     return ImageTextProcessor
 
 
-def encode(model, processor, caption: str, image, device: torch.device) -> torch.Tensor:
+def encode(model, processor, caption: str, image, device: torch.device, template: str = TEMPLATE) -> torch.Tensor:
     """(T, D) float32 on the CPU: the rows ``encode_prompt`` returns for one caption and its condition image
-    (already resized by :func:`condition_image`)."""
-    inputs = processor(text=[TEMPLATE.format(caption)], images=image, padding=True, return_tensors="pt").to(device)
+    (the picture :func:`pictures` gives), the caption put in ``template``."""
+    inputs = processor(text=[template.format(caption)], images=image, padding=True, return_tensors="pt").to(device)
     with torch.inference_mode():
         out = model(
             input_ids=inputs["input_ids"],
@@ -149,14 +159,10 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
 CONTROL_LATENTS = "control_latents"  # the record's (C, h, w) normalised VAE latents of the condition image
 
 
-def condition_latents(vae, image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(C, h, w) float32 on the CPU: ``_encode_vae_image`` of the condition image (already resized by
-    :func:`condition_image`) as ``__call__`` prepares it: ``VaeImageProcessor.preprocess`` at the same size
-    ([-1, 1]), one frame, the posterior's mode, ``(z - latents_mean) / latents_std`` per channel."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    w, h = image.size
-    x = VaeImageProcessor(vae_scale_factor=16).preprocess(image, h, w).unsqueeze(2).to(device, dtype)
+def condition_latents(vae, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(C, h, w) float32 on the CPU: ``_encode_vae_image`` of the condition image's pixels (from
+    :func:`pictures`): the posterior's mode, ``(z - latents_mean) / latents_std`` per channel."""
+    x = pixels.to(device, dtype)
     with torch.inference_mode():
         z = vae.encode(x).latent_dist.mode()  # (1, C, 1, h, w)
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z.device, z.dtype)

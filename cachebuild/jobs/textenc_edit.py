@@ -26,6 +26,7 @@ from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig, TextFamily
 from cachebuild.errors import ConfigError, ModelLoadError
+from cachebuild.families import family_module
 from cachebuild.families import qwenimage_edit as edit
 from cachebuild.families.text import EncoderSpec, resident
 from cachebuild.hub import weight_files
@@ -48,6 +49,7 @@ def build_textenc_edit(
     if cfg.control is None or not cfg.control.is_dir():
         raise ConfigError("qwen-image-edit encodes each caption with its condition image: pass --control DIR")
     (spec,) = specs
+    module = family_module(family.value)
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     controls = _controls(cfg.control)
     captions = _with_controls(captions, controls)
@@ -61,10 +63,11 @@ def build_textenc_edit(
             "format": cfg.format.value,
             "caption_rules": CAPTION_RULES_VERSION,
             "control_image": {
-                "area": edit.CONDITION_AREA,
+                "area": module.CONDITION_AREA,
                 "multiple": 32,
                 "vae_weights_sha256": manifest.files_sha256(weight_files(_vae_folder(spec))),
-            },
+            }
+            | ({"vae_area": module.VAE_AREA} if hasattr(module, "VAE_AREA") else {}),
             "extra_tensors": [edit.CONTROL_LATENTS],
         }
         sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
@@ -73,7 +76,7 @@ def build_textenc_edit(
         if total:
             header = {"store": TEXTENC, "family": family.value, "dtype": cfg.dtype_out.value}
             with ShardSink(manifest, TEXTENC, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
-                _encode(cfg, spec, device, captions, controls, sink, summary, total, progress)
+                _encode(cfg, module, spec, device, captions, controls, sink, summary, total, progress)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
@@ -113,7 +116,9 @@ def _with_controls(captions: CaptionScan, controls: dict[str, Path]) -> CaptionS
     return CaptionScan(replace(captions.scan, files=files), texts, bad)
 
 
-def _encode(cfg, spec, device, captions, controls, sink: ShardSink, summary: RunSummary, total, progress) -> None:
+def _encode(cfg, module, spec, device, captions, controls, sink: ShardSink, summary: RunSummary, total, progress):
+    """Pending items a page at a time: fail those without a usable image, point those whose (caption, image)
+    pair is stored, encode the rest one by one."""
     manifest = sink.manifest
     done = 0
     processor = edit.load_processor(spec.tokenizer)
@@ -137,13 +142,13 @@ def _encode(cfg, spec, device, captions, controls, sink: ShardSink, summary: Run
                 if tid in stored:
                     continue
                 try:
-                    picture = edit.condition_image(image)
+                    picture, pixels = module.pictures(image)
                 except OSError as exc:
                     sink.fail([(k, f"condition image {image} cannot be read ({exc})") for k in keys])
                     continue
-                rows = edit.encode(model, processor, text, picture, device)
+                rows = edit.encode(model, processor, text, picture, device, module.TEMPLATE)
                 out = rows.to(cfg.dtype_out.torch)
-                latents = edit.condition_latents(vae, picture, device, spec.dtype.torch).to(cfg.dtype_out.torch)
+                latents = edit.condition_latents(vae, pixels, device, spec.dtype.torch).to(cfg.dtype_out.torch)
                 if not (torch.isfinite(out).all() and torch.isfinite(latents).all()):
                     sink.fail([(k, f"encoder outputs overflow --dtype-out {cfg.dtype_out.value}") for k in keys])
                     continue
