@@ -78,6 +78,8 @@ PRESETS: dict[str, str] = {
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
 PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's docstring
+PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
+PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
 PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
 
 
@@ -240,6 +242,7 @@ class TextFamily(str, Enum):
     LUMINA2 = "lumina2"  # Gemma2's penultimate hidden state over system prompt + caption, masked: real tokens only
     SANA = "sana"  # Gemma2's last hidden state over instruction + caption, masked: row 0 and the caption's rows
     QWENIMAGE_EDIT = "qwen-image-edit"  # Qwen2.5-VL over the edit template with the item's --control image
+    QWENIMAGE_EDIT_PLUS = "qwen-image-edit-plus"  # as qwen-image-edit; the image sized 384^2 for Qwen2.5-VL
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

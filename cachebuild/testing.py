@@ -700,7 +700,9 @@ COMPONENT_CLASSES["gemma2"] = ("Gemma2Model", "GemmaTokenizerFast")
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
-def make_tiny_qwen_edit_pipeline(path: Path, init_scale: float = 1.0, max_pixels: int = 24 * 24) -> Path:
+def make_tiny_qwen_edit_pipeline(
+    path: Path, init_scale: float = 1.0, max_pixels: int = 24 * 24, cls: str = "QwenImageEditPipeline"
+) -> Path:
     """A ``QwenImageEditPipeline`` folder holding its text half: ``tokenizer/`` and ``processor/`` (the tiny Qwen
     tokenizer with Qwen2.5-VL's vision tokens, and a Qwen2-VL image processor whose 2-pixel patches, unmerged,
     match the tiny vision tower, at most ``max_pixels`` pixels), ``text_encoder/`` (a 3-layer Qwen2.5-VL whose
@@ -732,7 +734,7 @@ def make_tiny_qwen_edit_pipeline(path: Path, init_scale: float = 1.0, max_pixels
     model.save_pretrained(path / "text_encoder")
     make_tiny_qwen_vae(path / "vae")
     index = {
-        "_class_name": "QwenImageEditPipeline",
+        "_class_name": cls,  # or QwenImageEditPlusPipeline
         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
         "tokenizer": ["transformers", "Qwen2Tokenizer"],
         "processor": ["transformers", "Qwen2VLProcessor"],
