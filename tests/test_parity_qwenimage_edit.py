@@ -249,3 +249,15 @@ def test_verify_accepts_the_cache(built):
     with_rows = _expected("textenc", {"encoders": [{"name": "qwen25vl", "hidden": True, "max_length": 0}],
                                       "extra_tensors": ["control_latents"]}, {"tokens": {"qwen25vl": 308}})  # fmt: skip
     assert with_rows["qwen25vl"][0] == 308 and with_rows["control_latents"] is None
+
+
+def test_control_with_another_family_is_one_clear_error(tmp_path):
+    from cachebuild.testing import make_tiny_text_pipeline
+
+    pipe = make_tiny_text_pipeline(tmp_path / "pipe", "qwen-image")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("a cat")
+    (tmp_path / "control").mkdir()
+    result = CliRunner().invoke(cli, textenc_args(tmp_path / "data", pipe, tmp_path / "out", tmp_path / "control"))
+    assert result.exit_code == 2
+    assert "--control is for the qwen-image-edit families" in result.output
