@@ -74,7 +74,9 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
         # their condition images (qwen-image-edit, -plus): a job of its own
         from cachebuild.jobs.textenc_edit import build_textenc_edit
 
-        return build_textenc_edit(cfg, family, specs, device, start, progress)
+        return build_textenc_edit(
+            cfg, family, specs, device, start, progress, CAPTION_RULES_VERSION, TEXT_CHUNK_CAPTIONS
+        )
     if cfg.control is not None:
         raise ConfigError(f"--control is for the qwen-image-edit families; {family.value} encodes captions alone")
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)

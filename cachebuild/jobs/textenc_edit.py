@@ -30,7 +30,6 @@ from cachebuild.families import family_module
 from cachebuild.families import qwenimage_edit as edit
 from cachebuild.families.text import EncoderSpec, resident
 from cachebuild.hub import weight_files
-from cachebuild.jobs.textenc import CAPTION_RULES_VERSION, TEXT_CHUNK_CAPTIONS
 from cachebuild.sources.captions import CaptionScan, scan_captions
 from cachebuild.sources.scan import IMAGE_EXTENSIONS
 
@@ -43,9 +42,12 @@ def build_textenc_edit(
     specs: list[EncoderSpec],
     device: torch.device,
     start: float,
-    progress: ProgressFn | None = None,
+    progress: ProgressFn | None,
+    caption_rules: int,
+    page_size: int,
 ) -> RunSummary:
-    """Build or finish a qwen-image-edit text cache; the same resume rules as every other store."""
+    """Build or finish a qwen-image-edit text cache; the same resume rules as every other store.
+    ``caption_rules`` and ``page_size`` are jobs.textenc's (which this module does not import: it calls this)."""
     if cfg.control is None or not cfg.control.is_dir():
         raise ConfigError("qwen-image-edit encodes each caption with its condition image: pass --control DIR")
     (spec,) = specs
@@ -61,7 +63,7 @@ def build_textenc_edit(
             "encoders": [spec.fingerprint(manifest)],
             "dtype_out": cfg.dtype_out.value,
             "format": cfg.format.value,
-            "caption_rules": CAPTION_RULES_VERSION,
+            "caption_rules": caption_rules,
             "control_image": {
                 "area": module.CONDITION_AREA,
                 "multiple": 32,
@@ -76,7 +78,7 @@ def build_textenc_edit(
         if total:
             header = {"store": TEXTENC, "family": family.value, "dtype": cfg.dtype_out.value}
             with ShardSink(manifest, TEXTENC, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
-                _encode(cfg, module, spec, device, captions, controls, sink, summary, total, progress)
+                _encode(cfg, module, spec, device, (captions, controls), sink, summary, (total, page_size), progress)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
@@ -116,16 +118,17 @@ def _with_controls(captions: CaptionScan, controls: dict[str, Path]) -> CaptionS
     return CaptionScan(replace(captions.scan, files=files), texts, bad)
 
 
-def _encode(cfg, module, spec, device, captions, controls, sink: ShardSink, summary: RunSummary, total, progress):
+def _encode(cfg, module, spec, device, sources, sink: ShardSink, summary: RunSummary, sizes, progress):
     """Pending items a page at a time: fail those without a usable image, point those whose (caption, image)
     pair is stored, encode the rest one by one."""
     manifest = sink.manifest
+    (captions, controls), (total, page_size) = sources, sizes
     done = 0
     processor = edit.load_processor(spec.tokenizer)
     vae = edit.load_condition_vae(_vae_folder(spec), spec.dtype.torch, device)
     with resident(spec, device, cfg.offload) as model:
         summary.model_loaded = True
-        for page in manifest.item_pages(TEXTENC, PENDING, TEXT_CHUNK_CAPTIONS):
+        for page in manifest.item_pages(TEXTENC, PENDING, page_size):
             sink.fail([(r.key, captions.bad[r.key]) for r in page if r.key in captions.bad])
             groups: dict[str, tuple[str, Path, list[str]]] = {}
             for r in page:
