@@ -261,3 +261,18 @@ def test_control_with_another_family_is_one_clear_error(tmp_path):
     result = CliRunner().invoke(cli, textenc_args(tmp_path / "data", pipe, tmp_path / "out", tmp_path / "control"))
     assert result.exit_code == 2
     assert "--control is for the qwen-image-edit families" in result.output
+
+
+def test_an_undecodable_condition_image_fails_its_item(built, tmp_path):
+    from cachebuild.cache.manifest import Manifest
+
+    pipe_folder, data, control, _ = built
+    broken = tmp_path / "control"
+    broken.mkdir()
+    for key in CAPTIONS:
+        (broken / f"{key}.png").write_bytes((control / f"{key}.png").read_bytes() if key != "b" else b"not a png")
+    out = tmp_path / "cache"
+    CliRunner().invoke(cli, textenc_args(data, pipe_folder, out, broken))
+    with Manifest.open(out, create=False) as manifest:
+        failed = {row.key: row.reason for row in manifest.items("textenc", "failed")}
+    assert list(failed) == ["b"] and "condition image" in failed["b"] and "cannot be read" in failed["b"]

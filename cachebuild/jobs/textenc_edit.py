@@ -54,7 +54,7 @@ def build_textenc_edit(
     module = family_module(family.value)
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     controls = _controls(cfg.control)
-    captions = _with_controls(captions, controls)
+    captions, hashes = _with_controls(captions, controls)
     summary = RunSummary(TEXTENC, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:
         manifest.lock()
@@ -78,7 +78,9 @@ def build_textenc_edit(
         if total:
             header = {"store": TEXTENC, "family": family.value, "dtype": cfg.dtype_out.value}
             with ShardSink(manifest, TEXTENC, cfg.format.value, cfg.shard_bytes, header, summary) as sink:
-                _encode(cfg, module, spec, device, (captions, controls), sink, summary, (total, page_size), progress)
+                _encode(
+                    cfg, module, spec, device, (captions, controls, hashes), sink, summary, (total, page_size), progress
+                )
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
         return finish_run(manifest, summary, start)
@@ -101,10 +103,10 @@ def _controls(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _with_controls(captions: CaptionScan, controls: dict[str, Path]) -> CaptionScan:
-    """The scan with each item's fingerprint over its caption and its condition image, and the items without an
-    image marked bad."""
-    files, bad = [], dict(captions.bad)
+def _with_controls(captions: CaptionScan, controls: dict[str, Path]) -> tuple[CaptionScan, dict[str, str]]:
+    """The scan with each item's fingerprint over its caption and its condition image, and the items without a
+    readable image marked bad; and each usable item's image hash."""
+    files, bad, hashes = [], dict(captions.bad), {}
     for f in captions.scan.files:
         image = controls.get(f.key)
         if image is None:
@@ -112,17 +114,22 @@ def _with_controls(captions: CaptionScan, controls: dict[str, Path]) -> CaptionS
                 bad[f.key] = "no condition image under --control with this key"
             files.append(f)
             continue
-        both = hashlib.sha256(f"{f.sha256}:{edit.image_sha256(image)}".encode()).hexdigest()
-        files.append(replace(f, sha256=both))
+        try:
+            hashes[f.key] = edit.image_sha256(image)
+        except OSError as exc:
+            bad[f.key] = f"condition image {image} cannot be read ({exc.strerror or exc})"
+            files.append(f)
+            continue
+        files.append(replace(f, sha256=hashlib.sha256(f"{f.sha256}:{hashes[f.key]}".encode()).hexdigest()))
     texts = {k: t for k, t in captions.texts.items() if k not in bad}
-    return CaptionScan(replace(captions.scan, files=files), texts, bad)
+    return CaptionScan(replace(captions.scan, files=files), texts, bad), hashes
 
 
 def _encode(cfg, module, spec, device, sources, sink: ShardSink, summary: RunSummary, sizes, progress):
     """Pending items a page at a time: fail those without a usable image, point those whose (caption, image)
     pair is stored, encode the rest one by one."""
     manifest = sink.manifest
-    (captions, controls), (total, page_size) = sources, sizes
+    (captions, controls, hashes), (total, page_size) = sources, sizes
     done = 0
     processor = edit.load_processor(spec.tokenizer)
     vae = edit.load_condition_vae(_vae_folder(spec), spec.dtype.torch, device)
@@ -134,7 +141,7 @@ def _encode(cfg, module, spec, device, sources, sink: ShardSink, summary: RunSum
             for r in page:
                 if r.key in captions.texts:
                     image = controls[r.key]
-                    tid = edit.text_id(captions.texts[r.key], edit.image_sha256(image))
+                    tid = edit.text_id(captions.texts[r.key], hashes[r.key])
                     groups.setdefault(tid, (captions.texts[r.key], image, []))[2].append(r.key)
             stored = manifest.done_by_info(TEXTENC, "text_id", sorted(groups))
             reuse = [(k, *stored[tid]) for tid, (_, _, keys) in groups.items() if tid in stored for k in keys]
