@@ -268,6 +268,11 @@ _text_run_options = _options(  # how the text encoders run
         help="Keep an encoder's weights in host memory and stream them to the device block by block: auto when "
         "it does not fit the GPU's free memory (slower, same outputs).",
     ),
+    click.option(
+        "--control",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="qwen-image-edit: folder of condition images (the pictures to edit), one per caption, keyed alike.",
+    ),
 )
 
 
@@ -629,6 +634,7 @@ def _textenc_config(captions: Path, o: dict):
         batch_size=o["batch_size"],
         chunk_mb=o["chunk_mb"],
         offload=Offload(o["offload"]),
+        control=o["control"],
         **_build_settings(o),
     )
 

@@ -96,6 +96,9 @@ PRESETS: dict[str, str] = {
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
+PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's docstring
+PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
+PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
 PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
 
 
@@ -261,6 +264,8 @@ class TextFamily(str, Enum):
     FLUX2_KLEIN = "flux2-klein"  # Qwen3 hidden states 9/18/27 side by side over the chat template, masked, 512 rows
     LUMINA2 = "lumina2"  # Gemma2's penultimate hidden state over system prompt + caption, masked: real tokens only
     SANA = "sana"  # Gemma2's last hidden state over instruction + caption, masked: row 0 and the caption's rows
+    QWENIMAGE_EDIT = "qwen-image-edit"  # Qwen2.5-VL over the edit template with the item's --control image
+    QWENIMAGE_EDIT_PLUS = "qwen-image-edit-plus"  # as qwen-image-edit; the image sized 384^2 for Qwen2.5-VL
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 
@@ -308,6 +313,7 @@ class TextencConfig:
     offload: Offload = Offload.AUTO  # not in the fingerprint: streaming the weights does not change the outputs
     manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
     # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
+    control: Path | None = None  # qwen-image-edit: the folder of condition images, one per caption key
 
     def __post_init__(self) -> None:
         if not self.source.exists():

@@ -697,10 +697,58 @@ TEXT_PIPELINES |= {
 COMPONENT_CLASSES["gemma2"] = ("Gemma2Model", "GemmaTokenizerFast")
 
 
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def make_tiny_qwen_edit_pipeline(
+    path: Path, init_scale: float = 1.0, max_pixels: int = 24 * 24, cls: str = "QwenImageEditPipeline"
+) -> Path:
+    """A ``QwenImageEditPipeline`` folder holding its text half: ``tokenizer/`` and ``processor/`` (the tiny Qwen
+    tokenizer with Qwen2.5-VL's vision tokens, and a Qwen2-VL image processor whose 2-pixel patches, unmerged,
+    match the tiny vision tower, at most ``max_pixels`` pixels), ``text_encoder/`` (a 3-layer Qwen2.5-VL whose
+    one-block vision tower runs on those patches) and ``vae/``."""
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path.mkdir(parents=True, exist_ok=True)
+    make_tiny_qwen_tokenizer(path / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS]})
+    tok.save_pretrained(path / "tokenizer")
+    tok.save_pretrained(path / "processor")
+    image = Qwen2VLImageProcessorPil(
+        patch_size=2, temporal_patch_size=1, merge_size=1, min_pixels=8 * 8, max_pixels=max_pixels
+    )
+    image.save_pretrained(path / "processor")
+    config_file = path / "processor" / "preprocessor_config.json"  # the class name a hub processor folder gives
+    config = json.loads(config_file.read_text()) | {"processor_class": "Qwen2VLProcessor"}
+    config_file.write_text(json.dumps(config | {"image_processor_type": "Qwen2VLImageProcessor"}, indent=2))
+    make_tiny_qwen25vl(path / "text_encoder", path / "tokenizer", init_scale=init_scale)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_VISION_TOKENS}
+    model_config = Qwen2_5_VLConfig.from_pretrained(path / "text_encoder")
+    model_config.vision_start_token_id = ids["<|vision_start|>"]
+    model_config.vision_end_token_id = ids["<|vision_end|>"]
+    model_config.image_token_id = ids["<|image_pad|>"]
+    model_config.video_token_id = ids["<|video_pad|>"]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", config=model_config)
+    model.save_pretrained(path / "text_encoder")
+    make_tiny_qwen_vae(path / "vae")
+    index = {
+        "_class_name": cls,  # or QwenImageEditPlusPipeline
+        "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"],
+        "processor": ["transformers", "Qwen2VLProcessor"],
+        "vae": ["diffusers", "AutoencoderKLQwenImage"],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
 def main(argv: list[str]) -> int:
     makers = {"vae": make_tiny_vae, "taesd": make_tiny_taesd}
     makers |= {"qwen-image-vae": make_tiny_qwen_vae, "flux2-vae": make_tiny_flux2_vae, "dc-vae": make_tiny_dc_vae}
     makers |= {f"text-{f}": (lambda p, f=f: make_tiny_text_pipeline(p, f)) for f in TEXT_PIPELINES}
+    makers["text-qwen-image-edit"] = make_tiny_qwen_edit_pipeline
     if len(argv) != 2 or argv[0] not in makers:
         print(f"usage: python -m cachebuild.testing {{{'|'.join(makers)}}} OUT_FOLDER", file=sys.stderr)
         return 2

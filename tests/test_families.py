@@ -61,4 +61,6 @@ def test_stored_dtype_is_fp16_unless_the_module_says_otherwise():
         TextFamily.FLUX2_KLEIN,
         TextFamily.LUMINA2,
         TextFamily.SANA,
+        TextFamily.QWENIMAGE_EDIT,
+        TextFamily.QWENIMAGE_EDIT_PLUS,
     }

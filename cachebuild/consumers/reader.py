@@ -190,6 +190,7 @@ class CacheReader:
         names = [e["name"] for e in encoders if e.get("hidden")] + [
             f"{e['name']}_pooled" for e in encoders if e.get("pooled")
         ]
+        names += self.text_fingerprint.get("extra_tensors", [])  # stored beside the encoders' (qwen-image-edit)
         stored = self._read(self._text_handles, TEXTENC, key, shard, text_id, names)
         for enc in encoders:
             name = enc["name"]

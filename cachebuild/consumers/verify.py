@@ -206,14 +206,16 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
     for enc in fingerprint.get("encoders", []):
         if enc.get("hidden"):
             rows = info.get("tokens", {}).get(enc["name"]) if enc.get("trim") else enc.get("max_length")
-            if rows is not None and enc.get("trim"):
+            if enc.get("max_length") == 0:  # no length limit (qwen-image-edit): the item's info has its rows
+                rows = info.get("tokens", {}).get(enc["name"])
+            elif rows is not None and enc.get("trim"):
                 rows = _trimmed_rows(enc, rows)
             out[enc["name"]] = None if rows is None else (rows, _ANY)
             if rows is not None and enc.get("all_layers"):  # HiDream's Llama: (layers, L, D)
                 out[enc["name"]] = (_ANY, rows, _ANY)
         if enc.get("pooled"):
             out[f"{enc['name']}_pooled"] = None
-    return out
+    return out | dict.fromkeys(fingerprint.get("extra_tensors", []))  # stored beside them, any shape
 
 
 def _trimmed_rows(enc: dict, tokens: int) -> int:

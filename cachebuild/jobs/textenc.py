@@ -29,6 +29,8 @@ from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig
 from cachebuild.encode import GuardedForward, pick_device
+from cachebuild.errors import ConfigError
+from cachebuild.families import MODULES, family_module
 from cachebuild.families.text import (
     EncoderSpec,
     encoder_forward,
@@ -68,6 +70,15 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
     family, specs = resolve_encoders(cfg, device)
     if cfg.dtype_out is None:  # the family's stored dtype, resolved before it enters the fingerprint
         cfg = dataclasses.replace(cfg, dtype_out=stored_dtype(family))
+    if family.value in MODULES and hasattr(family_module(family.value), "pictures"):  # captions encoded with
+        # their condition images (qwen-image-edit, -plus): a job of its own
+        from cachebuild.jobs.textenc_edit import build_textenc_edit
+
+        return build_textenc_edit(
+            cfg, family, specs, device, start, progress, CAPTION_RULES_VERSION, TEXT_CHUNK_CAPTIONS
+        )
+    if cfg.control is not None:
+        raise ConfigError(f"--control is for the qwen-image-edit families; {family.value} encodes captions alone")
     captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
     summary = RunSummary(TEXTENC, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
