@@ -276,3 +276,27 @@ def test_an_undecodable_condition_image_fails_its_item(built, tmp_path):
     with Manifest.open(out, create=False) as manifest:
         failed = {row.key: row.reason for row in manifest.items("textenc", "failed")}
     assert list(failed) == ["b"] and "condition image" in failed["b"] and "cannot be read" in failed["b"]
+
+
+def test_out_of_memory_on_one_pair_fails_that_pair_with_the_fix(built, tmp_path, monkeypatch):
+    """One (caption, image) pair is the smallest unit: running out of memory on it fails its items with the
+    option that helps, and the run goes on with the others."""
+    from cachebuild.cache.manifest import Manifest
+    from cachebuild.families import qwenimage_edit
+
+    pipe_folder, data, control, _ = built
+    real = qwenimage_edit.encode
+
+    def short_of_memory(model, processor, text, *args, **kwargs):
+        if "hat" in text:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, processor, text, *args, **kwargs)
+
+    monkeypatch.setattr(qwenimage_edit, "encode", short_of_memory)
+    out = tmp_path / "cache"
+    result = CliRunner().invoke(cli, textenc_args(data, pipe_folder, out, control))
+    assert result.exit_code == 3, result.output  # some items failed
+    with Manifest.open(out, create=False) as manifest:
+        failed = {row.key: row.reason for row in manifest.items("textenc", "failed")}
+        done = sorted(row.key for row in manifest.items("textenc", "done"))
+    assert done == ["a", "c", "d"] and list(failed) == ["b"] and "--offload always" in failed["b"]

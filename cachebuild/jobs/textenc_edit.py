@@ -25,6 +25,7 @@ from cachebuild.cache.manifest import PENDING, TEXTENC
 from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig, TextFamily
+from cachebuild.encode import free_device_memory, is_out_of_memory
 from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.families import family_module
 from cachebuild.families import qwenimage_edit as edit
@@ -156,9 +157,17 @@ def _encode(cfg, module, spec, device, sources, sink: ShardSink, summary: RunSum
                 except OSError as exc:
                     sink.fail([(k, f"condition image {image} cannot be read ({exc})") for k in keys])
                     continue
-                rows = edit.encode(model, processor, text, picture, device, module.TEMPLATE)
-                out = rows.to(cfg.dtype_out.torch)
-                latents = edit.condition_latents(vae, pixels, device, spec.dtype.torch).to(cfg.dtype_out.torch)
+                try:
+                    rows = edit.encode(model, processor, text, picture, device, module.TEMPLATE)
+                    latents = edit.condition_latents(vae, pixels, device, spec.dtype.torch)
+                except Exception as exc:  # one pair is the smallest unit: out of memory fails it, not the run
+                    if not is_out_of_memory(exc):
+                        raise
+                    free_device_memory(device)
+                    reason = "out of device memory for this caption and image alone; run with --offload always"
+                    sink.fail([(k, reason) for k in keys])
+                    continue
+                out, latents = rows.to(cfg.dtype_out.torch), latents.to(cfg.dtype_out.torch)
                 if not (torch.isfinite(out).all() and torch.isfinite(latents).all()):
                     sink.fail([(k, f"encoder outputs overflow --dtype-out {cfg.dtype_out.value}") for k in keys])
                     continue
