@@ -22,6 +22,7 @@ from cachebuild.testing.encoders import (
 )
 from cachebuild.testing.pipelines import (
     COMPONENT_CLASSES,
+    LLM_MAKERS,
     PIPELINE_VAES,
     QWEN_VISION_TOKENS,
     TEXT_PIPELINES,
@@ -55,6 +56,7 @@ __all__ = [
     "COMPONENT_CLASSES",
     "GEMMA_SPECIALS",
     "KLEIN_TINY_LAYERS",
+    "LLM_MAKERS",
     "MISTRAL_CHAT_TEMPLATE",
     "MISTRAL_SPECIALS",
     "MISTRAL_TINY_LAYERS",

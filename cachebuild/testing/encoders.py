@@ -74,30 +74,15 @@ def make_tiny_t5(
 
 def make_tiny_qwen3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0, layers: int = 3) -> Path:
     """A ``layers``-layer (default 3) Qwen3 for the tokenizer saved at ``tokenizer``, saved as ``Qwen3ForCausalLM``
-    with tied embeddings
-    as Z-Image's text encoder is (the pipeline loads it as ``Qwen3Model``); ``init_scale`` as for
-    :func:`make_tiny_clip`."""
+    with tied embeddings as Z-Image's text encoder is (the pipeline loads it as ``Qwen3Model``); ``init_scale`` as
+    for :func:`make_tiny_clip`."""
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        initializer_range=0.02 * init_scale,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(path)
+    text = _llm_text_config(tok, init_scale, layers, max_position_embeddings=512, bos_token_id=None)
+    Qwen3ForCausalLM(Qwen3Config(**text, tie_word_embeddings=True)).save_pretrained(path)
     return path
 
 
@@ -109,22 +94,8 @@ def make_tiny_llama(path: Path, tokenizer: Path, seed: int = 0, init_scale: floa
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        initializer_range=0.02 * init_scale,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=None,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    text = _llm_text_config(tok, init_scale, 3, max_position_embeddings=256, pad_token_id=None)  # pads with EOS
+    LlamaForCausalLM(LlamaConfig(**text, tie_word_embeddings=False)).save_pretrained(path)
     return path
 
 
@@ -136,20 +107,9 @@ def make_tiny_qwen25vl(path: Path, tokenizer: Path, seed: int = 0, init_scale: f
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # head_dim 8: the multimodal rotary sections below sum to head_dim / 2
-        max_position_embeddings=2048,
-        rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
-        initializer_range=0.02 * init_scale,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = _llm_text_config(tok, init_scale, 3, max_position_embeddings=2048, bos_token_id=None)
+    del text["head_dim"]  # not a field of this config: 32 / 4 = 8, and the rotary sections below sum to 8 / 2
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
     vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=2)
     vision |= dict(spatial_merge_size=1, temporal_patch_size=1, window_size=4, fullatt_block_indexes=[0])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, initializer_range=0.02 * init_scale)
@@ -171,20 +131,7 @@ def make_tiny_mistral3(path: Path, tokenizer: Path, seed: int = 0, init_scale: f
 
     tok = TokenizersBackend.from_pretrained(tokenizer)
     torch.manual_seed(seed)
-    text = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=MISTRAL_TINY_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        initializer_range=0.02 * init_scale,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = MistralConfig(**_llm_text_config(tok, init_scale, MISTRAL_TINY_LAYERS, max_position_embeddings=512))
     vision = PixtralVisionConfig(
         hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, head_dim=8, image_size=32
     )
@@ -207,20 +154,25 @@ def make_tiny_gemma2(path: Path, tokenizer: Path, seed: int = 0, init_scale: flo
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
-    config = Gemma2Config(
+    text = _llm_text_config(tok, init_scale, 3, max_position_embeddings=8192, query_pre_attn_scalar=8)
+    Gemma2Model(Gemma2Config(**text)).save_pretrained(path)
+    return path
+
+
+def _llm_text_config(tok, init_scale: float, layers: int, **overrides) -> dict:
+    """The text-model fields every tiny LLM here shares, with ``overrides`` on top: ``tok``'s vocabulary and special
+    ids, 32 wide, four 8-wide query heads over two key/value heads, and the initial spread scaled by ``init_scale``."""
+    fields = dict(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=37,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        query_pre_attn_scalar=8,
-        max_position_embeddings=8192,
         initializer_range=0.02 * init_scale,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    Gemma2Model(config).save_pretrained(path)
-    return path
+    return fields | overrides

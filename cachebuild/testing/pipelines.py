@@ -80,6 +80,15 @@ COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's m
     "qwen3_klein": ("Qwen3ForCausalLM", "Qwen2TokenizerFast"),
     "gemma2": ("Gemma2Model", "GemmaTokenizerFast"),
 }
+LLM_MAKERS = {  # kind -> (its tokenizer's maker, its encoder's maker, the encoder maker's own options)
+    "qwen3": (make_tiny_qwen_tokenizer, make_tiny_qwen3, {}),
+    "qwen25vl": (make_tiny_qwen_tokenizer, make_tiny_qwen25vl, {}),
+    "llama": (make_tiny_llama_tokenizer, make_tiny_llama, {}),
+    # deeper than Flux2KleinPipeline's layer 27, so that none of 9/18/27 is the last
+    "qwen3_klein": (make_tiny_qwen_tokenizer, make_tiny_qwen3, {"layers": KLEIN_TINY_LAYERS}),
+    "gemma2": (make_tiny_gemma_tokenizer, make_tiny_gemma2, {}),
+    "mistral3": (make_tiny_mistral_tokenizer, make_tiny_mistral3, {}),
+}
 PIPELINE_VAES = {"qwen-image": ("AutoencoderKLQwenImage", make_tiny_qwen_vae)}  # family: its VAE, saved as vae/
 
 
@@ -97,24 +106,10 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
         PIPELINE_VAES[family][1](path / "vae")
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     for i, (enc, tok, kind) in enumerate(parts):
-        if kind == "qwen3":
-            make_tiny_qwen_tokenizer(path / tok)
-            make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale)
-        elif kind == "qwen25vl":
-            make_tiny_qwen_tokenizer(path / tok)
-            make_tiny_qwen25vl(path / enc, path / tok, seed=i, init_scale=init_scale)
-        elif kind == "llama":
-            make_tiny_llama_tokenizer(path / tok)
-            make_tiny_llama(path / enc, path / tok, seed=i, init_scale=init_scale)
-        elif kind == "qwen3_klein":  # deeper than Flux2KleinPipeline's layer 27, so that none of 9/18/27 is the last
-            make_tiny_qwen_tokenizer(path / tok)
-            make_tiny_qwen3(path / enc, path / tok, seed=i, init_scale=init_scale, layers=KLEIN_TINY_LAYERS)
-        elif kind == "gemma2":
-            make_tiny_gemma_tokenizer(path / tok)
-            make_tiny_gemma2(path / enc, path / tok, seed=i, init_scale=init_scale)
-        elif kind == "mistral3":
-            make_tiny_mistral_tokenizer(path / tok)
-            make_tiny_mistral3(path / enc, path / tok, seed=i, init_scale=init_scale)
+        if kind in LLM_MAKERS:
+            make_tokenizer, make_encoder, options = LLM_MAKERS[kind]
+            make_tokenizer(path / tok)
+            make_encoder(path / enc, path / tok, seed=i, init_scale=init_scale, **options)
         elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")

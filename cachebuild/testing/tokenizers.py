@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 WORDS = (
@@ -71,15 +72,13 @@ def make_tiny_tokenizer(path: Path, kind: str = "clip", max_length: int | None =
 def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP-style byte-pair vocabulary and merges learnt from :data:`WORDS` (each word one ``word</w>`` token),
     with ``<|startoftext|>`` and ``<|endoftext|>`` last, as in CLIP's own vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import models, pre_tokenizers
 
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator([" ".join(WORDS)], trainers.BpeTrainer(end_of_word_suffix="</w>", show_progress=False))
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
+    words = models.BPE(end_of_word_suffix="</w>")
+    bpe = _train_bpe([" ".join(WORDS)], pre_tokenizers.Whitespace(), words, end_of_word_suffix="</w>")
+    vocab, merges = _vocab_and_merges(bpe)
     vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
-    return vocab, [tuple(m) for m in model["merges"]]
+    return vocab, merges
 
 
 QWEN_CHAT_TEMPLATE = (  # Qwen3's shape in short: user/assistant turns; enable_thinking=False adds an empty think block
@@ -92,21 +91,10 @@ QWEN_CHAT_TEMPLATE = (  # Qwen3's shape in short: user/assistant turns; enable_t
 def make_tiny_qwen_tokenizer(path: Path) -> Path:
     """A byte-level BPE ``Qwen2Tokenizer`` (the class Qwen3 checkpoints name) with merges for :data:`WORDS`, the
     chat special tokens and :data:`QWEN_CHAT_TEMPLATE`; any text tokenizes (bytes at worst), nothing maps to unk."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, show_progress=False)
-    bpe.train_from_iterator([" ".join(WORDS), "user assistant"], trainer)
-    model = json.loads(bpe.to_str())["model"]
-    tok = Qwen2Tokenizer(
-        vocab=model["vocab"],
-        merges=[tuple(m) for m in model["merges"]],
-        chat_template=QWEN_CHAT_TEMPLATE,
-        model_max_length=512,
-    )
+    vocab, merges = _vocab_and_merges(_train_byte_level_bpe([" ".join(WORDS), "user assistant"]))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=QWEN_CHAT_TEMPLATE, model_max_length=512)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.add_tokens(["<think>", "</think>"])
     tok.save_pretrained(path)
@@ -116,18 +104,11 @@ def make_tiny_qwen_tokenizer(path: Path) -> Path:
 def make_tiny_llama_tokenizer(path: Path) -> Path:
     """A byte-level BPE ``PreTrainedTokenizerFast`` shaped like Llama 3.1 Instruct's: ``<|begin_of_text|>`` put
     before the text, EOS ``<|eot_id|>``, no pad token (HiDream's pipeline pads with EOS), 131072 tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     bos, eos, end = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=alphabet, special_tokens=[bos, end, eos], show_progress=False
-    )
-    bpe.train_from_iterator([" ".join(WORDS)], trainer)
+    bpe = _train_byte_level_bpe([" ".join(WORDS)], special_tokens=[bos, end, eos])
     bpe.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
     )
@@ -173,17 +154,11 @@ def make_tiny_mistral_tokenizer(path: Path) -> Path:
     """A byte-level BPE tokenizer saved like FLUX.2-dev's ``tokenizer/`` processor folder: a tokenizer.json that adds
     BOS, Tekken's control tokens, a tokenizer_config naming ``LlamaTokenizer`` and ``PixtralProcessor`` (as the real
     one does) and :data:`MISTRAL_CHAT_TEMPLATE` as ``chat_template.jinja``; any text tokenizes, nothing maps to unk."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=list(MISTRAL_SPECIALS), initial_alphabet=alphabet, show_progress=False
-    )
-    bpe.train_from_iterator([" ".join(WORDS), "You are an AI that reasons about image descriptions."], trainer)
+    corpus = [" ".join(WORDS), "You are an AI that reasons about image descriptions."]
+    bpe = _train_byte_level_bpe(corpus, special_tokens=MISTRAL_SPECIALS)
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = TokenizersBackend(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -205,21 +180,58 @@ def make_tiny_gemma_tokenizer(path: Path) -> Path:
     "▁"-joined words with byte fallback, <bos> first and right-padding not its default (Gemma pads left). Its merges
     are learnt from :data:`WORDS` and the prompts Lumina 2 and Sana put before a caption, so those take a few
     hundred tokens, not one per byte; any other text tokenizes to bytes at worst."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, normalizers, pre_tokenizers
     from transformers import GemmaTokenizer
 
     from cachebuild.families import lumina2, sana
 
     corpus = [" ".join(WORDS), lumina2.prompt_prefix(), sana.prompt_prefix()]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    bpe.normalizer = normalizers.Replace(" ", "▁")
-    bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # merges stay inside words
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=GEMMA_SPECIALS, show_progress=False)
-    bpe.train_from_iterator([c.lower() for c in corpus] + corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = dict(model["vocab"])
+    bpe = _train_bpe(
+        [c.lower() for c in corpus] + corpus,
+        pre_tokenizers.Split("▁", behavior="merged_with_next"),  # merges stay inside words
+        models.BPE(unk_token="<unk>", byte_fallback=True),
+        normalizer=normalizers.Replace(" ", "▁"),
+        vocab_size=600,
+        special_tokens=GEMMA_SPECIALS,
+    )
+    vocab, merges = _vocab_and_merges(bpe)
     vocab |= {f"<0x{b:02X}>": len(vocab) + b for b in range(256)}  # byte fallback pieces
-    merges = [tuple(m) for m in model["merges"]]
     tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, model_max_length=8192)
     tok.save_pretrained(path)
     return path
+
+
+def _train_bpe(corpus: list[str], pre_tokenizer, model=None, normalizer=None, **trainer_options):
+    """A ``tokenizers.Tokenizer`` over ``model`` (default: a plain BPE) whose merges are learnt from the texts in
+    ``corpus``; ``trainer_options`` go to ``BpeTrainer`` (``vocab_size``, ``special_tokens``, ...)."""
+    from tokenizers import Tokenizer, models, trainers
+
+    bpe = Tokenizer(model or models.BPE())
+    if normalizer is not None:
+        bpe.normalizer = normalizer
+    bpe.pre_tokenizer = pre_tokenizer
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(show_progress=False, **trainer_options))
+    return bpe
+
+
+def _train_byte_level_bpe(corpus: list[str], special_tokens: Sequence[str] = ()):
+    """:func:`_train_bpe` the GPT-2 way (Qwen's, Llama 3's, Tekken's): all 256 bytes in the alphabet, so that any
+    text tokenizes and nothing maps to unk, a 400-token vocabulary and a byte-level decoder."""
+    from tokenizers import decoders, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe = _train_bpe(
+        corpus,
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        vocab_size=400,
+        initial_alphabet=alphabet,
+        special_tokens=list(special_tokens),
+    )
+    bpe.decoder = decoders.ByteLevel()
+    return bpe
+
+
+def _vocab_and_merges(bpe) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of a trained BPE ``tokenizers.Tokenizer``, as the slow-tokenizer classes take them."""
+    model = json.loads(bpe.to_str())["model"]
+    return dict(model["vocab"]), [tuple(m) for m in model["merges"]]
