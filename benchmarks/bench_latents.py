@@ -67,6 +67,23 @@ def model_args(p: argparse.ArgumentParser, n: int, resolution: str) -> None:
     p.add_argument("--resolution", default=resolution, help=f"bucket area as one side, or W,H (default {resolution})")
 
 
+def prepare_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, str | None]:
+    """(images folder, VAE) for a run: ``--n`` generated images, and a tiny random VAE unless ``--vae`` or
+    ``--model`` names one; ``--batch-size auto`` becomes None."""
+    images = work / "images"
+    generate_images(images, args.n)
+    vae = args.vae
+    if vae is None and args.model is None:
+        from cachebuild.testing import make_tiny_vae
+
+        vae = str(work / "tiny-vae")
+        if not Path(vae, "config.json").exists():
+            make_tiny_vae(Path(vae))
+    if isinstance(args.batch_size, str):
+        args.batch_size = None if args.batch_size == "auto" else int(args.batch_size)
+    return images, vae
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     model_args(p, 200, "1024")

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_latents import (  # noqa: E402
     bucket_counts,
-    generate_images,
     in_workdir,
     latents_config,
     model_args,
+    prepare_inputs,
     time_bare_model,
 )
 
@@ -56,16 +56,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     from cachebuild.engines.base import StageTimes
     from cachebuild.jobs.latents import build_latents
 
-    images = work / "images"
-    generate_images(images, args.n)
-    vae = args.vae
-    if vae is None and args.model is None:
-        from cachebuild.testing import make_tiny_vae
-
-        vae = str(work / "tiny-vae")
-        if not Path(vae, "config.json").exists():
-            make_tiny_vae(Path(vae))
-    args.batch_size = None if args.batch_size == "auto" else int(args.batch_size)
+    images, vae = prepare_inputs(args, work)
     cfg = latents_config(args, images, work / "one", vae)
     device = pick_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -22,40 +22,25 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the local cluster names itself 127.0.0.1
 
-from bench_latents import generate_images, latents_config  # noqa: E402
+from bench_latents import in_workdir, latents_config, model_args, prepare_inputs  # noqa: E402
 from bench_pipeline import same_tensors  # noqa: E402
 
 
 def main() -> None:
-    args = parse_args()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cachebuild-bench-ray-"))
-    try:
-        run(args, work)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    in_workdir(parse_args(), run, "cachebuild-bench-ray-")
 
 
 def parse_args() -> argparse.Namespace:
-    from cachebuild.config import default_workers
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=96, help="images to generate and encode (default 96)")
-    p.add_argument("--workdir", help="keep images, model and caches here (default: a temporary folder)")
-    p.add_argument("--vae", help="VAE folder, file or hub id (default: a tiny random-weight VAE)")
-    p.add_argument("--model", help="or a preset / pipeline whose VAE is used")
-    p.add_argument("--device", help="device of the one-process run (default: the best available)")
-    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
+    model_args(p, 96, "256")
+    p.set_defaults(dtype="fp32")
     p.add_argument("--batch-size", default="4", help="a number, or auto")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode processes of the one-process run")
-    p.add_argument("--resolution", default="256", help="bucket area as one side, or W,H (default 256)")
     p.add_argument("--shard-mb", type=float, default=2.0, help="shard size; Ray writes one shard per task")
     return p.parse_args()
 
@@ -67,16 +52,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     from cachebuild.engines import ray_cluster
     from cachebuild.jobs.latents import build_latents
 
-    images = work / "images"
-    generate_images(images, args.n)
-    vae = args.vae
-    if vae is None and args.model is None:
-        from cachebuild.testing import make_tiny_vae
-
-        vae = str(work / "tiny-vae")
-        if not Path(vae, "config.json").exists():
-            make_tiny_vae(Path(vae))
-    args.batch_size = None if args.batch_size == "auto" else int(args.batch_size)
+    images, vae = prepare_inputs(args, work)
     one_cfg = dataclasses.replace(latents_config(args, images, work / "one", vae), shard_mb=args.shard_mb)
     ray_cfg = dataclasses.replace(one_cfg, out=work / "ray", device=None, engine=EngineKind.RAY, ray_address=None)
     ref_cfg = dataclasses.replace(one_cfg, out=work / "ref", workers=0)
