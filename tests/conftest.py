@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import subprocess
@@ -45,6 +46,27 @@ def dataset(tmp_path) -> Path:
         sub = "sub/" if i == 7 else ""
         write_image(root / f"{sub}img{i:03d}{suffix}", size, seed=i)
     return root
+
+
+def write_mixed_dataset(root: Path, n: int) -> Path:
+    """``n`` images in three shapes (three buckets), for runs spread over several devices or workers."""
+    for i in range(n):
+        write_image(root / f"im{i:02d}.png", [(128, 128), (160, 96), (96, 160)][i % 3], seed=i)
+    return root
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Torch on ``n`` threads inside the block: CPU kernels give last-bit differences between thread counts, so
+    a reference run uses the threads of the run it is compared with."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def done_count(out: Path) -> int:

@@ -2,41 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
 import pytest
-import torch
 
 from cachebuild.engines.devices import parse_devices
 from cachebuild.errors import ConfigError
 from cachebuild.jobs.latents import build_latents
-from tests.conftest import write_image
+from tests.conftest import torch_threads, write_mixed_dataset
 from tests.test_pipeline import assert_same_cache, make_cfg, read_cache
 
 
-@contextlib.contextmanager
 def _threads_of_one_of_two_cpu_devices():
-    """CPU kernels give results that depend on the thread count (last-bit noise): the one-device reference
-    runs with the threads each of two CPU device processes gets, half the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _dataset(root, n: int):
-    for i in range(n):
-        write_image(root / f"im{i:02d}.png", [(128, 128), (160, 96), (96, 160)][i % 3], seed=i)
-    return root
+    """The one-device reference runs with the threads each of two CPU device processes gets: half the cores."""
+    return torch_threads((os.cpu_count() or 1) // 2)
 
 
 @pytest.mark.slow  # two spawned processes each import torch and diffusers: about 40 s on two busy cores
 def test_two_cpu_devices_give_the_tensors_of_one(tmp_path, tiny_vae):
-    ds = _dataset(tmp_path / "ds", 12)
+    ds = write_mixed_dataset(tmp_path / "ds", 12)
     with _threads_of_one_of_two_cpu_devices():
         one = build_latents(make_cfg(ds, tmp_path / "one", tiny_vae, batch_size=2, flip=True))
     seen = []
@@ -52,7 +37,7 @@ def test_two_cpu_devices_give_the_tensors_of_one(tmp_path, tiny_vae):
 
 @pytest.mark.slow
 def test_losing_one_device_process_finishes_on_the_other(tmp_path, tiny_vae, caplog):
-    ds = _dataset(tmp_path / "ds", 18)
+    ds = write_mixed_dataset(tmp_path / "ds", 18)
     with _threads_of_one_of_two_cpu_devices():
         build_latents(make_cfg(ds, tmp_path / "one", tiny_vae, batch_size=1))
     killed, seen = [], []
@@ -108,7 +93,7 @@ def test_a_killed_several_device_run_resumes_to_the_same_tensors(tmp_path, tiny_
 
     from tests.conftest import done_count, kill_while_running
 
-    ds = _dataset(tmp_path / "ds", 24)
+    ds = write_mixed_dataset(tmp_path / "ds", 24)
     with _threads_of_one_of_two_cpu_devices():
         build_latents(make_cfg(ds, tmp_path / "one", tiny_vae, batch_size=2))
     out = tmp_path / "two"

@@ -18,12 +18,11 @@ import tempfile
 import time
 
 import pytest
-import torch
 
 from cachebuild.config import EngineKind
 from cachebuild.errors import ConfigError
 from cachebuild.jobs.latents import build_latents
-from tests.conftest import done_count, write_image
+from tests.conftest import done_count, torch_threads, write_mixed_dataset
 from tests.test_pipeline import assert_same_cache, make_cfg, read_cache
 
 ray = pytest.importorskip("ray")
@@ -76,21 +75,9 @@ def _bounded():
     faulthandler.cancel_dump_traceback_later()
 
 
-@contextlib.contextmanager
 def _one_thread():
     """The CPU encoder actor runs torch on one thread (CPU_ACTOR_THREADS); so does the reference run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _dataset(root, n: int):
-    for i in range(n):
-        write_image(root / f"im{i:02d}.png", [(128, 128), (160, 96), (96, 160)][i % 3], seed=i)
-    return root
+    return torch_threads(1)
 
 
 def _reference(tmp_path, ds, tiny_vae):
@@ -105,7 +92,7 @@ def _ray_cfg(ds, out, tiny_vae, address, **kw):
 
 @pytest.mark.slow
 def test_a_ray_run_gives_the_tensors_of_one_process(tmp_path, tiny_vae, cluster):
-    ds = _dataset(tmp_path / "ds", 12)
+    ds = write_mixed_dataset(tmp_path / "ds", 12)
     seen = []
     summary = build_latents(_ray_cfg(ds, tmp_path / "ray", tiny_vae, cluster.address, shard_mb=0.02), seen.append)
     assert summary.done == 12 and summary.failed == 0 and summary.pending == 0
@@ -119,7 +106,7 @@ def test_a_ray_run_gives_the_tensors_of_one_process(tmp_path, tiny_vae, cluster)
 
 @pytest.mark.slow
 def test_killing_the_encoder_actor_finishes_on_its_restart(tmp_path, tiny_vae, cluster, caplog):
-    ds = _dataset(tmp_path / "ds", 12)
+    ds = write_mixed_dataset(tmp_path / "ds", 12)
     killed = []
 
     def kill_actor(p) -> None:  # SIGKILL the encoder actor's worker process after its first shard
@@ -137,7 +124,7 @@ def test_killing_the_encoder_actor_finishes_on_its_restart(tmp_path, tiny_vae, c
 
 @pytest.mark.slow
 def test_a_killed_ray_driver_resumes_to_the_same_tensors(tmp_path, tiny_vae, cluster):
-    ds = _dataset(tmp_path / "ds", 24)
+    ds = write_mixed_dataset(tmp_path / "ds", 24)
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "cachebuild", "latents", str(ds), "--vae", str(tiny_vae), "--out", str(out)]
     cmd += ["--resolution", "128", "--min-bucket-reso", "64", "--max-bucket-reso", "256", "--dtype", "fp32"]
