@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.config import ExifMode
 from cachebuild.keys import path_text
 
 Progress = Callable[[int, int], None]  # (items done, items in all), called once per item
@@ -57,3 +58,21 @@ def same_safetensors(existing: bytes, tensors: dict[str, torch.Tensor], metadata
     if meta != metadata or sorted(got) != sorted(tensors):
         return False
     return all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def stored_image_problem(image: Path, original: tuple[int, int], exif: ExifMode, rotated: str) -> str | None:
+    """Why a trainer that reads an image as stored (its size and pixels, never the EXIF orientation) would not
+    match what the cache holds for it, or None; ``rotated`` is the reason given for a rotated image in a cache
+    built upright (``--exif apply``)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as img:
+            size, orientation = img.size, img.getexif().get(0x0112, 1)
+    except Exception as exc:  # per-item boundary: an unreadable image is refused with its reason
+        return f"cannot read the image header: {exc}"
+    if orientation not in (None, 1) and exif is ExifMode.APPLY:
+        return rotated
+    if size != original:
+        return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
+    return None

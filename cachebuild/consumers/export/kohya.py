@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cachebuild.config import ExifMode
+from cachebuild.consumers.export.files import stored_image_problem
 from cachebuild.consumers.export.kohya_lumina import (
     ItemRefused,
     LuminaTokens,
@@ -382,21 +383,13 @@ def _unusable(image: Path | None, original: tuple[int, int], exif: ExifMode = Ex
     """
     if image is None or not image.is_file():
         return "image not found under --to; sd-scripts reads caches beside their images"
-    from PIL import Image
-
-    try:
-        with Image.open(image) as img:
-            size, orientation = img.size, img.getexif().get(0x0112, 1)
-    except Exception as exc:  # per-item boundary: an unreadable image is skipped with its reason
-        return f"cannot read the image header: {exc}"
-    if orientation not in (None, 1) and exif is ExifMode.APPLY:
-        return (
-            "EXIF-rotated image: sd-scripts reads pixels unrotated and this cache holds them upright; "
-            "rebuild the latents with --exif ignore to export it"
-        )
-    if size != original:
-        return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
-    return None
+    return stored_image_problem(
+        image,
+        original,
+        exif,
+        "EXIF-rotated image: sd-scripts reads pixels unrotated and this cache holds them upright; rebuild the "
+        "latents with --exif ignore to export it",
+    )
 
 
 def _same_contents(path: Path, data: bytes, arrays: dict[str, np.ndarray]) -> bool:

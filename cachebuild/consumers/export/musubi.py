@@ -32,7 +32,13 @@ from pathlib import Path
 import torch
 
 from cachebuild.config import ExifMode
-from cachebuild.consumers.export.files import Progress, safetensors_bytes, same_safetensors, write_checked
+from cachebuild.consumers.export.files import (
+    Progress,
+    safetensors_bytes,
+    same_safetensors,
+    stored_image_problem,
+    write_checked,
+)
 from cachebuild.consumers.export.kohya import ExportSummary
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
@@ -273,24 +279,16 @@ def _centre_crop(original: tuple[int, int], bucket: tuple[int, int]) -> tuple[in
 def _image_problem(image: Path, original: tuple[int, int], exif: ExifMode = ExifMode.APPLY) -> str | None:
     """Why musubi's own caching run would not keep a file made for this image, or None. musubi reads the size
     and pixels as stored (``Image.open``, no EXIF transpose): a rotated image fits only an ``--exif ignore`` cache."""
-    from PIL import Image
-
     if not image.is_file():
         return f"image {image} not found: its size and EXIF orientation cannot be checked"
-    try:
-        with Image.open(image) as img:
-            size, orientation = img.size, img.getexif().get(0x0112, 1)
-    except Exception as exc:  # per-item boundary: an unreadable image is refused with its reason
-        return f"cannot read the image header: {exc}"
-    if orientation not in (None, 1) and exif is ExifMode.APPLY:
-        return (
-            "EXIF-rotated image: musubi reads the pixels unrotated, so its caching run would name and encode it "
-            "differently (and delete this file as not in the dataset); rebuild the latents with --exif ignore "
-            "to export it"
-        )
-    if size != original:
-        return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
-    return None
+    return stored_image_problem(
+        image,
+        original,
+        exif,
+        "EXIF-rotated image: musubi reads the pixels unrotated, so its caching run would name and encode it "
+        "differently (and delete this file as not in the dataset); rebuild the latents with --exif ignore to "
+        "export it",
+    )
 
 
 def _pick_arch(arch: str | None, reader: CacheReader) -> str:
