@@ -15,7 +15,8 @@ from cachebuild.cli import cli
 from cachebuild.config import DType, Offload
 from cachebuild.encode import GuardedForward
 from cachebuild.families import text as text_families
-from cachebuild.families.text import encoder_forward, resident, resolve_encoders, tokenize
+from cachebuild.families.text import encoder_forward, resident, resolve_encoders
+from cachebuild.families.tokens import tokenize
 from cachebuild.hub import weight_files
 from cachebuild.offload import (
     ACTIVATION_MARGIN_BYTES,

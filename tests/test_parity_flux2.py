@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cachebuild import open_cache
-from cachebuild.families import flux2
+from cachebuild.families import flux2, tokens
 from cachebuild.families import text as text_families
 from cachebuild.testing import make_tiny_flux2_vae, make_tiny_text_pipeline
 from tests.test_parity_pipelines import build_through_cli
@@ -60,7 +60,7 @@ def pixtral_processor(folder: Path):
             sys.modules.pop(m, None)
         sys.modules.update(saved)
     tokenizer = TokenizersBackend.from_pretrained(folder)
-    template = text_families.processor_chat_template(folder)
+    template = tokens.processor_chat_template(folder)
     return processor_cls(image_processor=ImageProcessingMixin(), tokenizer=tokenizer, chat_template=template)
 
 
@@ -202,11 +202,11 @@ def test_flux2_tokens_equal_the_processor_path(tmp_path):
     root = make_tiny_text_pipeline(tmp_path / "p", "flux2")
     family, (spec,) = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
     assert family.value == "flux2"
-    tok = text_families.load_tokenizer(spec)
+    tok = tokens.load_tokenizer(spec)
     processor = pixtral_processor(root / "tokenizer")
     assert type(processor).__name__ == "PixtralProcessor"
     texts = list(CAPTIONS.values())
-    ids, mask, truncated = text_families.tokenize(tok, spec, texts)
+    ids, mask, truncated = tokens.tokenize(tok, spec, texts)
     want = processor.apply_chat_template(
         diffusers_format_input(texts),
         add_generation_prompt=False,
@@ -222,7 +222,7 @@ def test_flux2_tokens_equal_the_processor_path(tmp_path):
     bos = tok.bos_token_id
     assert all(row[0] == bos and int((row == bos).sum()) == 1 for row in ids)
     assert tok.convert_tokens_to_ids("[IMG]") not in ids[2]
-    prompt = text_families.chat_prompt(tok, spec, "a cat")
+    prompt = tokens.chat_prompt(tok, spec, "a cat")
     assert prompt.startswith("<s>[SYSTEM_PROMPT]You are an AI") and prompt.endswith("[INST]a cat[/INST]")
 
 
@@ -235,11 +235,11 @@ def test_the_system_message_is_the_pipelines():
 def test_processor_chat_template_prefers_the_legacy_json(tmp_path):
     import json
 
-    assert text_families.processor_chat_template(tmp_path) is None
+    assert tokens.processor_chat_template(tmp_path) is None
     (tmp_path / "chat_template.jinja").write_text("jinja")
-    assert text_families.processor_chat_template(tmp_path) == "jinja"
+    assert tokens.processor_chat_template(tmp_path) == "jinja"
     (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "legacy"}))
-    assert text_families.processor_chat_template(tmp_path) == "legacy"
+    assert tokens.processor_chat_template(tmp_path) == "legacy"
 
 
 def test_text_ids_are_the_pipelines():
@@ -289,7 +289,7 @@ def test_a_processor_folder_without_a_chat_template_is_refused(tmp_path):
     (root / "tokenizer" / "chat_template.jinja").unlink()
     _, (spec,) = text_families.resolve_encoders(_cfg(tmp_path, root), torch.device("cpu"))
     with pytest.raises(ModelLoadError, match="chat_template"):
-        text_families.load_tokenizer(spec)
+        tokens.load_tokenizer(spec)
 
 
 def test_real_sizes_and_stored_dtype(tmp_path):

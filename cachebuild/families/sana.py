@@ -45,7 +45,7 @@ def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
     """Gemma2's last hidden state over the instruction and the lower-cased caption, right-padded and masked; row 0
     and the real rows of the last 299 positions. The tokenizer length depends on the instruction's token count, so
     the tokenizer is read here (no model)."""
-    from cachebuild.families.text import load_tokenizer
+    from cachebuild.families.tokens import load_tokenizer
 
     prefix = prompt_prefix()
     spec = ctx.llm("gemma2", "Gemma2Model", -1, MAX_LENGTH, True, prefix=prefix, lowercase=True, right_pad=True,

@@ -29,7 +29,6 @@ from cachebuild.offload import free_bytes, needed_bytes, should_offload, stream_
 log = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77  # CLIP's position table; trainers feed all 77 positions
-IMAGE_TOKEN = "[IMG]"  # a processor prompt loses it (PixtralProcessor would count it as an image slot): Flux.2
 
 
 @dataclass(frozen=True)
@@ -216,95 +215,6 @@ def kept_rows(spec: EncoderSpec, h: torch.Tensor, n: int) -> torch.Tensor:
     if spec.window:  # row 0, then the real rows among the last window - 1 positions of max_length
         return torch.cat([h[:1], h[spec.max_length - spec.window + 1 : n]]).clone()
     return h[spec.drop_rows : n + spec.extra_rows].clone()
-
-
-def load_tokenizer(spec: EncoderSpec):
-    from transformers import AutoTokenizer
-
-    if spec.processor:
-        return load_processor_tokenizer(spec)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer)
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
-    if spec.pad_with_eos:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_processor_tokenizer(spec: EncoderSpec):
-    """The text half of a PixtralProcessor folder, loaded without the processor (which needs torchvision).
-
-    ``PixtralProcessor.from_pretrained`` loads its tokenizer with ``TokenizersBackend.from_pretrained`` (the
-    folder's tokenizer.json as it is, padding on the right), not with ``AutoTokenizer``, which goes by the class
-    that tokenizer_config.json names: ``LlamaTokenizer`` for FLUX.2-dev, a class that pads on the left and builds
-    its own pre-tokenizer. The chat template is the processor's: ``chat_template.json`` first, then
-    ``chat_template.jinja``.
-    """
-    try:
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-        tokenizer = TokenizersBackend.from_pretrained(spec.tokenizer)
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the {spec.name} tokenizer from {spec.tokenizer}: {exc}") from exc
-    template = processor_chat_template(spec.tokenizer)
-    if template is None:
-        raise ModelLoadError(
-            f"{spec.tokenizer} has no chat_template.json or chat_template.jinja, which the {spec.name} processor "
-            "needs; pass a complete pipeline folder"
-        )
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-def processor_chat_template(folder: Path) -> str | None:
-    """The chat template a processor loads from ``folder``: the legacy ``chat_template.json`` wins over
-    ``chat_template.jinja``, as in ``ProcessorMixin.from_pretrained``."""
-    legacy, raw = folder / "chat_template.json", folder / "chat_template.jinja"
-    if legacy.is_file():
-        return json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
-    return raw.read_text(encoding="utf-8") if raw.is_file() else None
-
-
-def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
-    if spec.chat_template:
-        texts = [chat_prompt(tokenizer, spec, text) for text in texts]
-    if spec.lowercase:
-        texts = [text.lower().strip() for text in texts]
-    if spec.prefix:
-        texts = [spec.prefix + text for text in texts]
-    if spec.right_pad:
-        tokenizer.padding_side = "right"
-    if spec.prompt_template:
-        texts = [spec.prompt_template.format(text) for text in texts]  # the caption's own braces stay as they are
-    special = {}
-    if spec.processor:  # a processor adds no special tokens to a prompt that starts with BOS (it has them already)
-        bos = tokenizer.bos_token
-        special["add_special_tokens"] = not (bos is not None and bool(texts) and texts[0].startswith(bos))
-    enc = tokenizer(
-        texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt", **special
-    )
-    full = tokenizer(texts, truncation=False, verbose=False, **special)["input_ids"]
-    return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
-
-
-def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:
-    """``text`` as the one user message of the tokenizer's chat template, untokenized (Z-Image's prompt).
-
-    Example:
-        >>> chat_prompt(qwen_tokenizer, spec, "a cat")
-        '<|im_start|>user\\na cat<|im_end|>\\n<|im_start|>assistant\\n'
-    """
-    if spec.processor:
-        text = text.replace(IMAGE_TOKEN, "")
-    messages = [{"role": "user", "content": text}]
-    if spec.system_message:  # Flux.2: contents as typed parts, as its format_input builds them
-        messages = [
-            {"role": "system", "content": [{"type": "text", "text": spec.system_message}]},
-            {"role": "user", "content": [{"type": "text", "text": text}]},
-        ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, **dict(spec.chat_template))
 
 
 def encoder_forward(model, spec: EncoderSpec, device: torch.device):

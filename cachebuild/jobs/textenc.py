@@ -34,14 +34,13 @@ from cachebuild.families import MODULES, family_module
 from cachebuild.families.text import (
     EncoderSpec,
     encoder_forward,
-    load_tokenizer,
     output_dims,
     resident,
     resolve_encoders,
     stored_dtype,
     stored_rows,
-    tokenize,
 )
+from cachebuild.families.tokens import load_tokenizer, tokenize
 from cachebuild.offload import is_streamed
 from cachebuild.sources.captions import CaptionScan, scan_captions, text_id
 

@@ -81,7 +81,8 @@ class LuminaTokens:
 
     def __init__(self, encoder: dict, model: str | None):
         from cachebuild.config import TextencConfig, TextFamily
-        from cachebuild.families.text import load_tokenizer, resolve_encoders
+        from cachebuild.families.text import resolve_encoders
+        from cachebuild.families.tokens import load_tokenizer
 
         if model is None:
             raise ConfigError(
@@ -110,7 +111,7 @@ class LuminaTokens:
 
     def __call__(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids (L,), attention_mask (L,))`` of one caption, int64, as the text job tokenized it."""
-        from cachebuild.families.text import tokenize
+        from cachebuild.families.tokens import tokenize
 
         ids, mask, _ = tokenize(self.tokenizer, self.spec, [caption])
         return ids[0].to(torch.int64), mask[0].to(torch.int64)
