@@ -105,3 +105,33 @@ def test_a_killed_several_device_run_resumes_to_the_same_tensors(tmp_path, tiny_
     final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
     assert_same_cache(read_cache(out), read_cache(tmp_path / "one"))
+
+
+def test_a_device_killed_between_two_looks_loses_its_batch_to_the_others_not_the_run():
+    """A device process can die after the dispatcher last looked at it: the send then fails with a broken pipe,
+    which counts as that device's loss (its batch handed to another), not as the run's failure."""
+    from types import SimpleNamespace
+
+    from cachebuild.engines.devices import _Device, _Dispatcher
+    from cachebuild.images.plan import ItemPlan
+
+    class Gone:
+        def send(self, msg):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    class Alive:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, msg):
+            self.sent.append(msg)
+
+    proc = SimpleNamespace(join=lambda timeout=None: None, exitcode=-9, pid=1, sentinel=None)
+    dead, alive = _Device("cpu#0", proc, Gone(), ahead=1), _Device("cpu#1", proc, Alive(), ahead=2)
+    batch = [ItemPlan("k", "k.png", (64, 64), (64, 64), (64, 64), (0, 0))]
+    run = SimpleNamespace(report=lambda *a: None)
+    dispatcher = _Dispatcher([dead, alive], iter([batch]), 1, SimpleNamespace(store="latents"), run)
+    dispatcher._hand_out(sorted([dead, alive], key=lambda d: d.name))
+    assert not dead.alive and not dead.outstanding
+    dispatcher._hand_out([alive])
+    assert alive.conn.sent == [batch] and list(alive.outstanding) == ["k"]
