@@ -35,14 +35,16 @@ if TYPE_CHECKING:
 
 PIPELINES = {"QwenImageEditPipeline": "qwen-image-edit"}
 STORED_DTYPE = DType.BF16  # Qwen2.5-VL's hidden states pass fp16's range (families.text.stored_dtype)
-# QwenImageEditPipeline.prompt_template_encode: a system message, then the image's vision tokens and the caption
-TEMPLATE = (
+# The edit pipelines' prompt_template_encode: a system message, then the user's turn at {} (both edit pipelines
+# share it; QwenImageEditPipeline fills the turn with the image's vision tokens and the caption)
+BASE_TEMPLATE = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
     "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
     "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
-    "<|im_start|>assistant\n"
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
+VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+TEMPLATE = BASE_TEMPLATE.format(VISION_TOKENS + "{}")
 DROP = 64  # prompt_template_encode_start_idx: the template's rows before the image, not kept
 CONDITION_AREA = 1024 * 1024  # __call__'s calculate_dimensions(1024 * 1024, width / height)
 

@@ -22,16 +22,10 @@ if TYPE_CHECKING:
 
 PIPELINES = {"QwenImageEditPlusPipeline": "qwen-image-edit-plus"}
 STORED_DTYPE = DType.BF16  # Qwen2.5-VL's hidden states pass fp16's range (families.text.stored_dtype)
-# QwenImageEditPlusPipeline.prompt_template_encode, its user turn filled with _get_qwen_prompt_embeds's image
-# prompt for one image ("Picture {}: ..." at 1) before the caption's {}
-BASE_TEMPLATE = (
-    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
-    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
-    "image that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-)
-IMAGE_PROMPT = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
-TEMPLATE = BASE_TEMPLATE.format(IMAGE_PROMPT + "{}")
+# the edit template's user turn filled with _get_qwen_prompt_embeds's image prompt for one image ("Picture {}: ..."
+# at 1) before the caption's {}
+IMAGE_PROMPT = "Picture 1: " + edit.VISION_TOKENS
+TEMPLATE = edit.BASE_TEMPLATE.format(IMAGE_PROMPT + "{}")
 DROP = 64  # prompt_template_encode_start_idx
 CONDITION_AREA = 384 * 384  # CONDITION_IMAGE_SIZE: the picture the processor gets
 VAE_AREA = 1024 * 1024  # VAE_IMAGE_SIZE: the pixels the VAE encodes
