@@ -83,6 +83,14 @@ def commit_bytes(path: Path, keys: tuple[str, ...], data: bytes) -> ShardInfo:
     return ShardInfo(path.name, keys, len(data), hashlib.sha256(data).hexdigest())
 
 
+def files_sha256(files, digest=None) -> str:
+    """One hash for a set of files (a model's weights, a tokenizer folder's files): a single file's SHA-256, or
+    the SHA-256 of the files' hex digests joined in order. ``digest(path)`` gives a file's SHA-256
+    (:func:`sha256_file` by default; the manifest passes one that remembers)."""
+    parts = [(digest or sha256_file)(f) for f in files]
+    return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's bytes, read in ``HASH_CHUNK_BYTES`` pieces."""
     h = hashlib.sha256()

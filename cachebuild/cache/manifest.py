@@ -10,7 +10,6 @@ Several stores share one manifest (``latents``, ``textenc``): every table is key
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
@@ -19,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachebuild.cache.files import ShardInfo, sha256_file, shard_index
+from cachebuild.cache.files import ShardInfo, files_sha256, sha256_file, shard_index
 from cachebuild.errors import CacheError, StorageError, storage_error
 from cachebuild.keys import path_text
 
@@ -470,14 +469,15 @@ class Manifest:
     def files_sha256(self, files: tuple[Path, ...]) -> str:
         """One hash for model files (weights, tokenizers), each remembered by (path, size, mtime) so a re-run
         does not read gigabytes again."""
-        parts = []
-        for f in files:
+
+        def remembered(f: Path) -> str:
             digest = self.remembered_hash(f)
             if digest is None:
                 digest = sha256_file(f)
                 self.remember_hash(f, digest)
-            parts.append(digest)
-        return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+            return digest
+
+        return files_sha256(files, remembered)
 
     def remember_hash(self, path: Path, sha256: str) -> None:
         st = path.stat()

@@ -18,7 +18,6 @@ tokenizer hash in the text cache's fingerprint.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +95,7 @@ class LuminaTokens:
             raise ConfigError(
                 f"--model {model} is a {family.value} pipeline; pass the Lumina 2 one the text cache was built with"
             )
-        sha = files_sha256(spec.tokenizer)
+        sha = tokenizer_sha256(spec.tokenizer)
         if sha != encoder.get("tokenizer_sha256"):
             raise ConfigError(
                 f"--model {model} has another tokenizer (sha256 {sha[:12]}...) than the text cache "
@@ -117,14 +116,13 @@ class LuminaTokens:
         return ids[0].to(torch.int64), mask[0].to(torch.int64)
 
 
-def files_sha256(folder: Path) -> str:
-    """The tokenizer hash a text cache's fingerprint records (``Manifest.files_sha256`` of ``tokenizer_files``):
-    one file's SHA-256, or the SHA-256 of the files' hex digests joined in sorted order."""
-    from cachebuild.cache.files import sha256_file
+def tokenizer_sha256(folder: Path) -> str:
+    """The tokenizer hash a text cache's fingerprint records (``Manifest.files_sha256`` of ``tokenizer_files``),
+    without a manifest."""
+    from cachebuild.cache.files import files_sha256
     from cachebuild.hub import tokenizer_files
 
-    parts = [sha256_file(f) for f in tokenizer_files(folder)]
-    return parts[0] if len(parts) == 1 else hashlib.sha256("".join(parts).encode()).hexdigest()
+    return files_sha256(tokenizer_files(folder))
 
 
 def lumina_text_arrays(reader, key: str, tokens: LuminaTokens | None = None) -> dict[str, np.ndarray]:
