@@ -299,12 +299,7 @@ def run_parent_or_child(args: argparse.Namespace, parent, child, prefix: str) ->
     if args.child:
         child(args)
         return
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        parent(args, work)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    in_workdir(args, parent, prefix)
 
 
 def maxrss_bytes(who: int) -> int:

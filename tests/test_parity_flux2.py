@@ -133,16 +133,7 @@ def _encoder_inputs(pipe, family: str, text: str, template: bool = True, side: s
             enc = tok([text], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
             return enc["input_ids"], enc["attention_mask"]
         if family == "flux2":
-            enc = pipe.tokenizer.apply_chat_template(
-                diffusers_format_input([text]),
-                add_generation_prompt=False,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                padding="max_length",
-                truncation=True,
-                max_length=512,
-            )
+            enc = processor_tokens(pipe.tokenizer, [text])
         else:
             prompt = tok.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=False
@@ -151,6 +142,21 @@ def _encoder_inputs(pipe, family: str, text: str, template: bool = True, side: s
         return enc["input_ids"], enc["attention_mask"]
     finally:
         tok.padding_side = before
+
+
+def processor_tokens(processor, texts: list[str]):
+    """Flux2Pipeline's tokenization of ``texts`` through its processor: the system + user chat format, right-padded
+    to 512."""
+    return processor.apply_chat_template(
+        diffusers_format_input(texts),
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=512,
+    )
 
 
 def diffusers_format_input(prompts: list[str]):
@@ -207,16 +213,7 @@ def test_flux2_tokens_equal_the_processor_path(tmp_path):
     assert type(processor).__name__ == "PixtralProcessor"
     texts = list(CAPTIONS.values())
     ids, mask, truncated = tokens.tokenize(tok, spec, texts)
-    want = processor.apply_chat_template(
-        diffusers_format_input(texts),
-        add_generation_prompt=False,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        padding="max_length",
-        truncation=True,
-        max_length=512,
-    )
+    want = processor_tokens(processor, texts)
     assert torch.equal(ids, want["input_ids"]) and torch.equal(mask.long(), want["attention_mask"].long())
     assert truncated == [False, False, False, True]
     bos = tok.bos_token_id
