@@ -74,6 +74,21 @@ class ExifMode(str, Enum):
         return cls((fingerprint or {}).get("exif", cls.APPLY.value))
 
 
+class ColorMode(str, Enum):
+    """What decoding does with an embedded ICC profile (images.pixels)."""
+
+    NONE = "none"  # nothing: the stored values, as diffusers' load_image, sd-scripts and musubi-tuner read them
+    ICC = "icc"  # converted to sRGB (LittleCMS), so the VAE sees the colours a colour-managed viewer shows
+
+
+class AlphaMode(str, Enum):
+    """What decoding does with transparency (images.pixels)."""
+
+    DROP = "drop"  # the colour under it, alpha dropped: Pillow's convert("RGB"), as the trainers read it
+    WHITE = "white"  # composited over white
+    BLACK = "black"  # composited over black
+
+
 PRESETS: dict[str, str] = {
     # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -222,6 +237,9 @@ class LatentsConfig:
     engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
     ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
     exif: ExifMode = ExifMode.APPLY  # ignore: decode unrotated, as sd-scripts and musubi do (their exports need it)
+    color: ColorMode | None = None  # None: not set, so none, or what a cache built before the option recorded
+    alpha: AlphaMode | None = None  # None: not set, so drop, or what a cache built before the option recorded
+    alpha_mask: bool = False  # also store each image's alpha channel at bucket size (sd-scripts' --alpha_mask)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:

@@ -24,6 +24,15 @@ def tiny_vae(tmp_path_factory) -> Path:
     return make_tiny_vae(tmp_path_factory.mktemp("models") / "tiny-vae")
 
 
+@pytest.fixture(scope="session")
+def pixel_caches(tmp_path_factory, tiny_vae) -> dict[str, Path]:
+    """Files whose pixels depend on how they are read, and caches of them by both rules (tests/test_pixels.py);
+    shared by the pixel and the pixel export tests."""
+    from tests.test_pixels import build_pixel_caches
+
+    return build_pixel_caches(tmp_path_factory.mktemp("pixels"), tiny_vae)
+
+
 def write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RGB", **save_kwargs) -> Path:
     """A noise image of ``size`` (W, H), saved in the format its suffix names."""
     rng = np.random.default_rng(seed)

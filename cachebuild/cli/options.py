@@ -122,6 +122,21 @@ bucket_options = option_group(  # which bucket, resize and crop each image gets
         show_default=True,
         help="EXIF orientation: apply (upright) or ignore (pixels as stored, as sd-scripts and musubi read them).",
     ),
+    click.option(
+        "--color",
+        type=click.Choice(["none", "icc"]),
+        help="Embedded ICC profiles: none (values as stored, as diffusers and the trainers read them) or icc "
+        "(converted to sRGB). Default none; a cache built before this option keeps icc.",
+    ),
+    click.option(
+        "--alpha",
+        type=click.Choice(["drop", "white", "black"]),
+        help="Transparency: drop (the colour under it, as diffusers and the trainers read it) or composite over "
+        "white or black. Default drop; a cache built before this option keeps white.",
+    ),
+    click.option(
+        "--alpha-mask", is_flag=True, help="Also store each image's alpha at bucket size, for sd-scripts' --alpha_mask."
+    ),
 )
 
 
@@ -250,8 +265,10 @@ text_run_options = option_group(  # how the text encoders run
 def latents_config(dataset: Path, o: dict):
     """The one LatentsConfig that the latents command's options describe."""
     from cachebuild.config import (
+        AlphaMode,
         BucketConfig,
         BucketRule,
+        ColorMode,
         CropMode,
         DType,
         EngineKind,
@@ -288,6 +305,9 @@ def latents_config(dataset: Path, o: dict):
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
         exif=ExifMode(o.get("exif") or "apply"),
+        color=ColorMode(o["color"]) if o.get("color") else None,  # unset: see images.pixels.run_pixels
+        alpha=AlphaMode(o["alpha"]) if o.get("alpha") else None,
+        alpha_mask=bool(o.get("alpha_mask")),
         **build_settings(o),
     )
 

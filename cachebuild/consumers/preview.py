@@ -25,6 +25,7 @@ from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import decode
+from cachebuild.images.pixels import REFERENCE, Pixels, recorded_pixels
 from cachebuild.images.plan import ItemPlan
 from cachebuild.keys import fs_path
 
@@ -100,10 +101,11 @@ def preview_cache(
     canvas = Image.new("RGB", summary.size, BACKGROUND)
     paths = reader.source_paths()
     exif = ExifMode.recorded(reader.fingerprint)  # read each source as the encoder did
+    pixels = recorded_pixels(reader.fingerprint)
     for i, key in enumerate(keys):
         cols = math.ceil(math.sqrt(len(keys)))
         x, y = PAD + (i % cols) * (2 * tile + 3 * PAD), PAD + (i // cols) * (tile + PAD)
-        source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif)
+        source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif, pixels)
         _paste_fitted(canvas, source, x, y, tile)
         _paste_fitted(canvas, _decode(vae, reader[key]["latents"], frames), x + tile + PAD, y, tile)
     canvas.save(out, format="PNG")
@@ -137,7 +139,13 @@ def _decode(vae, latents: torch.Tensor, frames: bool = False) -> Image.Image:
 
 
 def _source_crop(
-    key: str, info: dict, rel: str | None, dataset, summary: PreviewSummary, exif: ExifMode = ExifMode.APPLY
+    key: str,
+    info: dict,
+    rel: str | None,
+    dataset,
+    summary: PreviewSummary,
+    exif: ExifMode = ExifMode.APPLY,
+    pixels: Pixels = REFERENCE,
 ) -> Image.Image:
     """The bucket-sized pixels the encoder saw, re-read through the loader; a placeholder when it cannot be."""
     w, h = info["bucket"]
@@ -145,7 +153,7 @@ def _source_crop(
         return Image.new("RGB", (w, h), PLACEHOLDER)
     path = Path(dataset) / fs_path(rel)  # the stored text names the file's real bytes
     original, resized, crop = tuple(info["original_size"]), tuple(info["resized"]), tuple(info["crop"])
-    plan = ItemPlan(key, str(path), original, (w, h), resized, crop, exif)
+    plan = ItemPlan(key, str(path), original, (w, h), resized, crop, exif, Pixels(pixels.color, pixels.alpha))
     try:
         return Image.fromarray(decode(plan, MAX_PIXELS), "RGB")
     except (ItemError, OSError) as exc:

@@ -78,7 +78,8 @@ class CacheReader:
 
     A record (``cache[key]``) is a dict: ``key``; ``latents`` (C, H/f, W/f), raw as stored; ``original_size``
     (W, H) after EXIF rotation; ``crop`` (left, top) of the bucket in the resized image; ``bucket`` (W, H);
-    ``flip``; and ``latents_flipped`` when the cache was built with ``--flip-aug``.
+    ``flip``; ``latents_flipped`` when the cache was built with ``--flip-aug``; and ``alpha_mask`` (H, W) float32
+    in [0, 1], the image's alpha at the bucket's size (unflipped), when it was built with ``--alpha-mask``.
 
     With text outputs joined, a record also holds each stored text tensor by name (``clip_l`` (77, D),
     ``clip_g_pooled`` (D,), ...); T5 outputs, stored trimmed, come back padded with zeros to the max length
@@ -152,6 +153,8 @@ class CacheReader:
             z = self._latents(tensors, suffix)
             if z is not None:
                 record["latents" + suffix] = z
+        if "alpha_mask" in tensors:  # stored 0..255; as sd-scripts hands it to its loss: alpha / 255 in float32
+            record["alpha_mask"] = tensors["alpha_mask"].float() / 255.0
         if key in self._text:
             record |= self.text_tensors(key, t5_max_length)
         return record
@@ -250,11 +253,13 @@ class CacheReader:
         return self._entry(key)[0]
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
-        """The item's stored tensors by name (``latents``, or ``mean``/``std`` for moments; ``*_flipped``)."""
+        """The item's stored tensors by name (``latents``, or ``mean``/``std`` for moments; ``*_flipped``;
+        ``alpha_mask`` (H, W) uint8 with ``--alpha-mask``)."""
         shard, _, info = self._entry(key)
         flip = json.loads(info).get("flip", False)
         names = ["mean", "std"] if self.latents_mode == "moments" else ["latents"]
         names += [n + "_flipped" for n in names] if flip else []
+        names += ["alpha_mask"] if self.fingerprint.get("alpha_mask") else []
         return self._read(self._handles, LATENTS, key, shard, key, names)
 
     # -- torch -----------------------------------------------------------------------------------------

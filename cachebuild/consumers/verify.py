@@ -178,6 +178,8 @@ def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str,
     found = []
     stored = fingerprint.get("dtype_out")
     want_dtype = DType(stored).torch if stored in ("fp32", "fp16", "bf16") else None
+    if name.endswith("/alpha_mask"):  # --alpha-mask: the alpha channel itself, 0..255
+        want_dtype = torch.uint8
     if want_dtype is not None and t.dtype != want_dtype:
         found.append(Problem(store, f"{name} is {t.dtype}, expected {want_dtype}", key, shard))
     if shape is not None and tuple(t.shape) != tuple(shape):
@@ -201,7 +203,8 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         else:
             names = ["latents"]
         names += [n + "_flipped" for n in names] if info.get("flip") else []
-        return dict.fromkeys(names, shape)
+        mask = {"alpha_mask": (h, w)} if fingerprint.get("alpha_mask") else {}  # pixels, the bucket's size
+        return dict.fromkeys(names, shape) | mask
     out: dict[str, tuple | None] = {}
     for enc in fingerprint.get("encoders", []):
         if enc.get("hidden"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from cachebuild.cache.manifest import Manifest
@@ -66,6 +67,7 @@ class Encoded:
     items: list[ItemPlan]  # items that decoded, in order
     outputs: HostOutputs  # per item of ``items``: host tensors (once ``ready()``) or a failure reason
     failures: list[tuple[ItemPlan, str]]  # items that failed to decode
+    alpha: np.ndarray | None = None  # (B, H, W) uint8 per item of ``items``: its alpha channel, with --alpha-mask
 
 
 @dataclass

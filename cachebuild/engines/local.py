@@ -116,7 +116,7 @@ def drive_device(
             if times:
                 times.add("copy_out", start)
         start = time.perf_counter()
-        put(Encoded(loaded.items, outputs, loaded.failures))
+        put(Encoded(loaded.items, outputs, loaded.failures, loaded.alpha))  # the alpha masks never visit the device
         if times:
             times.add("write_wait", start)
             times.images += len(loaded.items)

@@ -39,6 +39,7 @@ from cachebuild.families.vae import DETERMINISTIC_CLASSES, VaeEncoder, VaeFamily
 from cachebuild.hub import ResolvedVae, resolve_vae
 from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
+from cachebuild.images.pixels import Pixels, run_pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
@@ -82,7 +83,12 @@ def build_latents(
     summary = RunSummary(LATENTS, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
-        fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
+        # unset pixel options continue a cache from before them the old way (images.pixels); --rebuild starts anew
+        pixels, pixel_fields = run_pixels(
+            cfg.color, cfg.alpha, cfg.alpha_mask, None if cfg.rebuild else manifest.fingerprint(LATENTS)
+        )
+        weights = manifest.files_sha256(vae.weight_files)
+        fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields)
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
@@ -93,7 +99,7 @@ def build_latents(
         tally = _Tally(total=manifest.counts(LATENTS)[PENDING])
         if tally.total:
             engine = make_engine(cfg)
-            batches = _plan_batches(manifest, cfg, summary, tally, engine.plan_batch_size(cfg.batch_size))
+            batches = _plan_batches(manifest, cfg, summary, tally, engine.plan_batch_size(cfg.batch_size), pixels)
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
             if first is not None:
                 stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family))
@@ -151,7 +157,7 @@ class LatentsStages:
         cfg, out_dtype = self.cfg, self.cfg.dtype_out.torch
         finisher = VaeEncoder(None, self.family, torch.device("cpu"), self.dtype, cfg.latents, cfg.flip, cfg.seed)
         failures = [(item.key, reason) for item, reason in encoded.failures]
-        for item, raw in zip(encoded.items, encoded.outputs.ready(), strict=True):
+        for i, (item, raw) in enumerate(zip(encoded.items, encoded.outputs.ready(), strict=True)):
             res = finisher.finish(item.key, raw)
             if res.tensors is None:
                 failures.append((item.key, res.reason))
@@ -160,6 +166,8 @@ class LatentsStages:
             if not all(torch.isfinite(t).all() for t in tensors.values()):
                 failures.append((item.key, f"latents overflow --dtype-out {cfg.dtype_out.value}; use fp32"))
                 continue
+            if encoded.alpha is not None:  # (H, W) uint8 at the bucket's size, copied out of the batch's array
+                tensors["alpha_mask"] = torch.from_numpy(encoded.alpha[i].copy())
             meta = _item_meta(item, cfg)
             sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
         sink.fail(failures)
@@ -174,8 +182,11 @@ def _reporter(run: Run, tally: _Tally, progress: ProgressFn | None):
     return report
 
 
-def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str) -> dict:
-    """Every setting that changes the bytes of a latent cache, and nothing else."""
+def latents_fingerprint(
+    cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str, pixel_fields: dict | None = None
+) -> dict:
+    """Every setting that changes the bytes of a latent cache, and nothing else. ``pixel_fields``: what
+    ``images.pixels.run_pixels`` gave for the cache (None: those of a new cache with ``cfg``'s options)."""
     b = cfg.buckets
     fp = {
         "vae": {
@@ -200,7 +211,9 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
         fp["seed"] = cfg.seed  # only where randomness reaches the bytes
     if cfg.exif is ExifMode.IGNORE:
         fp["exif"] = cfg.exif.value  # only when ignored: caches built before the option (applied) still match
-    return fp
+    if pixel_fields is None:
+        pixel_fields = run_pixels(cfg.color, cfg.alpha, cfg.alpha_mask, None)[1]
+    return fp | pixel_fields  # each only where set; a cache from before the modes keeps its loader_version
 
 
 @dataclass
@@ -212,7 +225,7 @@ class _Tally:
 
 
 def _plan_batches(
-    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally, batch_size: int
+    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally, batch_size: int, pixels: Pixels
 ) -> Iterator[list[ItemPlan]]:
     """Bucket batches of the pending items, planned one chunk of ``PLAN_CHUNK_ITEMS`` at a time, lazily.
 
@@ -223,13 +236,19 @@ def _plan_batches(
     bucket_plan = BucketPlan(cfg.buckets)
     with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
         for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
-            plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary)
+            plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary, pixels)
             tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
             yield from batch_by_bucket(plans, batch_size)
 
 
 def _plan_chunk(
-    manifest: Manifest, cfg: LatentsConfig, bucket_plan: BucketPlan, pool: ThreadPoolExecutor, pending, summary
+    manifest: Manifest,
+    cfg: LatentsConfig,
+    bucket_plan: BucketPlan,
+    pool: ThreadPoolExecutor,
+    pending,
+    summary,
+    pixels: Pixels,
 ) -> list[ItemPlan]:
     """Header reads (threaded) and geometry for one chunk of pending items; unreadable ones fail here."""
     root = cfg.dataset.resolve()
@@ -238,7 +257,7 @@ def _plan_chunk(
         path = str(root / fs_path(row.path))  # the stored text names the file's real bytes (keys.fs_path)
         try:
             size = read_size(path, cfg.max_pixels, cfg.exif)
-            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif), None
+            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif, pixels), None
         except ItemError as exc:
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
