@@ -20,6 +20,7 @@ from cachebuild.cli.options import (
     bucket_options,
     build_options,
     caption_options,
+    clip_options,
     latents_config,
     latents_options,
     model_spec,
@@ -89,16 +90,19 @@ def cli(verbose: int) -> None:
 @vae_options
 @bucket_options
 @latents_options
+@clip_options
 @output_options
 @_library_errors
 def latents(dataset, quiet, as_json, **opts):
     """Encode every image under DATASET into VAE latents in --out.
 
+    For a video VAE (Wan), videos become clips (--frames, --extract), one item each, and images one-frame items.
     Killed or crashed? Run the same command again: it continues where it stopped.
 
     \b
     Example:
       cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
+      cachebuild latents ./clips --vae ./wan-vae --frames 17,33,81 --out ./cache
     """
     from cachebuild.jobs.latents import build_latents
 
