@@ -33,7 +33,7 @@ class VideoHeader:
     size: tuple[int, int]  # (W, H) as displayed: the rotation applied
     rotation: int  # degrees counterclockwise the stored frames turn to be displayed: 0, 90, 180 or 270
     frames: int  # frames after --fps (all of them without it)
-    fps: float  # the source's average rate: frames over the time they span
+    fps: float  # the source's rate as its container states it (FFmpeg's average rate), else frames over their span
     kind: str = VIDEO
     time_base: tuple[int, int] = (1, 1)  # of the video stream's timestamps (seconds per tick)
     start_pts: int = 0  # the first frame's timestamp: times count from here
@@ -80,6 +80,7 @@ def probe(path: str, kind: str, fps: Fraction | None, source_fps: Fraction | Non
             _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
             pts, keys, rotation = _timestamps(container, stream)
             declared = container.duration / 1_000_000 if container.duration else None
+            stated = float(stream.average_rate) if stream.average_rate else None
             w, h = stream.codec_context.width, stream.codec_context.height
     except ItemError:
         raise
@@ -102,7 +103,7 @@ def probe(path: str, kind: str, fps: Fraction | None, source_fps: Fraction | Non
             seek.append([p, i, before, pts[i - 1] if i else None])
         before += keep
     size = (h, w) if rotation in (90, 270) else (w, h)
-    rate = float(len(times) / span) if span else 0.0
+    rate = stated or (float(len(times) / span) if span else 0.0)
     return VideoHeader(size, rotation, before, rate, VIDEO, (tb.numerator, tb.denominator), pts[0], seek)
 
 
