@@ -18,7 +18,6 @@ from cachebuild import open_cache
 from cachebuild.cli import cli
 from cachebuild.consumers.verify import verify_cache
 from cachebuild.keys import split_clip_key
-from cachebuild.testing import make_tiny_wan_vae
 from cachebuild.testing.videos import clip_frames, write_video
 
 TOLERANCE = 1e-5  # relative difference allowed against the pipeline, in fp32
@@ -56,10 +55,10 @@ def pipeline_latents(vae_folder: Path, frames: np.ndarray) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, tiny_wan_vae):
     """(vae folder, {key: frames}, cache) built through the CLI."""
     root = tmp_path_factory.mktemp("wan")
-    vae = make_tiny_wan_vae(root / "vae")
+    vae = tiny_wan_vae
     frames = {key: clip_frames(n, SIZE, seed=i) for i, (key, n) in enumerate(VIDEOS.items())}
     for key, pixels in frames.items():
         write_video(root / "data" / f"{key}.mkv", pixels)
