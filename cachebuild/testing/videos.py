@@ -23,19 +23,22 @@ def write_video(
     times: list[float] | None = None,
     rotation: int = 0,
     audio: bool = False,
+    pix_fmt: str | None = None,
+    options: dict | None = None,
 ) -> Path:
     """Write (n, H, W, 3) uint8 ``frames`` to ``path`` with PyAV. FFV1 in RGB (bgr0) is lossless, so decoding gives
     the frames back exactly; ``times`` (seconds, ascending) gives each frame its own timestamp (a variable rate);
-    ``rotation`` sets the display matrix (degrees counterclockwise); ``audio`` adds a silent audio stream."""
+    ``rotation`` sets the display matrix (degrees counterclockwise); ``audio`` adds a silent audio stream;
+    ``pix_fmt`` and ``options`` (codec options such as {"g": "8", "bf": "2"}) override the codec's defaults."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tick = Fraction(1, 1000)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000), options=options or {})
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = {"ffv1": "bgr0", "png": "rgb24"}.get(codec, "yuv420p")
-        stream.time_base = tick
+        stream.pix_fmt = pix_fmt or {"ffv1": "bgr0", "png": "rgb24"}.get(codec, "yuv420p")
+        stream.time_base = stream.codec_context.time_base = tick  # milliseconds: any timestamp, not 1/fps steps
         if rotation:
             stream.set_display_rotation(rotation)
         sound = container.add_stream("pcm_s16le", rate=8000) if audio else None
@@ -69,4 +72,13 @@ def write_audio_only(path: Path) -> Path:
         samples.sample_rate, samples.pts = 8000, 0
         for packet in [*sound.encode(samples), *sound.encode()]:
             container.mux(packet)
+    return path
+
+
+def write_gif(path: Path, frames: np.ndarray, ms: int = 100) -> Path:
+    """An animated GIF of (n, H, W, 3) ``frames`` (one flat colour each reads back exactly), ``ms`` per frame."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=ms, loop=0)
     return path

@@ -79,7 +79,7 @@ def probe(path: str, kind: str, fps: Fraction | None, source_fps: Fraction | Non
             stream = container.streams.video[0]
             _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
             pts, keys, rotation = _timestamps(container, stream)
-            declared = container.duration / 1_000_000 if container.duration else None
+            declared = _stated_duration(container, stream)
             stated = float(stream.average_rate) if stream.average_rate else None
             w, h = stream.codec_context.width, stream.codec_context.height
     except ItemError:
@@ -119,7 +119,10 @@ def open_reason(path: str, exc: Exception) -> str:
         pass
     if "moov atom not found" in text or "End of file" in text or "truncat" in text.lower():
         return f"file is truncated ({text}); re-copy it from the original"
-    return f"FFmpeg cannot read it as a video ({type(exc).__name__}: {text}); convert it or remove it"
+    return (
+        f"FFmpeg cannot read it as a video ({type(exc).__name__}: {text}): it is damaged, truncated or not a video "
+        "format FFmpeg knows; re-copy or convert it, or remove it"
+    )
 
 
 def _timestamps(container, stream) -> tuple[list[int], set[int], int]:
@@ -152,6 +155,22 @@ def _times(pts: list[int], tb: Fraction, source_fps: Fraction | None) -> list[Fr
     if source_fps is not None:  # the user's rate replaces the timestamps: frame i shows at i / rate
         return [Fraction(i) / source_fps for i in range(len(pts))]
     return [(p - pts[0]) * tb for p in pts]
+
+
+def _stated_duration(container, stream) -> float | None:
+    """Seconds the video stream says it lasts: its own duration (mp4, mov), its DURATION tag (Matroska, WebM), else
+    the container's (the longest stream's: a longer audio stream there could make a whole video look cut, so the
+    video's own duration comes first)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            pass
+    return container.duration / 1_000_000 if container.duration else None
 
 
 def _no_video_reason(container) -> str:
