@@ -76,7 +76,7 @@ def test_every_clip_equals_the_pipelines_prepare_latents(built):
     cache = open_cache(out)
     # chunk: 14 frames -> 5-frame clips at 0 and 5 and a 9-frame clip at 0; 7 frames -> one 5-frame clip
     assert cache.keys() == ["run/fast@00000-005", "walk@00000-005", "walk@00000-009", "walk@00005-005"]
-    for key in cache.keys():
+    for key in cache:
         video, start, n = split_clip_key(key)
         got = cache.pipeline_inputs(key, family="wan")["latents"]
         want = pipeline_latents(vae, frames[video][start : start + n])[0]
