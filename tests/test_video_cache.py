@@ -64,7 +64,7 @@ def test_each_clip_joins_its_videos_caption_encoded_once(video_cache):
 
 def test_the_sampler_batches_one_shape_of_frames_height_and_width(video_cache):
     cache = open_cache(video_cache)
-    assert [cache.bucket(k) for k in cache.keys()] == [(32, 32, 1), (32, 32, 5), (32, 16, 5), (32, 16, 9)]
+    assert [cache.bucket(k) for k in cache] == [(32, 32, 1), (32, 32, 5), (32, 16, 5), (32, 16, 9)]
     loader = torch.utils.data.DataLoader(cache.dataset(), batch_sampler=cache.bucket_sampler(batch_size=4))
     batches = list(loader)
     assert len(batches) == 4  # four shapes, one batch each
