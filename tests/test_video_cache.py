@@ -98,3 +98,17 @@ def test_sigkill_during_a_long_video_then_rerun_equals_an_uninterrupted_run(tmp_
     assert final.returncode == 0, final.stderr
     assert_same_cache(read_cache(out), whole)
     assert all(np.isfinite(t.numpy()).all() for item in whole.values() for t in item.values())
+
+
+def test_preview_shows_first_middle_and_last_frames_beside_the_source(video_cache, tiny_wan_vae, tmp_path):
+    from cachebuild.config import ModelSpec
+    from cachebuild.consumers.preview import PAD, preview_cache, tile_array
+
+    tile = 48
+    summary = preview_cache(video_cache, ModelSpec(vae=str(tiny_wan_vae)), tmp_path / "p.png", n=4, tile=tile)
+    assert summary.keys == open_cache(video_cache).keys() and not summary.missing_sources
+    grid = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    i = summary.keys.index("walk@00000-009")  # frames 0, 4 and 8 of walk.mkv, side by side
+    x, y = PAD + (i % 2) * (2 * tile + 3 * PAD), PAD + (i // 2) * (tile + PAD)
+    want = tile_array(Image.fromarray(np.concatenate(list(clip_frames(10, (32, 16), seed=0)[[0, 4, 8]]), axis=1)), tile)
+    assert np.array_equal(grid[y : y + tile, x : x + tile], want)

@@ -29,9 +29,8 @@ from cachebuild.sources.scan import ANIMATION_EXTENSIONS, IMAGE_EXTENSIONS, VIDE
 from cachebuild.storage import is_url
 from cachebuild.video.clips import check_frame_rule, clip_spans
 from cachebuild.video.plan import ClipPlan, plan_clip, plan_image
-from cachebuild.video.probe import ANIMATION, VIDEO, VideoHeader, is_animated, probe
+from cachebuild.video.probe import ANIMATION, HEADER_META, VIDEO, VideoHeader, is_animated, probe
 
-HEADER_META = "video:"  # manifest meta key prefix: the remembered header of each video file, by relative path
 CLIP_LOADER_VERSION = 1  # bump when clip decoding changes the pixels handed to the encoder; in the fingerprint
 PROBE_THREADS = 4  # videos probed at once: demuxing is mostly I/O, and FFmpeg releases the GIL while it reads
 

@@ -96,3 +96,21 @@ def plan_image(
     size = buckets.select(original)
     resized, cut = buckets.resize_and_crop(original, size, crop, seed, key)
     return ClipPlan(key, path, original, (*size, 1), resized, cut, 0, IMAGE, exif=exif)
+
+
+def plan_from_record(
+    key: str, path: str, info: dict, header: VideoHeader | None, clips: dict, exif: ExifMode = ExifMode.APPLY
+) -> ClipPlan:
+    """The plan of a stored clip, rebuilt from its record (``info``), its video's remembered header and the cache
+    fingerprint's ``clips`` object, to decode its source frames again (preview). ``header`` None: an image."""
+    bucket = (*info["bucket"], info.get("frames", 1))
+    geometry = (tuple(info["original_size"]), bucket, tuple(info["resized"]), tuple(info["crop"]))
+    if header is None:
+        return ClipPlan(key, path, *geometry, 0, IMAGE, exif=exif)
+    fps, source = (None if clips.get(k) is None else Fraction(clips[k]) for k in ("fps", "source_fps"))
+    return ClipPlan(
+        key, path, *geometry, info["start"], header.kind, header.rotation, tuple(header.seek_point(info["start"])),
+        header.time_base, header.start_pts,
+        None if fps is None else (fps.numerator, fps.denominator),
+        None if source is None else (source.numerator, source.denominator),
+    )  # fmt: skip

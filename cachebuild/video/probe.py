@@ -22,6 +22,8 @@ from cachebuild.video.clips import kept
 VIDEO = "video"  # decoded by FFmpeg (PyAV)
 ANIMATION = "animation"  # an animated GIF or WebP, decoded by Pillow
 IMAGE = "image"  # a still image in a video dataset: a clip of one frame, decoded as images are
+HEADER_META = "video:"  # manifest meta key prefix: each video file's remembered header, by its relative path
+# ({"fp": source fingerprint, "settings": [fps, source fps], "header": VideoHeader.as_json() or "reason": why not})
 TRUNCATION_SLACK_S = 0.5  # frames may end this much (plus two frames) before the container's stated duration
 # without the file counting as truncated: containers round durations and count the last frame's display time
 
