@@ -112,3 +112,24 @@ def test_preview_shows_first_middle_and_last_frames_beside_the_source(video_cach
     x, y = PAD + (i % 2) * (2 * tile + 3 * PAD), PAD + (i // 2) * (tile + PAD)
     want = tile_array(Image.fromarray(np.concatenate(list(clip_frames(10, (32, 16), seed=0)[[0, 4, 8]]), axis=1)), tile)
     assert np.array_equal(grid[y : y + tile, x : x + tile], want)
+
+
+@pytest.mark.gpu
+def test_a_clip_encodes_on_cuda_as_on_the_cpu_and_its_peak_is_measured(tiny_wan_vae):
+    from cachebuild.config import DType, LatentsMode, ModelSpec
+    from cachebuild.families.vae import VaeEncoder, family_of, load_vae
+    from cachebuild.hub import resolve_vae
+
+    resolved = resolve_vae(ModelSpec(vae=str(tiny_wan_vae)))
+    family = family_of(resolved, None)
+    clip = torch.from_numpy(clip_frames(9, (32, 32), seed=4))[None]  # (1, F, H, W, 3)
+    outs = []
+    for name in ("cpu", "cuda"):
+        device = torch.device(name)
+        model = load_vae(resolved, family, torch.float32, device)
+        encoder = VaeEncoder(model, family, device, DType.FP32, LatentsMode.MEAN, False, 0)
+        outs.append(encoder.encode(["k"], clip)[0].tensors["latents"])
+        if name == "cuda":
+            peaks = [encoder.peak(1, (32, 32, n)) for n in (5, 9, 17)]
+            assert all(p is not None and p > 0 for p in peaks)
+    assert outs[0].shape == (4, 3, 8, 8) and torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
