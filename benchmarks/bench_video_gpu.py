@@ -52,7 +52,8 @@ def measure(vae: str | None, size: tuple[int, int], frames: str, dtype: str, dev
     torch.cuda.synchronize(dev)
     weights = torch.cuda.memory_allocated(dev)
     w, h = size
-    lines = [f"{family.cls} at {w}x{h}, {dtype}; weights {weights / 2**30:.2f} GiB on {torch.cuda.get_device_name(dev)}"]
+    card = torch.cuda.get_device_name(dev)
+    lines = [f"{family.cls} at {w}x{h}, {dtype}; weights {weights / 2**30:.2f} GiB on {card}"]
     lines.append(f"{'frames':>6}  {'peak above weights':>18}  {'s/clip':>7}  {'clip as fp32':>12}")
     for n in (int(v) for v in frames.split(",")):
         encoder.peak(1, (w, h, n))  # warm-up: kernels chosen, allocator grown
