@@ -48,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--workers", type=int, default=1, help="decode processes (default 1)")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--shard-mb", type=float, default=1.0, help="shard size, MiB (default 1: many shards per run)")
+    p.add_argument("--shard-mb", type=float, default=0.01, help="shard size, MiB (default 0.01: many shards per run)")
     p.add_argument("--workdir", help="keep videos and caches here (default: a temporary folder, removed)")
     p.add_argument("--child", nargs=3, metavar=("DATASET", "OUT", "VAE"), help=argparse.SUPPRESS)
     return p.parse_args()

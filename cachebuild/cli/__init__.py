@@ -102,7 +102,7 @@ def latents(dataset, quiet, as_json, **opts):
     \b
     Example:
       cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
-      cachebuild latents ./clips --vae ./wan-vae --frames 17,33,81 --out ./cache
+      cachebuild latents ./clips --model wan2.1-t2v-14b --frames 17,33,81 --out ./cache
     """
     from cachebuild.jobs.latents import build_latents
 

@@ -12,6 +12,7 @@ its own key, with the reason.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -105,6 +106,8 @@ def expand_clips(manifest: Manifest, scan: ScanResult, cfg: LatentsConfig, famil
     fps, source = rates(cfg.clips, family)
     settings = [None if fps is None else str(fps), None if source is None else str(source)]
     media = [f for f in scan.files if f.reason is None and _suffix(f) in VIDEO_EXTENSIONS | ANIMATION_EXTENSIONS]
+    if any(_suffix(f) in VIDEO_EXTENSIONS for f in media) and importlib.util.find_spec("av") is None:
+        raise ConfigError("the dataset holds videos, which are read with PyAV: pip install 'cachebuild[video]'")
     remembered = {f.path: manifest.get_meta(HEADER_META + f.path) for f in media}
     stale = [f for f in media if not _fresh(remembered[f.path], f, settings)]
 
