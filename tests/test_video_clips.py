@@ -137,3 +137,18 @@ def test_clip_options_are_refused_for_an_image_vae(tmp_path, tiny_vae):
     args = ["latents", str(data), "--vae", str(tiny_vae), "--out", str(tmp_path / "c"), "--frames", "17"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "are for video VAEs" in result.output
+
+
+def test_auto_batch_size_is_searched_per_width_height_and_frames():
+    from cachebuild.engines.batchsize import BatchSizer
+
+    seen = []
+
+    def peak(n: int, bucket: tuple[int, ...]) -> int:
+        seen.append(bucket)
+        return n * bucket[0] * bucket[1] * bucket[2]  # bytes grow with every side of the clip
+
+    sizer = BatchSizer(None, label="gpu", budget=64 * 48 * 17 * 4, peak=peak)
+    assert sizer.size((64, 48, 17)) == 4 and sizer.size((64, 48, 33)) == 2 and sizer.size((64, 48, 17)) == 4
+    assert set(sizer.known) == {"gpu|64x48x17", "gpu|64x48x33"} and sizer.searches == 2
+    assert {b for b in seen} == {(64, 48, 17), (64, 48, 33)}
