@@ -15,12 +15,12 @@ from pathlib import Path
 
 import click
 
+from cachebuild.cli.clips import clip_options
 from cachebuild.cli.options import (
     LOCATION,
     bucket_options,
     build_options,
     caption_options,
-    clip_options,
     latents_config,
     latents_options,
     model_spec,
