@@ -106,10 +106,14 @@ def expand_clips(manifest: Manifest, scan: ScanResult, cfg: LatentsConfig, famil
     fps, source = rates(cfg.clips, family)
     settings = [None if fps is None else str(fps), None if source is None else str(source)]
     media = [f for f in scan.files if f.reason is None and _suffix(f) in VIDEO_EXTENSIONS | ANIMATION_EXTENSIONS]
-    if any(_suffix(f) in VIDEO_EXTENSIONS for f in media) and importlib.util.find_spec("av") is None:
-        raise ConfigError("the dataset holds videos, which are read with PyAV: pip install 'cachebuild[video]'")
+    videos = [f for f in media if _suffix(f) in VIDEO_EXTENSIONS]
+    if videos:  # before any video is read
+        _check_videos_can_be_cut(videos[0], cfg.clips, family)
+        if importlib.util.find_spec("av") is None:
+            raise ConfigError("the dataset holds videos, which are read with PyAV: pip install 'cachebuild[video]'")
     remembered = {f.path: manifest.get_meta(HEADER_META + f.path) for f in media}
-    stale = [f for f in media if not _fresh(remembered[f.path], f, settings)]
+    # a file that failed is read again with --retry-failed (a codec installed since, a file repaired in place)
+    stale = [f for f in media if not _fresh(remembered[f.path], f, settings, cfg.retry_failed)]
 
     def read(f: SourceFile) -> dict:
         kind = VIDEO if _suffix(f) in VIDEO_EXTENSIONS else ANIMATION
@@ -134,9 +138,16 @@ def expand_clips(manifest: Manifest, scan: ScanResult, cfg: LatentsConfig, famil
     return _clip_files(scan, remembered, cfg.clips, family)
 
 
+def _check_videos_can_be_cut(video: SourceFile, clips: ClipConfig, family: VaeFamily) -> None:
+    if clips.frames is None and clips.extract is not ExtractMode.FULL:
+        raise ConfigError(
+            f"the dataset holds videos ({video.path}, ...): pass --frames with clip lengths ({family.frame_modulus}k+1 "
+            "for this VAE, e.g. --frames 17,33,81), or --extract full for whole videos"
+        )
+
+
 def _clip_files(scan: ScanResult, remembered: dict, clips: ClipConfig, family: VaeFamily) -> ScanResult:
     files: list[SourceFile] = []
-    videos = 0
     for f in scan.files:
         entry = remembered.get(f.path)
         if entry is None or entry.get("still"):
@@ -145,12 +156,7 @@ def _clip_files(scan: ScanResult, remembered: dict, clips: ClipConfig, family: V
         if "reason" in entry:
             files.append(replace(f, reason=entry["reason"]))
             continue
-        videos += 1
-        if clips.frames is None and clips.extract is not ExtractMode.FULL:
-            raise ConfigError(
-                f"the dataset holds videos ({f.path}, ...): pass --frames with clip lengths ({family.frame_modulus}k+1 "
-                "for this VAE, e.g. --frames 17,33,81), or --extract full for whole videos"
-            )
+        _check_videos_can_be_cut(f, clips, family)  # an animated GIF or WebP is a video too
         header = VideoHeader.from_json(entry["header"])
         spans = clip_spans(header.frames, clips, family.frame_modulus)
         if not spans:
@@ -218,8 +224,10 @@ def clip_bucket(item: ClipPlan) -> str:
     return "x".join(map(str, item.bucket))
 
 
-def _fresh(entry: dict | None, f: SourceFile, settings: list) -> bool:
-    return entry is not None and entry.get("fp") == f.fingerprint and entry.get("settings") == settings
+def _fresh(entry: dict | None, f: SourceFile, settings: list, retry_failed: bool) -> bool:
+    if entry is None or (retry_failed and "reason" in entry):
+        return False
+    return entry.get("fp") == f.fingerprint and entry.get("settings") == settings
 
 
 def _suffix(f: SourceFile) -> str:
