@@ -133,3 +133,14 @@ def test_a_clip_encodes_on_cuda_as_on_the_cpu_and_its_peak_is_measured(tiny_wan_
             peaks = [encoder.peak(1, (32, 32, n)) for n in (5, 9, 17)]
             assert all(p is not None and p > 0 for p in peaks)
     assert outs[0].shape == (4, 3, 8, 8) and torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_rebuilt_manifest_keeps_the_clip_shapes(video_cache, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(video_cache, copy)
+    (copy / "manifest.sqlite").unlink()
+    assert CliRunner().invoke(cli, ["rebuild-manifest", str(copy)]).exit_code == 0
+    before, after = open_cache(video_cache), open_cache(copy)
+    assert [after.bucket(k) for k in after] == [before.bucket(k) for k in before]
