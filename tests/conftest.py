@@ -33,6 +33,14 @@ def pixel_caches(tmp_path_factory, tiny_vae) -> dict[str, Path]:
     return build_pixel_caches(tmp_path_factory.mktemp("pixels"), tiny_vae)
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_vae(tmp_path_factory) -> Path:
+    """A diffusers AutoencoderKLWan folder: 4x spatial, 4x temporal (4k+1 frames), 4 latent channels."""
+    from cachebuild.testing import make_tiny_wan_vae
+
+    return make_tiny_wan_vae(tmp_path_factory.mktemp("models") / "tiny-wan-vae")
+
+
 def write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RGB", **save_kwargs) -> Path:
     """A noise image of ``size`` (W, H), saved in the format its suffix names."""
     rng = np.random.default_rng(seed)

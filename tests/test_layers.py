@@ -26,6 +26,7 @@ ROOMS = {
     "images": 4,
     "encode": 4,
     "families": 5,
+    "video": 5,  # clips, probe, decode: above images, whose bucket plan and loader it reuses
     "engines": 6,
     "consumers": 6,
     "jobs": 7,

@@ -225,6 +225,21 @@ class Manifest:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
+    def set_meta_many(self, values: dict[str, dict], prefix: str | None = None, keep: Iterable[str] = ()) -> None:
+        """Write several meta values in one transaction; with ``prefix``, also forget every key under it that is
+        neither written now nor in ``keep`` (what the latents job remembers per video file)."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()],
+            )
+            if prefix is not None:
+                kept = json.dumps([*values, *keep])
+                c.execute(
+                    "DELETE FROM meta WHERE substr(key, 1, ?) = ? AND key NOT IN (SELECT value FROM json_each(?))",
+                    (len(prefix), prefix, kept),
+                )
+
     def clear_store(self, store: str) -> list[str]:
         """Forget every item and shard of ``store`` (for --rebuild); returns the shard names to delete."""
         with self.transaction() as c:

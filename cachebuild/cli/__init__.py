@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from cachebuild.cli.clips import clip_options
 from cachebuild.cli.options import (
     LOCATION,
     bucket_options,
@@ -89,16 +90,19 @@ def cli(verbose: int) -> None:
 @vae_options
 @bucket_options
 @latents_options
+@clip_options
 @output_options
 @_library_errors
 def latents(dataset, quiet, as_json, **opts):
     """Encode every image under DATASET into VAE latents in --out.
 
+    For a video VAE (Wan), videos become clips (--frames, --extract), one item each, and images one-frame items.
     Killed or crashed? Run the same command again: it continues where it stopped.
 
     \b
     Example:
       cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
+      cachebuild latents ./clips --model wan2.1-t2v-14b --frames 17,33,81 --out ./cache
     """
     from cachebuild.jobs.latents import build_latents
 

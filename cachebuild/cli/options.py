@@ -87,7 +87,8 @@ vae_options = option_group(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana), pipeline hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana; video: wan2.1-t2v-14b, wan2.2-t2v-a14b), pipeline "
+        "hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -264,6 +265,7 @@ text_run_options = option_group(  # how the text encoders run
 
 def latents_config(dataset: Path, o: dict):
     """The one LatentsConfig that the latents command's options describe."""
+    from cachebuild.cli.clips import clip_config
     from cachebuild.config import (
         AlphaMode,
         BucketConfig,
@@ -308,6 +310,7 @@ def latents_config(dataset: Path, o: dict):
         color=ColorMode(o["color"]) if o.get("color") else None,  # unset: see images.pixels.run_pixels
         alpha=AlphaMode(o["alpha"]) if o.get("alpha") else None,
         alpha_mask=bool(o.get("alpha_mask")),
+        clips=clip_config(o),  # cli.clips
         **build_settings(o),
     )
 

@@ -4,6 +4,7 @@ A person looking at the grid sees at once whether the cache is right: upright (E
 was built with ``--exif ignore``: then both tiles show the pixels as stored, unrotated), cropped where
 expected, colours intact. Each cell is two tiles, left the source image cut exactly as the encoder saw it
 (re-read through the same loader), right the decoded latents; tiles are fitted into ``tile`` x ``tile`` pixels.
+A clip of a video cache shows its first, middle and last frame side by side in each tile (``preview_clips``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def preview_cache(
     if dataset is None:
         dataset = _recorded_dataset(Path(cache))
     vae, frames = _load_decoder(model, reader.fingerprint, torch.device(device or "cpu"))
+    clips = reader.fingerprint.get("clips")  # a video cache: every item is a clip (an image one of one frame)
     summary = PreviewSummary(str(out), keys, grid_size(len(keys), tile))
     canvas = Image.new("RGB", summary.size, BACKGROUND)
     paths = reader.source_paths()
@@ -105,9 +107,17 @@ def preview_cache(
     for i, key in enumerate(keys):
         cols = math.ceil(math.sqrt(len(keys)))
         x, y = PAD + (i % cols) * (2 * tile + 3 * PAD), PAD + (i // cols) * (tile + PAD)
-        source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif, pixels)
+        if clips is not None:
+            from cachebuild.consumers.preview_clips import decoded_strip, source_strip
+
+            info, missing = reader.info(key), summary.missing_sources
+            source = source_strip(Path(cache), key, info, paths.get(key), dataset, clips, exif, missing)
+            decoded = decoded_strip(vae, reader[key]["latents"])
+        else:
+            source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif, pixels)
+            decoded = _decode(vae, reader[key]["latents"], frames)
         _paste_fitted(canvas, source, x, y, tile)
-        _paste_fitted(canvas, _decode(vae, reader[key]["latents"], frames), x + tile + PAD, y, tile)
+        _paste_fitted(canvas, decoded, x + tile + PAD, y, tile)
     canvas.save(out, format="PNG")
     return summary
 

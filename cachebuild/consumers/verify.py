@@ -3,7 +3,8 @@
 Checks, for every store in the cache (``latents``, ``textenc``):
   * every registered shard exists, has the recorded size and SHA-256;
   * every done item names a registered shard, and that shard holds the item's tensors with the shape and
-    dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, in ``dtype_out``);
+    dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, a clip's ``(C, F', H/f, W/f)`` of its
+    bucket and frame count, in ``dtype_out``);
   * no tensor holds NaN or Inf;
   * files the manifest does not name (left by an interrupted run) are listed as leftovers, never as problems.
 
@@ -196,6 +197,8 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         c, f = vae.get("latent_channels"), vae.get("downsample")
         w, h = info["bucket"]
         shape = (c, h // f, w // f) if c and f else None
+        if shape is not None and "frames" in info:  # a clip of a video VAE: (C, F', h, w), F' = 1 + (F - 1) / t
+            shape = (c, 1 + (info["frames"] - 1) // vae.get("temporal_downsample", 1), *shape[1:])
         # raw latents as the VAE returns them, (C, H/f, W/f) for every class (a 3D VAE's one frame squeezed out;
         # Flux.2's 2x2 patches are made on reading); moments only exist for VAEs with a posterior
         if fingerprint.get("latents") == "moments" and vae.get("class", "AutoencoderKL") != "AutoencoderTiny":

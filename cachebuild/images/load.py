@@ -59,7 +59,7 @@ class LoadedBatch:
     """Pixels for the items that decoded, and reasons for those that did not."""
 
     items: list[ItemPlan]  # items whose pixels are in ``pixels``, in order
-    pixels: np.ndarray | None  # (B, H, W, 3) uint8, H x W the bucket; None when no item decoded
+    pixels: np.ndarray | None  # (B, H, W, 3) uint8, H x W the bucket ((B, F, H, W, 3) for clips); None: none decoded
     failures: list[tuple[ItemPlan, str]]  # (item, reason)
     alpha: np.ndarray | None = None  # (B, H, W) uint8, each item's alpha channel; only with --alpha-mask
 
@@ -158,8 +158,8 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
     """Decode one bucket-homogeneous batch; a bad file fails alone."""
     ok, arrays, failures = [], [], []
     for item in batch:
-        try:
-            arrays.append(decode(item, max_pixels))
+        try:  # a plan may decode itself (video.plan.ClipPlan: a clip's frames); images.plan's are decoded here
+            arrays.append(item.decode(max_pixels) if hasattr(item, "decode") else decode(item, max_pixels))
             ok.append(item)
         except ItemError as exc:
             failures.append((item, str(exc)))

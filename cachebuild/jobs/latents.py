@@ -41,6 +41,7 @@ from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
 from cachebuild.images.pixels import Pixels, run_pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.jobs import latents_clips as clips
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
 from cachebuild.storage import is_url
@@ -89,7 +90,10 @@ def build_latents(
         )
         weights = manifest.files_sha256(vae.weight_files)
         fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields)
-        scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
+        scan = scan_files(cfg.dataset, clips.media_extensions(family), content_hash=cfg.hash_files, exclude=cfg.out)
+        if family.video:  # each video becomes its clips (headers read once per new or changed file)
+            clips.check_fingerprint_first(manifest, fingerprint, cfg.rebuild)
+            scan = clips.expand_clips(manifest, scan, cfg, family)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
@@ -99,7 +103,8 @@ def build_latents(
         tally = _Tally(total=manifest.counts(LATENTS)[PENDING])
         if tally.total:
             engine = make_engine(cfg)
-            batches = _plan_batches(manifest, cfg, summary, tally, engine.plan_batch_size(cfg.batch_size), pixels)
+            batch = engine.plan_batch_size(cfg.batch_size)
+            batches = _plan_batches(manifest, cfg, family, summary, tally, batch, pixels)
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
             if first is not None:
                 stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family))
@@ -168,8 +173,11 @@ class LatentsStages:
                 continue
             if encoded.alpha is not None:  # (H, W) uint8 at the bucket's size, copied out of the batch's array
                 tensors["alpha_mask"] = torch.from_numpy(encoded.alpha[i].copy())
-            meta = _item_meta(item, cfg)
-            sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
+            if self.family.video:
+                meta, bucket = clips.clip_meta(item, cfg.flip), clips.clip_bucket(item)
+            else:
+                meta, bucket = _item_meta(item, cfg), f"{item.bucket[0]}x{item.bucket[1]}"
+            sink.add(item.key, tensors, meta, [(item.key, bucket, meta)])
         sink.fail(failures)
 
 
@@ -197,7 +205,8 @@ def latents_fingerprint(
             "scaling_factor": family.scaling_factor,
             "shift_factor": family.shift_factor,
         }
-        | (family.normalization or {}),  # only Qwen-Image's and Flux.2's VAEs add keys: older caches still match
+        | (family.normalization or {})  # only Qwen-Image's, Flux.2's and Wan's VAEs add keys: older caches still match
+        | family.video_fingerprint(),
         "buckets": _buckets_fingerprint(b),
         "crop": cfg.crop.value,
         "flip": cfg.flip,
@@ -211,6 +220,8 @@ def latents_fingerprint(
         fp["seed"] = cfg.seed  # only where randomness reaches the bytes
     if cfg.exif is ExifMode.IGNORE:
         fp["exif"] = cfg.exif.value  # only when ignored: caches built before the option (applied) still match
+    if family.video:
+        fp["clips"] = clips.clips_fingerprint(cfg, family)  # video families only: image caches keep matching
     if pixel_fields is None:
         pixel_fields = run_pixels(cfg.color, cfg.alpha, cfg.alpha_mask, None)[1]
     return fp | pixel_fields  # each only where set; a cache from before the modes keeps its loader_version
@@ -225,7 +236,13 @@ class _Tally:
 
 
 def _plan_batches(
-    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally, batch_size: int, pixels: Pixels
+    manifest: Manifest,
+    cfg: LatentsConfig,
+    family: VaeFamily,
+    summary: RunSummary,
+    tally: _Tally,
+    batch_size: int,
+    pixels: Pixels,
 ) -> Iterator[list[ItemPlan]]:
     """Bucket batches of the pending items, planned one chunk of ``PLAN_CHUNK_ITEMS`` at a time, lazily.
 
@@ -236,7 +253,10 @@ def _plan_batches(
     bucket_plan = BucketPlan(cfg.buckets)
     with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
         for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
-            plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary, pixels)
+            if family.video:  # clips and one-frame images, batched by (W, H, F)
+                plans = clips.plan_clip_chunk(manifest, cfg, family, page, pool, summary)
+            else:
+                plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary, pixels)
             tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
             yield from batch_by_bucket(plans, batch_size)
 
@@ -284,6 +304,7 @@ def _item_meta(item: ItemPlan, cfg: LatentsConfig) -> dict:
 
 def _shard_header(cfg: LatentsConfig, family: VaeFamily) -> dict:
     extra = {"normalization": json.dumps(family.normalization)} if family.normalization else {}
+    extra |= family.video_fingerprint()
     return extra | {
         "store": LATENTS,
         "vae_class": family.cls,
@@ -324,6 +345,12 @@ def _check_against_family(cfg: LatentsConfig, family: VaeFamily) -> None:
         raise ConfigError(
             f"--latents sample draws from the VAE's posterior; {family.cls} has none (it encodes each image to one "
             "latent), so pass --latents mean"
+        )
+    clips.check_clip_options(cfg, family)
+    if family.video and (cfg.color or cfg.alpha or cfg.alpha_mask):  # clips: FFmpeg's RGB; images: convert("RGB")
+        raise ConfigError(
+            "--color, --alpha and --alpha-mask are for image families; a video family reads frames as FFmpeg "
+            "converts them to RGB and images as convert('RGB') does: drop them"
         )
     if cfg.latents is LatentsMode.MOMENTS and not family.has_posterior:
         raise ConfigError(f"--latents moments needs a VAE with a posterior; {family.cls} has none; use mean")

@@ -50,6 +50,7 @@ from cachebuild.testing.vaes import (
     make_tiny_qwen_vae,
     make_tiny_taesd,
     make_tiny_vae,
+    make_tiny_wan_vae,
 )
 
 __all__ = [
@@ -87,4 +88,5 @@ __all__ = [
     "make_tiny_text_pipeline",
     "make_tiny_tokenizer",
     "make_tiny_vae",
+    "make_tiny_wan_vae",
 ]
