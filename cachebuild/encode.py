@@ -226,25 +226,28 @@ class Fp32Weights:
         """Put fp32 tensors in place; returns 1 when it had to make them (a conversion), 0 when they were kept.
         Raises the out-of-memory error of a conversion that did not fit (call ``restore`` then)."""
         if self.streamer is not None:  # nothing resident to convert: each block's copy is made in fp32
+            self.streamer.unload_all()  # a block copied ahead in the run's dtype is copied again
             self.streamer.upcast = True
             return 1
-        current = self._current()
+        count = len(self.dtypes)
         if self.keep:
+            current = [self._get(i) for i in range(count)]
             made = self._full is None
             if made:
                 with torch.no_grad():
                     self._full = [_to_dtype(t, torch.float32) for t in current]
             self._half = current
             self._set(self._full)
-            return int(made and bool(current))
+            return int(made and count > 0)
         with torch.no_grad():
-            for i, t in enumerate(current):  # one tensor at a time: the half copy goes as its fp32 one comes
-                self._set_one(i, _to_dtype(t, torch.float32))
-        return int(bool(current))
+            for i in range(count):  # one tensor at a time: each half copy goes as its fp32 one comes
+                self._set_one(i, _to_dtype(self._get(i), torch.float32))
+        return int(count > 0)
 
     def restore(self) -> None:
         """Every tensor back in its own dtype (also after a conversion that failed half way)."""
         if self.streamer is not None:
+            self.streamer.unload_all()
             self.streamer.upcast = False
             return
         if self._half is not None:
@@ -252,12 +255,15 @@ class Fp32Weights:
             self._half = None
             return
         with torch.no_grad():
-            for i, (t, dtype) in enumerate(zip(self._current(), self.dtypes, strict=True)):
-                if t.dtype != dtype:
-                    self._set_one(i, _to_dtype(t, dtype))
+            for i, dtype in enumerate(self.dtypes):
+                if self._get(i).dtype != dtype:
+                    self._set_one(i, _to_dtype(self._get(i), dtype))
 
-    def _current(self) -> list[torch.Tensor]:
-        return [p.data for p in self.params] + [mod._buffers[name] for mod, name in self.buffers]
+    def _get(self, i: int) -> torch.Tensor:
+        if i < len(self.params):
+            return self.params[i].data
+        mod, name = self.buffers[i - len(self.params)]
+        return mod._buffers[name]
 
     def _set(self, tensors: list[torch.Tensor]) -> None:
         for i, t in enumerate(tensors):

@@ -332,7 +332,8 @@ def test_pixels_are_normalised_in_fp32_on_the_gpu_and_outputs_leave_pinned_memor
 
     from cachebuild.engines.device import DeviceStreams
     from cachebuild.families.vae import VaeEncoder
-    from tests.test_encode import FAMILY, RecordingVae
+    from tests.test_encode import FAMILY
+    from tests.test_encode_guards import RecordingVae
 
     cuda = torch.device("cuda")
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(1, 16, 16, 3).contiguous()
