@@ -143,16 +143,16 @@ def test_a_batch_reads_the_device_once_not_once_per_item(vae, monkeypatch):
 
 # -- the out-of-memory guard recognises every name ----------------------------------------------------------
 
-OOM_TEXTS = [
-    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call",
-    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
-    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8: a RuntimeError subclass
+OOM_ERRORS = [
+    (ACCELERATOR_ERROR, "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+    (RuntimeError, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    (ACCELERATOR_ERROR, "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
 ]
 
 
-@pytest.mark.parametrize("text", OOM_TEXTS)
-@pytest.mark.parametrize("cls", [RuntimeError, getattr(torch, "AcceleratorError", RuntimeError)])
-def test_launch_cublas_and_cudnn_out_of_memory_split_the_batch(text, cls):
+@pytest.mark.parametrize(("cls", "text"), OOM_ERRORS, ids=["launch", "cublas", "cudnn"])
+def test_launch_cublas_and_cudnn_out_of_memory_split_the_batch(cls, text):
     assert is_out_of_memory(cls(text))
 
     def forward(inputs, dtype):
