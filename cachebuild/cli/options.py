@@ -150,7 +150,9 @@ latents_options = option_group(  # what is stored per image and how the encoder 
         show_default=True,
         help="Posterior sample (seeded per item), its mean, or mean and std.",
     ),
-    dtype_option("--dtype", "auto", "Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32."),
+    dtype_option(
+        "--dtype", "auto", "Compute dtype; auto is bf16 on CUDA from Ampere on, fp16 on older CUDA, else fp32."
+    ),
     click.option(
         "--batch-size",
         default="auto",
@@ -233,7 +235,9 @@ caption_options = option_group(
 text_run_options = option_group(  # how the text encoders run
     click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
     dtype_option(
-        "--dtype", "auto", "Compute dtype of the encoders; auto is bf16 on CUDA with bf16 support, else fp32."
+        "--dtype",
+        "auto",
+        "Compute dtype of the encoders; auto is bf16 on CUDA from Ampere on, fp16 on older CUDA, else fp32.",
     ),
     dtype_option(
         "--t5-dtype",

@@ -24,7 +24,7 @@ from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.families import MODULES, family_module, rows
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
-from cachebuild.offload import free_bytes, needed_bytes, should_offload, stream_from_host
+from cachebuild.offload import fp32_modules, free_bytes, needed_bytes, should_offload, stream_from_host
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,8 @@ def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -
     """Whether ``spec`` runs streamed from host memory, logged when it does (cachebuild.offload)."""
     if offload is Offload.NEVER:
         return False
-    needed, free = needed_bytes(weight_files(spec.folder), spec.dtype.torch), free_bytes(device)
+    keep_fp32 = fp32_modules(spec.cls, spec.dtype.torch)  # T5's wo stays fp32 in an fp16 load
+    needed, free = needed_bytes(weight_files(spec.folder), spec.dtype.torch, keep_fp32), free_bytes(device)
     if not should_offload(offload, device, needed, free):
         return False
     if offload is Offload.ALWAYS:

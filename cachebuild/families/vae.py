@@ -7,6 +7,7 @@ there is work to do.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,7 +273,9 @@ class VaeEncoder:
         self.mode = mode
         self.flip = flip
         self.seed = seed
-        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(self._raw(inputs[0], dt)), "VAE")
+        this = weakref.ref(self)  # the guard's forward must not hold the encoder: that cycle kept the VAE on the
+        # device after a run until Python's garbage collector happened to run
+        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(this()._raw(inputs[0], dt)), "VAE")
 
     @property
     def oom_splits(self) -> int:
@@ -281,6 +284,10 @@ class VaeEncoder:
     @property
     def upcasts(self) -> int:
         return self.guard.upcasts
+
+    @property
+    def fp32_conversions(self) -> int:
+        return self.guard.fp32_conversions
 
     def encode(self, keys: list[str], pixels: torch.Tensor) -> list[EncodedItem]:
         """Encode a batch of (B, H, W, 3) uint8 pixels; one result per key, in order."""
@@ -355,7 +362,7 @@ class VaeEncoder:
             return self._raw_clips(pixels, dtype)
         with torch.inference_mode():
             x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-            x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
+            x = x.float().div_(127.5).sub_(1.0).to(dtype)  # [0, 255] -> [-1, 1] in fp32, then rounded once
             enc = self.vae.encode(x[:, :, None] if self.family.frames else x)  # one frame: (B, 3, 1, H, W)
             if self.family.has_posterior:
                 out = enc.latent_dist.parameters
