@@ -39,6 +39,7 @@ from cachebuild.cli.output import (
     human_bytes,
     run_build,
 )
+from cachebuild.cli.project import project_options
 
 _LISTED = 20  # skipped items and conflicts printed by name; --json has them all
 
@@ -130,6 +131,29 @@ def textenc(captions, quiet, as_json, **opts):
     from cachebuild.jobs.textenc import build_textenc
 
     run_build(build_textenc, textenc_config(captions, opts), quiet or as_json, as_json, unit="caption")
+
+
+@cli.command()
+@click.argument("project_file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@project_options
+@output_options
+@_library_errors
+def build(project_file, quiet, as_json, **source):
+    """Build every cache that PROJECT_FILE (default: ./cachebuild.toml) declares, and its exports.
+
+    Each cache has its own manifest and resumes like a single command; latent caches of one dataset with the same
+    preprocessing decode each image once. With --from-musubi or --from-kohya, the trainer's own dataset config
+    says what to build, in that trainer's layout (see docs/project.md).
+
+    \b
+    Example:
+      cachebuild build
+      cachebuild build --from-musubi dataset.toml --arch qi
+      cachebuild build --from-kohya dataset_config.toml --model sdxl
+    """
+    from cachebuild.cli.project import load_source, run_project_build
+
+    run_project_build(load_source(project_file, **source), quiet, as_json)
 
 
 @cli.command()
