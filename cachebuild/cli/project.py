@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -137,3 +138,94 @@ class ProjectProgress:
     def __exit__(self, *_):
         for bar in self.bars.values():
             bar.close()
+
+
+watch_options = option_group(
+    click.option(
+        "--settle",
+        default=1.0,
+        show_default=True,
+        help="Seconds a changed file must keep its size and time before it is read (one being written changes).",
+    ),
+    click.option(
+        "--max-settle", default=60.0, show_default=True, help="Seconds after which a file still changing is read."
+    ),
+    click.option(
+        "--poll",
+        default=30.0,
+        show_default=True,
+        help="Seconds between listings of URL datasets (and of local ones without watchfiles).",
+    ),
+    click.option(
+        "--idle-timeout",
+        default=300.0,
+        show_default=True,
+        help="Seconds without work after which the loaded models are released (device memory freed).",
+    ),
+    click.option(
+        "--keep-gb", type=float, help="Memory the loaded models may hold, GiB (default: 60% of the device's)."
+    ),
+)
+
+
+def run_watch(project, quiet: bool, as_json: bool, **opts) -> None:
+    """Watch until SIGTERM or SIGINT; then exit 143 or 130, saying so, with the work committed kept."""
+    from cachebuild.project.shared import Interrupted
+    from cachebuild.project.watch import WatchOptions, watch_project
+
+    keep_gb = opts.pop("keep_gb")
+    options = WatchOptions(keep_bytes=None if keep_gb is None else int(keep_gb * 2**30), **opts)
+    with StopOnSignals() as stop, contextlib.suppress(Interrupted):
+        watch_project(project, options, EventPrinter(quiet, as_json), stop.requested)
+    if stop.signum is not None:
+        click.echo(f"interrupted: {stop.name}; run the same command again to resume", err=True)
+        sys.exit(128 + stop.signum)
+
+
+class EventPrinter:
+    """--json: one JSON object per line on stdout; otherwise one line per event on stderr (errors even when
+    quiet)."""
+
+    def __init__(self, quiet: bool, as_json: bool):
+        self.quiet, self.as_json = quiet, as_json
+
+    def __call__(self, event: dict) -> None:
+        if self.as_json:
+            click.echo(json.dumps(event))
+        elif not self.quiet or event["event"] == "error":
+            rest = " ".join(f"{k}={v}" for k, v in event.items() if k != "event")
+            click.echo(f"{event['event']}: {rest}", err=True)
+
+
+class StopOnSignals:
+    """SIGTERM and SIGINT set a flag (``requested()``) instead of killing the process, so that the watch stops
+    between batches; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *_):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
