@@ -89,8 +89,9 @@ class _Group:
         self.summaries: list[RunSummary | None] = [None] * len(cfgs)
         self.joined: list[_Joined] = []
         self.count = DecodeCount()
-        # one planning batch for every job, so that jobs with the same pending items plan the same batches
-        self.planning_batch = max(_engine(c).plan_batch_size(c.batch_size) for c in cfgs)
+        # one planning batch for every job, so that jobs with the same pending items plan the same batches: the
+        # smallest, so that the job with the smallest batch encodes exactly the batches it would alone
+        self.planning_batch = min(_engine(c).plan_batch_size(c.batch_size) for c in cfgs)
 
     def build(self, i: int) -> None:
         """Build job ``i``; the jobs after it are built inside its run (``_Link.run``), or after it when it has
