@@ -16,6 +16,7 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -92,6 +93,7 @@ def png_bytes(size: tuple[int, int], seed: int) -> bytes:
 
 
 def test_watch_follows_files_and_survives_a_kill(tmp_path, tiny_vae):
+    pytest.importorskip("watchfiles")  # without it the watch polls, every --poll seconds
     ds = tmp_path / "ds"
     for i in range(12):  # more than the removal guard lets go without --prune
         write_image(ds / f"im{i:02d}.png", [(64, 64), (96, 64), (64, 96)][i % 3], seed=i)
