@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,13 +44,12 @@ def parse_args() -> argparse.Namespace:
     model_args(p, 48, "512")
     p.add_argument("--targets", type=int, default=2, help="caches sharing the decode (default 2)")
     p.add_argument("--batch-size", type=int, default=4, help="images per encoder call (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of each, alternating; medians (default 3)")
     return p.parse_args()
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
     from cachebuild.config import LatentsMode
-    from cachebuild.jobs.latents import build_latents
-    from cachebuild.project.shared import build_together
 
     images, vae = prepare_inputs(args, work)
     base = latents_config(args, images, work / "unused", vae)
@@ -58,20 +59,61 @@ def run(args: argparse.Namespace, work: Path) -> None:
     ]
     separate = [dataclasses.replace(c, out=work / f"separate-{i}") for i, c in enumerate(cfgs)]
     together = [dataclasses.replace(c, out=work / f"together-{i}") for i, c in enumerate(cfgs)]
-
-    start = time.perf_counter()
-    for cfg in separate:
-        build_latents(cfg)
-    one_by_one = time.perf_counter() - start
-    start = time.perf_counter()
-    _, count = build_together(together)
-    shared = time.perf_counter() - start
-
+    warm_up(base, work)
+    times: dict[str, list[float]] = {"separate": [], "together": []}
+    for round_ in range(args.rounds):  # alternating which goes first: a slow start or a busy neighbour hits both
+        order = ("separate", "together") if round_ % 2 == 0 else ("together", "separate")
+        for name in order:
+            seconds, count = time_builds(separate if name == "separate" else together, name)
+            times[name].append(seconds)
+            if name == "together":
+                decoded, fed = count.decoded, count.fed
+    one_by_one, shared = statistics.median(times["separate"]), statistics.median(times["together"])
     n = args.n
-    print(f"images {n}, caches {args.targets}, resolution {args.resolution}, workers {args.workers}")
-    print(f"(a) one after another  {one_by_one:8.2f} s   decoded {args.targets * n:6d}")
-    print(f"(b) together           {shared:8.2f} s   decoded {count.decoded:6d}, fed to VAEs {count.fed}")
+    print(
+        f"images {n}, caches {args.targets}, resolution {args.resolution}, workers {args.workers}, "
+        f"median of {args.rounds} rounds"
+    )
+    print(
+        f"(a) one after another  {one_by_one:8.2f} s   decoded {args.targets * n:6d}   "
+        f"rounds {_list(times['separate'])}"
+    )
+    print(f"(b) together           {shared:8.2f} s   decoded {decoded:6d}   rounds {_list(times['together'])}")
+    print(f"    fed to the VAEs {fed}")
     print(f"(c) ratio (a) / (b): {one_by_one / shared:.2f}; tensors equal: {all_equal(separate, together)}")
+
+
+def time_builds(cfgs, name: str):
+    """Seconds to build ``cfgs`` on fresh caches, one after another or together; the group's DecodeCount."""
+    from cachebuild.jobs.latents import build_latents
+    from cachebuild.project.shared import build_together
+
+    for cfg in cfgs:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+    start = time.perf_counter()
+    count = None
+    if name == "separate":
+        for cfg in cfgs:
+            build_latents(cfg)
+    else:
+        _, count = build_together(cfgs)
+    return time.perf_counter() - start, count
+
+
+def warm_up(base, work: Path) -> None:
+    """One small build first, so that neither timed run pays for first imports and first kernels alone."""
+    from cachebuild.jobs.latents import build_latents
+
+    sample = work / "warm-up"
+    sample.mkdir(exist_ok=True)
+    for path in sorted(base.dataset.iterdir())[:2]:
+        shutil.copy(path, sample / path.name)
+    shutil.rmtree(work / "warm-up-cache", ignore_errors=True)
+    build_latents(dataclasses.replace(base, dataset=sample, out=work / "warm-up-cache"))
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def all_equal(left, right) -> bool:

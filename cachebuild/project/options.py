@@ -87,11 +87,7 @@ def coerce(value: Any, tp: Any, base: Path) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         arms = [a for a in typing.get_args(tp) if a is not type(None)]
-        if (
-            value == AUTO
-            and len(arms) < len(typing.get_args(tp))
-            and not any(_fits(AUTO, a) for a in arms if a is not str)
-        ):
+        if value == AUTO and len(arms) < len(typing.get_args(tp)) and not _auto_member(arms):
             return None  # an enum with an "auto" member keeps it (t5_dtype = "auto" is DType.AUTO, as on the CLI)
         for arm in arms:
             try:
@@ -111,7 +107,7 @@ def describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         arms = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(arms) < len(typing.get_args(tp)) and not any(_fits(AUTO, a) for a in arms if a is not str)
+        optional = len(arms) < len(typing.get_args(tp)) and not _auto_member(arms)
         auto = f' or "{AUTO}"' if optional else ""
         return " or ".join(describe(a) for a in arms) + auto
     if origin is tuple:
@@ -141,6 +137,11 @@ def applies_to(key: str) -> set[str]:
 
 
 _WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", Path: "a path"}
+
+
+def _auto_member(arms: list) -> bool:
+    """Whether one of ``arms`` is an enum with an "auto" member (which "auto" then means)."""
+    return any(isinstance(a, type) and issubclass(a, enum.Enum) and _fits(AUTO, a) for a in arms)
 
 
 def _fits(value: Any, tp: Any) -> bool:
