@@ -137,10 +137,13 @@ def option_values(cf: ConfigFile, table: dict, where: Where) -> dict[str, dict[s
                 continue
         if opts and not fitted:
             raise cf.error((*where, key), f"'{key}' takes {describe(opts[0].type)}, not {_shown(value)}")
-    if "devices" in out["latents"]:
+    if "devices" in out["latents"]:  # "all" and names checked as the command line checks them
         from cachebuild.engines.devices import parse_devices
 
-        out["latents"]["devices"] = parse_devices(",".join(out["latents"]["devices"]))
+        try:
+            out["latents"]["devices"] = parse_devices(",".join(out["latents"]["devices"]))
+        except ConfigError as exc:
+            raise cf.error((*where, "devices"), file_keys(str(exc))) from None
     return out
 
 
