@@ -156,13 +156,13 @@ def run_export(export: ExportSpec):
 def _build_latents(group, results, summary, progress, keeper, stop) -> None:
     labels = [c.label for c in group]
     progress_fns = [_progress(progress, c, stop, "latents") for c in group]
-    if len(group) == 1 and keeper is None and stop is None:  # one cache: the job as the command runs it
+    if len(group) == 1 and keeper is None:  # one cache, no model to keep: the job as the command runs it
         from cachebuild.jobs.latents import build_latents
 
         results[labels[0]].latents = _run(labels[0], build_latents, group[0].latents, progress_fns[0])
         return
     cfgs = [c.latents for c in group]
-    runs, count = _run(", ".join(labels), build_together, cfgs, progress_fns, keeper, stop)
+    runs, count = _run(", ".join(labels), build_together, cfgs, progress_fns, keeper)
     for label, run in zip(labels, runs, strict=True):
         results[label].latents = run
     if count.caches > 1:  # more than one cache had items to encode: they shared the decode

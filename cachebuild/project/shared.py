@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
-    """Raised between batches when the caller's ``stop`` says so; every job's open shard is dropped (its items
-    stay pending, as after a kill) and the committed ones stay."""
+    """Raised by a progress callback between batches when its caller asks to stop; every job's open shard is
+    dropped (its items stay pending, as after a kill) and the committed ones stay."""
 
 
 @dataclass
@@ -57,19 +57,19 @@ def build_together(
     cfgs: list[LatentsConfig],
     progress: list[ProgressFn | None] | None = None,
     keeper: ModelKeeper | None = None,
-    stop: Callable[[], bool] | None = None,
 ) -> tuple[list[RunSummary], DecodeCount]:
     """Build the latent caches ``cfgs`` (one local device, image families) over one decode.
 
     Each cache keeps everything one ``build_latents`` gives it: its manifest, fingerprint check, resume, sink and
-    summary. ``keeper`` keeps the VAEs loaded after the run; ``stop`` is asked between batches.
+    summary. ``keeper`` keeps the VAEs loaded after the run. A progress callback that raises (``Interrupted``, after
+    a batch) stops every job there: the shards committed stay, the open ones are dropped as after a kill.
 
     Example:
         >>> summaries, count = build_together([cfg_sdxl, cfg_flux])
         >>> count.decoded, count.fed
         (20000, 40000)
     """
-    group = _Group(cfgs, progress or [None] * len(cfgs), keeper, stop)
+    group = _Group(cfgs, progress or [None] * len(cfgs), keeper)
     group.build(0)
     return group.summaries, group.count
 
@@ -84,8 +84,8 @@ class _Joined:
 
 
 class _Group:
-    def __init__(self, cfgs, progress, keeper, stop):
-        self.cfgs, self.progress, self.keeper, self.stop = cfgs, progress, keeper, stop
+    def __init__(self, cfgs, progress, keeper):
+        self.cfgs, self.progress, self.keeper = cfgs, progress, keeper
         self.summaries: list[RunSummary | None] = [None] * len(cfgs)
         self.joined: list[_Joined] = []
         self.count = DecodeCount()
@@ -188,8 +188,6 @@ class _Stream:
             for k, want in sorted(wants.items()):
                 self._encode_for(k, loaded, pixels, want)
             trim_if_over(self.device, self.budget)
-            if self.group.stop is not None and self.group.stop():
-                raise Interrupted("stopped between batches")
 
     def _units(self) -> Iterator[list]:
         """Decode units: per step (one planned batch of each job), the distinct plans by bucket, cut to the

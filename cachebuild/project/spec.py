@@ -109,7 +109,9 @@ def load_project(path: Path) -> Project:
         raise cf.error((), "no [[dataset]] table: declare at least one dataset (path = ...)")
     _unique(cf, [(d.name, where) for d, _, where in datasets], "dataset")
     caches = []
-    for i, table in enumerate(_array(cf, "target")):
+    targets = _array(cf, "target")
+    _unique(cf, [(t.get("name"), ("target", i)) for i, t in enumerate(targets) if isinstance(t, dict)], "target")
+    for i, table in enumerate(targets):
         caches += _target_caches(cf, table, ("target", i), top, datasets)
     if not caches:
         raise cf.error((), "no [[target]] table: declare at least one target (name = ..., model = ...)")
@@ -323,7 +325,7 @@ def _kinds(cf: ConfigFile, table: dict, where: Where, values: dict) -> set[str]:
 def _unique(cf: ConfigFile, names: list[tuple[str, Where]], what: str) -> None:
     seen = set()
     for name, where in names:
-        if name in seen:
+        if name is not None and name in seen:
             raise cf.error(where, f"two {what}s are named {name!r}; give each a name of its own")
         seen.add(name)
 
