@@ -66,7 +66,7 @@ def item_events(before: Rows, after: Rows, since: float) -> list[dict]:
 
 def summary_events(summary, itemised: set[str]) -> list[dict]:
     """Per cache of a dataset not in ``itemised`` (built without a list of changes) the counts of what it did;
-    per export, the files it wrote."""
+    per export, the files it wrote (or found differing and left alone)."""
     events = []
     for c in (c for c in summary.caches if c.dataset not in itemised):
         for store, s in (("latents", c.latents), ("text", c.text)):
@@ -76,10 +76,11 @@ def summary_events(summary, itemised: set[str]) -> list[dict]:
                     | {"removed": s.removed, "done": s.done, "pending": s.pending}
                 )
     for e in summary.exports:
-        if e.summary.written:
+        x = e.summary
+        if x.written or x.conflicts:  # conflicts: files that differ, left alone (the export's overwrite = true)
             events.append(
-                {"event": "export", "cache": f"{e.target}/{e.dataset}", "format": e.format, "to": str(e.summary.to)}
-                | {"written": e.summary.written, "unchanged": e.summary.unchanged}
+                {"event": "export", "cache": f"{e.target}/{e.dataset}", "format": e.format, "to": str(x.to)}
+                | {"written": x.written, "unchanged": x.unchanged, "differing": len(x.conflicts)}
             )
     return events
 

@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
 KEEP_SHARE = 0.6  # of the device's memory (the host's on a CPU) that kept models may hold: the rest is for batches
-IGNORED_SUFFIXES = (".npz", ".cachebuild-tmp", ".sqlite", ".sqlite-wal", ".sqlite-shm")  # what exports and
-# manifests write beside the images: never a source
+IGNORED_SUFFIXES = (".npz", ".safetensors", ".tar", ".cachebuild-tmp", ".sqlite", ".sqlite-wal", ".sqlite-shm")
+# what exports (sd-scripts' beside the images, musubi's cache_directory, which may be the image folder) and
+# manifests write: never a source, and a change to one is no news
 
 
 @dataclass(frozen=True)
