@@ -35,6 +35,7 @@ resolution = 64
 min_bucket_reso = 32
 max_bucket_reso = 128
 bucket_reso_steps = 32
+alpha_mask = true
 
 [[target]]
 name = "mean"
@@ -65,11 +66,13 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 
 
 def test_two_targets_decode_each_image_once_and_equal_separate_runs(tmp_path, tiny_vae, dataset):
+    write_image(dataset / "img000.png", (160, 96), seed=0, mode="RGBA")  # alpha masks travel with their pixels
     project_file = write_project(tmp_path, dataset, tiny_vae)
     result = CliRunner().invoke(cli, ["build", str(project_file), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["shared"] == [{"caches": ["mean/photos", "sample/photos"], "decoded": 8, "fed": 16}]
+    assert "alpha_mask" in open_cache(tmp_path / "cache" / "mean" / "photos").tensors("img000")
     project = load_project(project_file)
     alone = [dataclasses.replace(c.latents, out=tmp_path / "alone" / c.target) for c in project.caches]
     for cfg, cache in zip(alone, project.caches, strict=True):
@@ -130,10 +133,10 @@ def test_kept_models_load_once_across_builds(tmp_path, tiny_vae, dataset):
 BAD = [  # (edit to the project file, line, words the message must hold)
     (("resolution = 64", "resolutoin = 64"), 7, ["unknown key 'resolutoin'", "did you mean 'resolution'"]),
     (("resolution = 64", 'resolution = "64px"'), 7, ["'resolution' takes a whole number", '"64px"']),
-    (('latents = "mean"', 'latents = "meen"'), 15, ["'latents' takes one of", '"mean"']),
+    (('latents = "mean"', 'latents = "meen"'), 16, ["'latents' takes one of", '"mean"']),
     (("bucket_reso_steps = 32", "bucket_reso_steps = 48"), 8, ["min_bucket_reso", "bucket_reso_steps (48)"]),
-    (('[[target]]\nname = "sample"', '[[targte]]\nname = "sample"'), 17, ["unknown key 'targte'"]),
-    (("seed = 3", "seed = 3\n[target.text]\nbatch_sise = 2"), 23, ["unknown key 'batch_sise' in [target.text]"]),
+    (('[[target]]\nname = "sample"', '[[targte]]\nname = "sample"'), 18, ["unknown key 'targte'"]),
+    (("seed = 3", "seed = 3\n[target.text]\nbatch_sise = 2"), 24, ["unknown key 'batch_sise' in [target.text]"]),
     (("workers = 0", "workers = -1"), 1, ["workers must be 0"]),
 ]
 
