@@ -172,3 +172,18 @@ def test_the_documented_example_builds_on_examples(tmp_path):
     assert [e["format"] for e in summary["exports"]] == ["musubi", "webdataset"]
     assert (tmp_path / "cache" / "musubi" / "photos" / "lake-640x480_0640x0480_qi.safetensors").is_file()
     assert summary["notes"] == []
+
+
+@pytest.mark.gpu
+def test_shared_decode_on_a_gpu_equals_separate_runs_and_leaves_no_model_behind(tmp_path, tiny_vae, dataset):
+    text = PROJECT.replace('device = "cpu"', 'device = "cuda"').replace("workers = 0", "workers = 0\nbatch_size = 4")
+    project = load_project(write_project(tmp_path, dataset, tiny_vae, text))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    summary = build_project(project)
+    assert summary.shared == [{"caches": ["mean/photos", "sample/photos"], "decoded": 8, "fed": 16}]
+    assert torch.cuda.memory_allocated() == before  # both VAEs and the staged batches are gone
+    for cache in project.caches:  # the same batches as alone (one batch size for both): the same tensors
+        alone = dataclasses.replace(cache.latents, out=tmp_path / "alone" / cache.target)
+        build_latents(alone)
+        assert_same_tensors(cache.out, alone.out)

@@ -106,12 +106,12 @@ class _Group:
             self.build(i + 1)
 
     def drive(self) -> None:
-        from cachebuild.encode import free_device_memory, pick_device
+        from cachebuild.encode import free_device_memory, pick_device, use_device
 
-        device = pick_device(self.cfgs[0].device)
+        device = use_device(pick_device(self.cfgs[0].device))
         jobs = self.joined
         encoders = [self._encoder(j, device) for j in jobs]
-        counts = [(e.oom_splits, e.upcasts) for e in encoders]  # a kept encoder counts across runs
+        counts = [_guard_counts(e) for e in encoders]  # a kept encoder counts across runs: this run's share only
         parts = [RunSummary(j.run.summary.store, j.run.summary.out) for j in jobs]  # the writer threads' counts
         try:
             with contextlib.ExitStack() as stack:
@@ -119,19 +119,15 @@ class _Group:
                 for j, part in zip(jobs, parts, strict=True):
                     j.run.live.append(part)
                     j.run.summary.model_loaded = True
-                    writer = WriterThreadFor(j.stages, j.run.manifest.root, part, None, j.run.manifest.remote)
+                    writer = WriterThreadFor(j.stages, j.run.manifest.root, part, None, j.run.manifest.remote, device)
                     writers.append(stack.enter_context(writer))
                 _Stream(self, jobs, encoders, writers, device).run()
         finally:
-            for j, part, enc, (splits, upcasts) in zip(jobs, parts, encoders, counts, strict=True):
-                j.run.live.remove(part)
-                merge_summary(j.run.summary, part)
-                j.run.summary.oom_splits += enc.oom_splits - splits
-                j.run.summary.fp32_redos += enc.upcasts - upcasts
+            _add_counts(jobs, parts, encoders, counts)
             self.count.caches += len(jobs)
             del encoders
             if self.keeper is None:
-                free_device_memory(device)
+                free_device_memory(device)  # nothing of the models is left on the device when the run returns
 
     def _encoder(self, job: _Joined, device):
         if self.keeper is None:
@@ -173,21 +169,25 @@ class _Stream:
         self.sizers, self.budget = self._sizers()
 
     def run(self) -> None:
-        from cachebuild.engines.device import trim_if_over
+        from cachebuild.engines.device import Stager, trim_if_over
         from cachebuild.images.load import iter_batches
 
         cfgs = [j.stages.cfg for j in self.jobs]
         decoded = iter_batches(self._units(), max(c.workers for c in cfgs), cfgs[0].max_pixels)
-        ahead = self._stage(next(decoded, None))
-        while ahead is not None:
-            loaded, staged = ahead
-            wants = self.wants.popleft()
-            ahead = self._stage(next(decoded, None))  # copied while this one encodes
-            pixels = staged.wait() if staged is not None else None
-            self.group.count.decoded += len(loaded.items) + len(loaded.failures)
-            for k, want in sorted(wants.items()):
-                self._encode_for(k, loaded, pixels, want)
-            trim_if_over(self.device, self.budget)
+        with contextlib.closing(decoded), Stager(self.streams) as stager:
+            ahead = _submit(stager, next(decoded, None))
+            while ahead is not None:
+                loaded, staged = ahead.result()  # staged once for every job, while the previous batch encoded
+                wants = self.wants.popleft()
+                ahead = _submit(stager, next(decoded, None))
+                pixels = staged.wait() if staged is not None else None
+                self.group.count.decoded += len(loaded.items) + len(loaded.failures)
+                for k, want in sorted(wants.items()):
+                    self._encode_for(k, loaded, pixels, want)
+                if trim_if_over(self.device, self.budget):
+                    self.jobs[0].run.summary.allocator_trims += 1  # one device loop: counted once, on the first cache
+        for sizer in self.sizers:
+            sizer.peak = None  # its bound method holds an encoder, and with it a model
 
     def _units(self) -> Iterator[list]:
         """Decode units: per step (one planned batch of each job), the distinct plans by bucket, cut to the
@@ -228,11 +228,6 @@ class _Stream:
         self.group.count.fed += len(items)
         self.jobs[k].run.report(len(items) + len(failures), device_memory_bytes(self.device), ())
 
-    def _stage(self, loaded):
-        if loaded is None:
-            return None
-        return loaded, (self.streams.stage(loaded.pixels) if loaded.pixels is not None else None)
-
     def _sizers(self):
         budget = None
         sizers = []
@@ -240,11 +235,31 @@ class _Stream:
             manifest, store = job.run.manifest, job.stages.store
             known = manifest.get_meta(AUTO_BATCH_META.format(store=store))
             sizer, b = open_sizer(self.device, job.run, job.stages.sizing_key, known, _recorder(manifest, store))
-            if self.device.type == "cuda":
-                sizer.peak = enc.peak
+            sizer.peak = enc.peak  # used only where device memory is measured (a budget is known)
             sizers.append(sizer)
             budget = b if budget is None or b is None else min(budget, b)
         return sizers, budget
+
+
+_GUARD_COUNTS = ("oom_splits", "fp32_redos", "fp32_conversions")  # RunSummary fields an encoder's guard adds to
+
+
+def _add_counts(jobs: list[_Joined], parts: list[RunSummary], encoders: list, before: list[tuple]) -> None:
+    """Each writer thread's counts and its encoder's guard counts of this run into its job's summary."""
+    for job, part, encoder, then in zip(jobs, parts, encoders, before, strict=True):
+        job.run.live.remove(part)
+        merge_summary(job.run.summary, part)
+        for name, now, was in zip(_GUARD_COUNTS, _guard_counts(encoder), then, strict=True):
+            setattr(job.run.summary, name, getattr(job.run.summary, name) + now - was)
+
+
+def _guard_counts(encoder) -> tuple[int, int, int]:
+    """The encoder's guard counts, as ``engines.local.add_encoder_counts`` reads them."""
+    return encoder.oom_splits, encoder.upcasts, getattr(encoder, "fp32_conversions", 0)
+
+
+def _submit(stager, loaded):
+    return None if loaded is None else stager.submit(loaded)
 
 
 def _extras(loaded, idx: list[int]) -> dict:
