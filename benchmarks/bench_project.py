@@ -10,9 +10,9 @@ run:
       build`` does for them): wall time, images decoded (N) and fed to the VAEs (K x N);
   (c) the ratio (a) / (b), and whether every cache's tensors are equal between (a) and (b).
 
-With a tiny VAE, decoding (JPEG, resize, crop) is most of the work, so (c) shows the share of it that is saved;
-with a real VAE on a GPU the saving is the decode time of K - 1 passes, which the device otherwise waits for when
-the decode workers cannot keep up.
+The decodes saved are exact ((K - 1) x N); the wall time they buy depends on what bounds the run: decoding (large
+JPEGs, few decode workers) or encoding. With a real VAE on a GPU the saving is the decode time of the passes that
+no longer happen, which shows where the decode workers cannot keep the device fed.
 
     python benchmarks/bench_project.py --n 48 --targets 2 --resolution 512          # tiny random VAE, CPU
     python benchmarks/bench_project.py --model sdxl --device cuda --targets 3 --n 500
