@@ -30,10 +30,12 @@ ROOMS = {
     "engines": 6,
     "consumers": 6,
     "jobs": 7,
-    "testing": 8,
-    "cli": 8,
-    "__main__": 9,
+    "project": 8,  # project files and watch: above the jobs they call, below the command line
+    "testing": 9,
+    "cli": 9,
+    "__main__": 10,
     "offload": 3,  # below encode and families, which both use it; it needs only config
+    "keep": 1,  # models kept between runs: imports nothing of the package
 }
 
 

@@ -347,6 +347,19 @@ class Manifest:
             out |= {k: [p, fp] for k, p, fp in cur}
         return out
 
+    def statuses(self, store: str, keys: list[str]) -> dict[str, tuple[str, str | None, float]]:
+        """``{key: (status, reason, updated)}`` for those of ``keys`` the store holds (``updated``: the time.time()
+        of the row's last change), so a caller can tell what happened to a few items without reading them all."""
+        out: dict[str, tuple[str, str | None, float]] = {}
+        for start in range(0, len(keys), 500):  # SQLite bounds the number of parameters of one statement
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            cur = self.conn.execute(
+                f"SELECT key, status, reason, updated FROM items WHERE store=? AND key IN ({marks})", (store, *chunk)
+            )
+            out |= {k: (s, r, u) for k, s, r, u in cur}
+        return out
+
     def item_pages(self, store: str, status: str, page_size: int) -> Iterator[list[ItemRow]]:
         """The items of one status in key order, ``page_size`` rows at a time, so a caller holds one page of
         a million-item store. Each page starts after the previous page's last key, so items that change status

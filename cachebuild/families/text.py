@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cachebuild import keep
 from cachebuild.cache.manifest import Manifest
 from cachebuild.config import PRESET_FAMILY, PRESETS, DType, Offload, TextencConfig, TextFamily
 from cachebuild.encode import free_device_memory, resolve_dtype
@@ -363,16 +364,24 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload.NEVER) -> Iterator:
     """One encoder loaded for the duration of the block, freed from host and device after it: on ``device``, or
     kept in host memory and streamed to ``device`` block by block where ``offload`` says so (cachebuild.offload;
-    ``is_streamed(model)`` tells which)."""
-    if _choose_offload(spec, device, offload):
-        model = stream_from_host(load_encoder(spec, torch.device("cpu")), device)
-    else:
-        model = load_encoder(spec, device)
+    ``is_streamed(model)`` tells which). Under a current ``keep.ModelKeeper`` the encoder is loaded once and kept
+    there between blocks instead (a process that builds again and again as files arrive)."""
+    keeper = keep.current()
+    if keeper is not None:
+        yield keeper.get(("text", spec, str(device), offload), lambda: _load(spec, device, offload), device)
+        return
+    model = _load(spec, device, offload)
     try:
         yield model
     finally:
         del model
         free_device_memory(device)
+
+
+def _load(spec: EncoderSpec, device: torch.device, offload: Offload):
+    if _choose_offload(spec, device, offload):
+        return stream_from_host(load_encoder(spec, torch.device("cpu")), device)
+    return load_encoder(spec, device)
 
 
 def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:

@@ -55,13 +55,14 @@ PLAN_CHUNK_ITEMS = 8192  # pending items planned at a time (rows, header reads, 
 
 
 def build_latents(
-    cfg: LatentsConfig, progress: ProgressFn | None = None, times: StageTimes | None = None
+    cfg: LatentsConfig, progress: ProgressFn | None = None, times: StageTimes | None = None, engine=None
 ) -> RunSummary:
     """Build or finish the latent cache that ``cfg`` describes.
 
     Re-running with the same config after an interruption finishes the job; re-running a finished job
     loads no model and writes nothing. ``times``, when given, receives the seconds spent per stage (one
-    device only; the benchmarks print them).
+    device only; the benchmarks print them). ``engine``, when given, runs the stages in place of the engine
+    ``--devices`` and ``--engine`` ask for (a caller that drives several caches' encoders itself).
 
     Raises:
         ConfigError, ModelLoadError, FingerprintMismatch, CacheError: before any work is done.
@@ -102,7 +103,7 @@ def build_latents(
             manifest.set_meta(f"source:{LATENTS}", source)
         tally = _Tally(total=manifest.counts(LATENTS)[PENDING])
         if tally.total:
-            engine = make_engine(cfg)
+            engine = engine or make_engine(cfg)
             batch = engine.plan_batch_size(cfg.batch_size)
             batches = _plan_batches(manifest, cfg, family, summary, tally, batch, pixels)
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
