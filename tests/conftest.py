@@ -147,3 +147,19 @@ def kill_while_running(cmd: list[str], out: Path, targets: tuple[int, ...]) -> i
             kills += 1
         proc.wait()
     return kills
+
+
+def leave_uncommitted_shard(out: Path, store: str = "latents", suffix: str = ".safetensors") -> str:
+    """What a run killed between a shard's rename and its commit leaves: a shard name the run claimed in the
+    manifest (cache.claims), a complete file under it, no commit. Returns the file's name."""
+    from cachebuild.cache.claims import open_claim
+    from cachebuild.cache.files import shard_name
+    from cachebuild.cache.manifest import Manifest
+    from cachebuild.cache.store import first_free_shard_index
+
+    with Manifest.open(out, create=False) as m:
+        index = first_free_shard_index(m, store)
+        open_claim(m, store, index)
+    name = shard_name(index, suffix)
+    (out / store / name).write_bytes(b"renamed but never committed")
+    return name

@@ -2,7 +2,8 @@
 
 A shard's item rows are committed in one transaction, after the shard file is durable, so the manifest
 never names a shard that is not complete on disk. A crash between the rename and the commit leaves an
-unreferenced shard file, which the next run deletes before it starts (its items are still pending).
+unreferenced shard file inside the run's claim on shard names (``cache.claims``), which the next run deletes
+before it starts (its items are still pending).
 
 Several stores share one manifest (``latents``, ``textenc``): every table is keyed by store.
 """

@@ -252,6 +252,12 @@ def verify(cache, repair, as_json):
                 "--repair deletes them)",
                 err=True,
             )
+        if report.unnamed:
+            click.echo(
+                f"{len(report.unnamed)} shard file(s) the manifest never named nor wrote (e.g. {report.unnamed[0]}): "
+                f"kept; if they belong to this cache, rebuild its index with: cachebuild rebuild-manifest {cache}",
+                err=True,
+            )
         click.echo(
             f"checked {report.items_checked} items in {report.shards_checked} shards "
             f"({human_bytes(report.bytes_checked)}) in {report.seconds:.1f} s: "
