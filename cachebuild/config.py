@@ -160,6 +160,11 @@ PRESETS: dict[str, str] = {
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
+CAPTION_MAX_BYTES = 64 * 1024  # default --caption-max-bytes: the prefix of a caption that is read and encoded.
+# The longest encoder windows (1024 tokens) take a few KB of text; a caption past this is cut here, so reading,
+# hashing and tokenizing it cost the same whatever the file's size
+CAPTION_FILE_LIMIT_BYTES = 16 * 1024 * 1024  # a caption (file or metadata text) larger than this fails, its size
+# and this limit named: no caption is that long, so it is a wrong or damaged file rather than text to train on
 PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's docstring
 PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
 PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
@@ -387,8 +392,14 @@ class TextencConfig:
     manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
     # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
     control: Path | None = None  # qwen-image-edit: the folder of condition images, one per caption key
+    caption_max_bytes: int = CAPTION_MAX_BYTES  # bytes of a caption read and encoded; the rest is cut (reported)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.caption_max_bytes <= CAPTION_FILE_LIMIT_BYTES:
+            raise ConfigError(
+                f"--caption-max-bytes must be between 1 and {CAPTION_FILE_LIMIT_BYTES} (16 MiB), "
+                f"got {self.caption_max_bytes}"
+            )
         if not self.source.exists():
             raise ConfigError(f"caption source {self.source} does not exist; pass a folder or a metadata file")
         if self.source.is_file() and self.source.suffix.lower() not in (".jsonl", ".csv"):

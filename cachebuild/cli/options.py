@@ -229,6 +229,13 @@ text_encoder_options = option_group(  # which encoders run and which of their ou
 caption_options = option_group(
     click.option("--caption-ext", default=".txt", show_default=True, help="Caption file extension."),
     click.option("--caption-column", default="text", show_default=True, help="Text column of a metadata file."),
+    click.option(
+        "--caption-max-bytes",
+        type=int,
+        default=64 * 1024,
+        show_default=True,
+        help="Bytes of a caption read and encoded; a longer one is cut there and reported (over 16 MiB it fails).",
+    ),
 )
 
 
@@ -336,6 +343,7 @@ def textenc_config(captions: Path, o: dict):
         t5_mask=o["t5_mask"],
         caption_ext=o["caption_ext"],
         caption_column=o["caption_column"],
+        caption_max_bytes=o["caption_max_bytes"],
         revision=o["revision"],
         dtype=DType(o["dtype"]),
         t5_dtype=DType(o["t5_dtype"]) if o["t5_dtype"] else None,
