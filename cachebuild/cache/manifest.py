@@ -471,6 +471,13 @@ class Manifest:
             counts[status] = n
         return {k: counts[k] for k in (DONE, FAILED, PENDING)}
 
+    def done_since(self, store: str, since: float) -> int:
+        """Items made done at or after Unix time ``since`` (what a run committed, counted after it stopped)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM items WHERE store=? AND status=? AND updated>=?", (store, DONE, since)
+        ).fetchone()
+        return row[0]
+
     def distinct_done(self, store: str, field: str) -> int:
         """How many distinct values of ``info.<field>`` done items have (stored embeddings, for text)."""
         row = self.conn.execute(

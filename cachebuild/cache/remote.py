@@ -92,6 +92,17 @@ def open_output(out, manifest_dir: Path | None = None) -> Iterator[Manifest]:
         remote.publish_if_changed()
 
 
+def committed_since(out, manifest_dir: Path | None, store: str, since: float) -> int:
+    """Items of ``store`` committed at or after Unix time ``since`` in the manifest that ``open_output`` opens
+    (read-only; 0 where there is none yet)."""
+    root = Path(out) if not is_url(out) else RemoteOutput(UrlPath(str(out)), manifest_dir).local
+    try:
+        with Manifest.open(root, create=False, read_only=True) as manifest:
+            return manifest.done_since(store, since)
+    except CachebuildError:
+        return 0
+
+
 class RemoteOutput:
     """Uploads and the published snapshot of one remote output; ``Manifest.remote`` while a job runs."""
 

@@ -1,7 +1,8 @@
 """The ``cachebuild`` command line: parse options, build one config, call one library function.
 
 Exit codes: 0 all items done; 3 the run finished but some items failed (see ``cachebuild status``);
-2 bad arguments or configuration (nothing was done); 1 an unexpected internal error.
+2 bad arguments or configuration (nothing was done); 1 an unexpected internal error; 130 and 143 a build
+stopped by SIGINT (Ctrl-C) or SIGTERM, its committed work kept.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def latents(dataset, quiet, as_json, **opts):
     """
     from cachebuild.jobs.latents import build_latents
 
-    run_build(build_latents, latents_config(dataset, opts), quiet or as_json, as_json, unit="img")
+    run_build(build_latents, latents_config(dataset, opts), quiet or as_json, as_json, unit="img", store="latents")
 
 
 @cli.command()
@@ -130,7 +131,8 @@ def textenc(captions, quiet, as_json, **opts):
     """
     from cachebuild.jobs.textenc import build_textenc
 
-    run_build(build_textenc, textenc_config(captions, opts), quiet or as_json, as_json, unit="caption")
+    cfg = textenc_config(captions, opts)
+    run_build(build_textenc, cfg, quiet or as_json, as_json, unit="caption", store="textenc")
 
 
 @cli.command()

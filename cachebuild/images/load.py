@@ -35,7 +35,7 @@ from cachebuild.config import ColorMode, ExifMode
 from cachebuild.errors import ItemError, StorageError
 from cachebuild.images.pixels import BACKGROUNDS, REFERENCE, Pixels, alpha_channel, composite
 from cachebuild.images.plan import ItemPlan
-from cachebuild.images.workers import describe_exit, run_alone, start_pool
+from cachebuild.images.workers import describe_exit, kill_pool, run_alone, start_pool
 from cachebuild.storage import input_size, open_input, read_input
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: in
             yield load_batch(batch, max_pixels)
         return
     prefetch = _Prefetch(workers, max_pixels)
+    finished = False
     try:
         for batch in batches:
             prefetch.put(batch)
@@ -150,8 +151,9 @@ def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: in
                 yield prefetch.take()
         while prefetch.pending:
             yield prefetch.take()
-    finally:
-        prefetch.close()
+        finished = True
+    finally:  # closed early (an interrupt, an error downstream): nobody reads the rest, so nothing is waited for
+        prefetch.close(kill=not finished)
 
 
 def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
@@ -215,8 +217,11 @@ class _Prefetch:
                 self._restart()
         return _recover(batch, self.max_pixels)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            kill_pool(self.pool)
+        else:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _restart(self) -> None:
         log.warning("a decode worker died; restarting the pool, its unfinished batches are decoded again alone")
