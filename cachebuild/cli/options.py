@@ -168,6 +168,13 @@ latents_options = option_group(  # what is stored per image and how the encoder 
     ),
     click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan)."),
     click.option(
+        "--read-timeout",
+        type=float,
+        default=60.0,
+        show_default=True,
+        help="Seconds one image file's read may take (a stalled mount, a locked file); past it the item fails.",
+    ),
+    click.option(
         "--devices",
         help="Encode on several devices, one process each: cuda:0,cuda:1, all (every GPU) or cpu,cpu.",
     ),
@@ -322,6 +329,7 @@ def latents_config(dataset: Path, o: dict):
         alpha=AlphaMode(o["alpha"]) if o.get("alpha") else None,
         alpha_mask=bool(o.get("alpha_mask")),
         clips=clip_config(o),  # cli.clips
+        read_timeout=o["read_timeout"],
         **build_settings(o),
     )
 

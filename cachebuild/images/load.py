@@ -35,6 +35,7 @@ from cachebuild.config import ColorMode, ExifMode
 from cachebuild.errors import ItemError, StorageError
 from cachebuild.images.pixels import BACKGROUNDS, REFERENCE, Pixels, alpha_channel, composite
 from cachebuild.images.plan import ItemPlan
+from cachebuild.images.reads import read_within
 from cachebuild.images.workers import describe_exit, kill_pool, run_alone, start_pool
 from cachebuild.storage import input_size, open_input, read_input
 
@@ -90,7 +91,7 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
     Raises:
         ItemError: with a reason a person can act on.
     """
-    with _open(item.path, max_pixels) as img:
+    with _open(item.path, max_pixels, read_timeout=item.read_timeout) as img:
         try:
             img.seek(0)
             _maybe_draft(img, item)
@@ -269,13 +270,17 @@ def _crash_reason(exitcode: int | None) -> str:
     )
 
 
-def _open(path: str, max_pixels: int, whole: bool = True) -> Image.Image:
+def _open(path: str, max_pixels: int, whole: bool = True, read_timeout: float | None = None) -> Image.Image:
+    """The image at ``path``; with ``read_timeout`` its bytes are read first, within that many seconds."""
     # Pillow refuses images over twice this limit itself (before reading pixel data); the exact check is ours
     Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(open_input(path, whole=whole))  # a URL's bytes come through fsspec (storage)
+            source = open_input(path, whole=whole)  # a URL's bytes come through fsspec (storage)
+            if read_timeout is not None and isinstance(source, str):  # a local file that may block (images.reads)
+                source = io.BytesIO(read_within(source, read_timeout))
+            img = Image.open(source)
     except Image.DecompressionBombError as exc:
         raise ItemError(f"decompression bomb refused: {str(exc).rstrip('.')}; raise --max-pixels if trusted") from exc
     except FileNotFoundError as exc:
