@@ -18,6 +18,20 @@ from cachebuild.testing import make_tiny_vae
 ODD_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "odd-images"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_folder(tmp_path_factory):
+    """The session's user cache folder (remote mirrors, remembered shard checks): never the real ~/.cache."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield Path(os.environ["XDG_CACHE_HOME"])
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory) -> Path:
     """A diffusers AutoencoderKL folder (config.json + safetensors), downsampling 2, 4 latent channels."""
