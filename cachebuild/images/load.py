@@ -12,6 +12,7 @@ Colour rules, applied in this order (the item's ``pixels`` say which; ``images.p
   * the alpha channel taken aside, with ``--alpha-mask`` only;
   * an embedded ICC profile converted to sRGB when Pillow has LittleCMS, with ``--color icc`` only;
   * 16-bit and 32-bit greyscale scaled to 8 bits by value range (I;16: v / 257; I: clipped to 0..65535 first);
+    floating-point pixels by their range, 0..1 or whole numbers in 0..255, others failed (``formats``);
   * transparency (RGBA, LA, PA, and P/L/RGB/1 with a tRNS colour key) composited over white or black with
     ``--alpha white|black``; by default the alpha is dropped;
   * every mode to RGB through Pillow's convert("RGB") (CMYK, L, 1, P, YCbCr, LAB, HSV, RGBA, ...).
@@ -33,6 +34,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from cachebuild.config import ColorMode, ExifMode
 from cachebuild.errors import ItemError, StorageError
+from cachebuild.images.formats import float_to_l, require_decoder
 from cachebuild.images.pixels import BACKGROUNDS, REFERENCE, Pixels, alpha_channel, composite
 from cachebuild.images.plan import ItemPlan
 from cachebuild.images.reads import read_within
@@ -120,10 +122,11 @@ def to_rgb(img: Image.Image, pixels: Pixels = REFERENCE) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, by the rules in this module's docstring and ``pixels``' modes."""
     if pixels.color is ColorMode.ICC:
         img = _apply_icc(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode == "F":  # floating point: scaled by its range, or failed with it (images.formats)
+        img = float_to_l(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if img.mode.startswith("I") else 1.0
-        img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
     if pixels.alpha in BACKGROUNDS:  # --alpha white|black; by default convert("RGB") drops the alpha
         img = composite(img, pixels.alpha)
     with warnings.catch_warnings():  # Pillow advises RGBA for a palette's transparency: dropping it is the point
@@ -274,6 +277,7 @@ def _open(path: str, max_pixels: int, whole: bool = True, read_timeout: float | 
     """The image at ``path``; with ``read_timeout`` its bytes are read first, within that many seconds."""
     # Pillow refuses images over twice this limit itself (before reading pixel data); the exact check is ours
     Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+    require_decoder(path)  # HEIC, AVIF, JPEG XL: their plugin, or the line that installs it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
