@@ -329,7 +329,8 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
     kohya: sd-scripts `<stem>_<W>x<H>_<family>.npz` beside the images in --to, for --cache_latents_to_disk.
     musubi: musubi-tuner `<stem>_<W>x<H>_<arch>.safetensors` and `<stem>_<arch>_te.safetensors` in --to, its
     cache_directory. webdataset: tar shards of per-sample tensors and JSON in --to. Identical files are
-    skipped; differing ones are left alone (exit 3) unless --overwrite.
+    skipped; differing ones are left alone (exit 3) unless --overwrite; a folder at a file's name is never
+    replaced (exit 3).
 
     \b
     Example:
@@ -365,13 +366,15 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
             click.echo(f"  refused {s['key']}: {s['reason']}")
         for name in summary.conflicts[:_LISTED]:
             click.echo(f"  differs, left alone: {name}")
-        if len(summary.skipped) > _LISTED or len(summary.conflicts) > _LISTED:
+        for b in summary.blocked[:_LISTED]:
+            click.echo(f"  refused {b['path']}: {b['reason']}")
+        if max(len(summary.skipped), len(summary.conflicts), len(summary.blocked)) > _LISTED:
             click.echo(f"  (first {_LISTED} of each listed; --json lists all)")
         for warning in summary.warnings:
             click.echo(f"warning: {warning}", err=True)
         if summary.conflicts:
             click.echo("pass --overwrite to replace the files that differ", err=True)
-    sys.exit(EXIT_ITEMS_FAILED if summary.conflicts else EXIT_OK)
+    sys.exit(EXIT_ITEMS_FAILED if summary.conflicts or summary.blocked else EXIT_OK)
 
 
 @cli.command()
