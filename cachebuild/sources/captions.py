@@ -34,6 +34,7 @@ from cachebuild.config import CAPTION_FILE_LIMIT_BYTES, CAPTION_MAX_BYTES
 from cachebuild.errors import ConfigError
 from cachebuild.keys import fs_path, path_text
 from cachebuild.sources.scan import ScanResult, SourceFile, scan_files
+from cachebuild.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,8 @@ def _scan_caption_files(root: Path, ext: str, max_bytes: int) -> CaptionScan:
         if f.size > CAPTION_FILE_LIMIT_BYTES:  # never read: its size alone says it is no caption
             files.append(replace(f, reason=f"caption file {f.path} {_too_large(f.size)}"))
             continue
-        try:
-            with open(root / fs_path(f.path), "rb") as fh:
-                data = fh.read(max_bytes + 1)  # one byte more tells a cut caption from one of exactly max_bytes
+        try:  # one byte more than max_bytes tells a cut caption from one of exactly max_bytes
+            data = _read_head(root / fs_path(f.path), max_bytes + 1)
         except OSError as exc:
             files.append(
                 replace(f, reason=f"caption file {f.path} cannot be read ({exc.strerror or exc}); fix its permissions")
@@ -117,6 +117,14 @@ def _scan_caption_files(root: Path, ext: str, max_bytes: int) -> CaptionScan:
         else:
             bad[f.key] = f"caption {reason}"
     return CaptionScan(ScanResult(files, listing.clashes, listing.unlisted), texts, bad, cut)
+
+
+def _read_head(path, size: int) -> bytes:
+    """The first ``size`` bytes of a local file, or of an object at a URL (one ranged request)."""
+    if is_url(path):
+        return path.fs.cat_file(path.path, start=0, end=size)
+    with open(path, "rb") as fh:
+        return fh.read(size)
 
 
 def decode_text(data: bytes, complete: bool = True) -> tuple[str, str | None]:
