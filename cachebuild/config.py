@@ -160,6 +160,13 @@ PRESETS: dict[str, str] = {
 }
 # presets whose family goes by another name
 PRESET_FAMILY = {"sd35-large": "sd3", "sd35-medium": "sd3", "flux2-dev": "flux2"}
+READ_TIMEOUT_SECONDS = 60.0  # default --read-timeout: a disk or mount that gives no image file in a minute (a
+# 500 MB TIFF at 10 MB/s is 50 s) is stalled (a dead NFS or FUSE server, a file locked by a lease), not slow
+CAPTION_MAX_BYTES = 64 * 1024  # default --caption-max-bytes: the prefix of a caption that is read and encoded.
+# The longest encoder windows (1024 tokens) take a few KB of text; a caption past this is cut here, so reading,
+# hashing and tokenizing it cost the same whatever the file's size
+CAPTION_FILE_LIMIT_BYTES = 16 * 1024 * 1024  # a caption (file or metadata text) larger than this fails, its size
+# and this limit named: no caption is that long, so it is a wrong or damaged file rather than text to train on
 PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's docstring
 PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
 PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
@@ -295,8 +302,11 @@ class LatentsConfig:
     alpha: AlphaMode | None = None  # None: not set, so drop, or what a cache built before the option recorded
     alpha_mask: bool = False  # also store each image's alpha channel at bucket size (sd-scripts' --alpha_mask)
     clips: ClipConfig = field(default_factory=ClipConfig)  # how videos become clips (video families only)
+    read_timeout: float = READ_TIMEOUT_SECONDS  # one file's read (header or bytes) may take this long, then fails
 
     def __post_init__(self) -> None:
+        if self.read_timeout <= 0:
+            raise ConfigError(f"--read-timeout must be positive (seconds), got {self.read_timeout}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be auto or at least 1, got {self.batch_size}")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
@@ -387,8 +397,14 @@ class TextencConfig:
     manifest_dir: Path | None = None  # where a URL --out keeps its manifest locally; None: under the user cache
     # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
     control: Path | None = None  # qwen-image-edit: the folder of condition images, one per caption key
+    caption_max_bytes: int = CAPTION_MAX_BYTES  # bytes of a caption read and encoded; the rest is cut (reported)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.caption_max_bytes <= CAPTION_FILE_LIMIT_BYTES:
+            raise ConfigError(
+                f"--caption-max-bytes must be between 1 and {CAPTION_FILE_LIMIT_BYTES} (16 MiB), "
+                f"got {self.caption_max_bytes}"
+            )
         if not self.source.exists():
             raise ConfigError(f"caption source {self.source} does not exist; pass a folder or a metadata file")
         if self.source.is_file() and self.source.suffix.lower() not in (".jsonl", ".csv"):

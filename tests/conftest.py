@@ -18,6 +18,20 @@ from cachebuild.testing import make_tiny_vae
 ODD_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "odd-images"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_folder(tmp_path_factory):
+    """The session's user cache folder (remote mirrors, remembered shard checks): never the real ~/.cache."""
+    import os
+
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield Path(os.environ["XDG_CACHE_HOME"])
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_vae(tmp_path_factory) -> Path:
     """A diffusers AutoencoderKL folder (config.json + safetensors), downsampling 2, 4 latent channels."""
@@ -147,3 +161,19 @@ def kill_while_running(cmd: list[str], out: Path, targets: tuple[int, ...]) -> i
             kills += 1
         proc.wait()
     return kills
+
+
+def leave_uncommitted_shard(out: Path, store: str = "latents", suffix: str = ".safetensors") -> str:
+    """What a run killed between a shard's rename and its commit leaves: a shard name the run claimed in the
+    manifest (cache.claims), a complete file under it, no commit. Returns the file's name."""
+    from cachebuild.cache.claims import open_claim
+    from cachebuild.cache.files import shard_name
+    from cachebuild.cache.manifest import Manifest
+    from cachebuild.cache.store import first_free_shard_index
+
+    with Manifest.open(out, create=False) as m:
+        index = first_free_shard_index(m, store)
+        open_claim(m, store, index)
+    name = shard_name(index, suffix)
+    (out / store / name).write_bytes(b"renamed but never committed")
+    return name

@@ -19,7 +19,7 @@ from cachebuild.config import BucketConfig, CropMode
 from cachebuild.images.load import iter_batches, read_size
 from cachebuild.images.plan import BucketPlan, batch_by_bucket, plan_item
 from cachebuild.jobs.latents import build_latents
-from tests.conftest import write_image
+from tests.conftest import done_count, write_image
 from tests.test_pipeline import make_cfg
 
 MAX_PIXELS = 178_956_970
@@ -101,10 +101,10 @@ def _latents_cmd(ds: Path, out: Path, vae: Path) -> list[str]:
     ]
 
 
-def _start_and_wait_for_workers(cmd: list[str]) -> tuple[subprocess.Popen, list[psutil.Process]]:
+def _start_and_wait_for_workers(cmd: list[str], stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, list]:
     """Start ``cmd`` in its own process group; once its two decode workers run, return it and every process
     below it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -141,10 +141,15 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
+@pytest.fixture(scope="module")
+def busy_dataset(tmp_path_factory) -> Path:
+    """Enough images that a run is still decoding when it is signalled (one dataset for the module)."""
+    return _dataset(tmp_path_factory.mktemp("busy") / "ds", 240)
+
+
 @pytest.mark.slow
-def test_sigkill_of_the_run_leaves_no_decode_worker_behind(tmp_path, tiny_vae):
-    ds = _dataset(tmp_path / "ds", 400)
-    proc, children = _start_and_wait_for_workers(_latents_cmd(ds, tmp_path / "out", tiny_vae))
+def test_sigkill_of_the_run_leaves_no_decode_worker_behind(tmp_path, tiny_vae, busy_dataset):
+    proc, children = _start_and_wait_for_workers(_latents_cmd(busy_dataset, tmp_path / "out", tiny_vae))
     proc.kill()
     proc.wait(10)
     survivors = _survivors(children, seconds=5)
@@ -154,14 +159,26 @@ def test_sigkill_of_the_run_leaves_no_decode_worker_behind(tmp_path, tiny_vae):
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_the_run_leaves_no_decode_worker_behind(tmp_path, tiny_vae):
-    ds = _dataset(tmp_path / "ds", 400)
-    proc, children = _start_and_wait_for_workers(_latents_cmd(ds, tmp_path / "out", tiny_vae))
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_ctrl_c_and_sigterm_end_in_one_line_with_no_child_left(tmp_path, tiny_vae, busy_dataset, sig, code):
+    """What a terminal's Ctrl-C does (SIGINT to the whole foreground group), and what systemd and SLURM do
+    (SIGTERM to every process of the job): one line, its exit code, no traceback or leaked semaphore from any
+    process, no child left, the committed items kept."""
+    out = tmp_path / "out"
+    cmd = _latents_cmd(busy_dataset, out, tiny_vae) + ["--shard-mb", "0.001"]  # a shard per batch: commits early
+    proc, children = _start_and_wait_for_workers(cmd, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while done_count(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
     try:
-        proc.wait(30)
+        _, err = proc.communicate(timeout=30)  # stderr's end: the resource tracker, last to go, has it too
     finally:
         survivors = _survivors([*children, psutil.Process(proc.pid)] if proc.poll() is None else children, 5)
         for p in survivors:
             p.kill()
     assert not survivors, [_cmdline(p) for p in survivors]
+    assert proc.returncode == code, err
+    committed = done_count(out)
+    assert committed > 0
+    assert err.decode() == f"interrupted: {committed} items committed; run the same command to continue\n"

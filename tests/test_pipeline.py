@@ -19,7 +19,7 @@ from cachebuild.config import BucketConfig, CropMode, DType, LatentsConfig, Late
 from cachebuild.errors import ConfigError, FingerprintMismatch
 from cachebuild.jobs import latents as pipeline
 from cachebuild.jobs.latents import build_latents
-from tests.conftest import ODD_IMAGES, done_count, kill_while_running, write_image
+from tests.conftest import ODD_IMAGES, done_count, kill_while_running, leave_uncommitted_shard, write_image
 
 BUCKETS = BucketConfig(resolution=(128, 128), min_reso=64, max_reso=256, steps=64)
 
@@ -214,13 +214,17 @@ def test_crash_leftovers_are_cleaned_and_missing_shards_reencoded(tmp_path, tiny
     build_latents(make_cfg(dataset, out, tiny_vae, shard_mb=0.01))
     before = read_cache(out)
     shards = sorted((out / "latents").iterdir())
-    (out / "latents" / "shard-99999.safetensors").write_bytes(b"complete but never committed")
+    (out / "latents" / "shard-00050.safetensors").write_bytes(b"no run of this manifest wrote it")
+    leftover = leave_uncommitted_shard(out)  # a run killed later: its claim starts past the file above
     (out / "latents" / "shard-00000.safetensors.tmp").write_bytes(b"half written")
     shards[0].unlink()  # a committed shard lost: its items must be encoded again
     summary = build_latents(make_cfg(dataset, out, tiny_vae, shard_mb=0.01))
     assert summary.encoded >= 1 and summary.pending == 0
     names = {p.name for p in (out / "latents").iterdir()}
-    assert "shard-99999.safetensors" not in names and not any(n.endswith(".tmp") for n in names)
+    assert not any(n.endswith(".tmp") for n in names)
+    with Manifest.open(out, create=False) as m:  # the leftover went (its name may be handed out again)
+        assert names - {s["name"] for s in m.shards("latents")} == {"shard-00050.safetensors"}
+    assert leftover.startswith("shard-00051")  # not proven a leftover, shard-00050 was kept (cache.claims)
     assert_same_cache(read_cache(out), before)
 
 

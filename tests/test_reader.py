@@ -11,7 +11,7 @@ import torch
 from cachebuild import open_cache
 from cachebuild.cache.manifest import Manifest
 from cachebuild.config import BucketConfig, LatentsMode
-from cachebuild.consumers import reader
+from cachebuild.consumers import handles
 from cachebuild.errors import CacheError
 from cachebuild.jobs.latents import build_latents
 from cachebuild.testing import make_synthetic_manifest
@@ -89,7 +89,7 @@ def test_a_100k_item_cache_opens_from_the_index_without_touching_a_shard(tmp_pat
     def no_shard(*_a, **_k):
         raise AssertionError("opening the cache must not open a shard")
 
-    monkeypatch.setattr(reader.ShardFile, "open", no_shard)
+    monkeypatch.setattr(handles.ShardFile, "open", no_shard)
     cache = open_cache(tmp_path)
     sampler = cache.bucket_sampler(batch_size=8)
     assert len(cache) == 100_000 and cache.bucket("d000/img000001") == (1216, 832)
@@ -128,14 +128,14 @@ def test_shard_handles_are_per_process(flip_cache, monkeypatch):
     cache["im0"]
     first = cache._handles.get(cache.shard_of("im0"))
     assert cache._handles.get(cache.shard_of("im0")) is first  # reused within a process
-    monkeypatch.setattr(reader.os, "getpid", lambda: -1)  # as if forked
+    monkeypatch.setattr(handles.os, "getpid", lambda: -1)  # as if forked
     assert cache._handles.get(cache.shard_of("im0")) is not first
     clone = pickle.loads(pickle.dumps(cache))  # as sent to a spawned worker
     assert not clone._handles._open and torch.equal(clone["im0"]["latents"], cache["im0"]["latents"])
 
 
 def test_handles_stay_bounded(flip_cache, monkeypatch):
-    monkeypatch.setattr(reader, "MAX_OPEN_SHARDS", 2)
+    monkeypatch.setattr(handles, "MAX_OPEN_SHARDS", 2)
     cache = open_cache(flip_cache)
     shards = {cache.shard_of(k) for k in cache}
     assert len(shards) > 2

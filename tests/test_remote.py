@@ -257,7 +257,8 @@ def test_snapshots_are_rate_limited_and_always_published_at_the_end(tmp_path, ti
     monkeypatch.setattr(remote, "SNAPSHOT_MIN_SECONDS", 0.0)
     monkeypatch.setattr(remote, "SNAPSHOT_TIME_SHARE", float("inf"))  # no limit: one per commit
     summary = build_latents(make_cfg(src, UrlPath(f"s3://{name}/b"), tiny_vae, shard_mb=0.001))
-    assert len(published) == summary.shards_written  # the last commit's snapshot is already the final one
+    # one per commit, and the end's, which holds the run's closed claim on shard names (cache.claims)
+    assert len(published) == summary.shards_written + 1
 
 
 def test_a_store_failing_mid_run_stops_it_and_the_same_command_finishes(tmp_path, tiny_vae, dataset, bucket):
@@ -415,3 +416,26 @@ def test_several_devices_or_ray_with_a_url_out_are_refused_in_one_line(tmp_path,
     cfg = make_cfg(dataset, UrlPath(f"s3://{name}/cache"), tiny_vae, device=None, engine=EngineKind.RAY)
     with pytest.raises(ConfigError, match="--engine ray with a URL --out"):
         build_latents(cfg)
+
+
+def test_shards_without_any_manifest_are_refused_and_unnamed_ones_kept(tmp_path, tiny_vae, dataset, bucket):
+    from cachebuild.errors import CacheError
+
+    name, fs = bucket
+    out, mdir = UrlPath(f"s3://{name}/cache"), tmp_path / "m"
+    cfg = make_cfg(dataset, out, tiny_vae, manifest_dir=mdir)
+    assert build_latents(cfg).done == 8
+    fs.pipe(f"{name}/cache/latents/shard-00050.safetensors", b"no run of this manifest wrote it")
+    write_image(dataset / "new.png", (64, 64), seed=99)
+    assert build_latents(cfg).done == 9  # its crash clean-up keeps the unnamed shard, and names pass it
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{name}/cache/latents/shard-00050.safetensors") == b"no run of this manifest wrote it"
+    with Manifest.open(mdir, create=False, read_only=True) as m:
+        assert {r.key: r.shard for r in m.items("latents", "done")}["new"] == "shard-00051.safetensors"
+    shards = sorted(fs.ls(f"{name}/cache/latents"))
+    fs.rm_file(f"{name}/cache/{MANIFEST_NAME}")  # no snapshot, and no local manifest either
+    (mdir / MANIFEST_NAME).unlink()
+    with pytest.raises(CacheError, match="no manifest.sqlite.*--manifest-dir.*rebuild-manifest"):
+        build_latents(cfg)
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{name}/cache/latents")) == shards

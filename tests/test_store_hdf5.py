@@ -17,7 +17,7 @@ from cachebuild.config import DType, LatentsConfig, ModelSpec, StoreFormat
 from cachebuild.consumers.reader import open_cache
 from cachebuild.errors import ConfigError
 from cachebuild.jobs.latents import build_latents
-from tests.conftest import write_image
+from tests.conftest import leave_uncommitted_shard, write_image
 from tests.test_reader import small_cfg, small_dataset
 
 
@@ -116,15 +116,16 @@ def test_hdf5_crash_leftovers_are_cleaned_and_new_shards_numbered_after_them(tmp
     build_latents(small_cfg(dataset, out, tiny_vae, format=StoreFormat.HDF5, shard_mb=0.005))
     folder = out / "latents"
     committed = sorted(p.name for p in folder.iterdir())
-    (folder / "shard-99999.h5").write_bytes(b"renamed but never committed")
+    leftover = leave_uncommitted_shard(out, suffix=".h5")
     (folder / "shard-00000.h5.tmp").write_bytes(b"half written")
     write_image(dataset / "new.png", (64, 64), seed=50)
     summary = build_latents(small_cfg(dataset, out, tiny_vae, format=StoreFormat.HDF5, shard_mb=0.005))
     assert summary.encoded == 1 and summary.done == 7
     names = sorted(p.name for p in folder.iterdir())
-    assert "shard-99999.h5" not in names and not any(n.endswith(".tmp") for n in names)
+    assert not any(n.endswith(".tmp") for n in names)
     new = sorted(set(names) - set(committed))
-    assert new == [f"shard-{int(committed[-1][6:11]) + 1:05d}.h5"]  # numbered after the last committed one
+    assert new == [leftover]  # the leftover went, and its name was handed out again after the last committed one
+    assert leftover == f"shard-{int(committed[-1][6:11]) + 1:05d}.h5"
     with Manifest.open(out, create=False) as m:
         assert {s["name"] for s in m.shards("latents")} == set(names)
     assert open_cache(out)["new"]["latents"].shape == (4, 32, 32)

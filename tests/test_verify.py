@@ -19,6 +19,7 @@ from cachebuild.config import StoreFormat
 from cachebuild.consumers.verify import verify_cache
 from cachebuild.errors import CacheError
 from cachebuild.jobs.latents import build_latents
+from tests.conftest import leave_uncommitted_shard
 from tests.test_pipeline import assert_same_cache, read_cache
 from tests.test_reader import small_cfg, small_dataset
 
@@ -129,13 +130,16 @@ def test_missing_shards_are_problems_stray_files_leftovers_and_repair_clears_bot
     shards = _shard_items(cache)
     victim = sorted(shards)[0]
     (cache / "latents" / victim).unlink()
-    (cache / "latents" / "shard-77777.safetensors").write_bytes(b"never committed")
+    (cache / "latents" / "shard-77777.safetensors").write_bytes(b"no run of this manifest wrote it")
+    leftover = leave_uncommitted_shard(cache)  # a run killed later: its claim starts past the file above
     report = verify_cache(cache)
     assert report.damaged_keys == {"latents": sorted(shards[victim])}
-    assert report.leftovers == ["latents/shard-77777.safetensors"]  # listed, but not a problem of its own
-    assert not [p for p in report.problems if p.shard == "shard-77777.safetensors"]
+    assert report.leftovers == [f"latents/{leftover}"]  # listed, but not a problem of its own
+    assert report.unnamed == ["latents/shard-77777.safetensors"]
+    assert not [p for p in report.problems if p.shard in (leftover, "shard-77777.safetensors")]
     verify_cache(cache, repair=True)
-    assert not (cache / "latents" / "shard-77777.safetensors").exists()
+    assert not (cache / "latents" / leftover).exists()
+    assert (cache / "latents" / "shard-77777.safetensors").exists()  # not proven ours: kept
     with Manifest.open(cache, create=False) as m:
         assert victim not in {s["name"] for s in m.shards("latents")}
 

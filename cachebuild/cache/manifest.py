@@ -2,7 +2,8 @@
 
 A shard's item rows are committed in one transaction, after the shard file is durable, so the manifest
 never names a shard that is not complete on disk. A crash between the rename and the commit leaves an
-unreferenced shard file, which the next run deletes before it starts (its items are still pending).
+unreferenced shard file inside the run's claim on shard names (``cache.claims``), which the next run deletes
+before it starts (its items are still pending).
 
 Several stores share one manifest (``latents``, ``textenc``): every table is keyed by store.
 """
@@ -469,6 +470,13 @@ class Manifest:
         ):
             counts[status] = n
         return {k: counts[k] for k in (DONE, FAILED, PENDING)}
+
+    def done_since(self, store: str, since: float) -> int:
+        """Items made done at or after Unix time ``since`` (what a run committed, counted after it stopped)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM items WHERE store=? AND status=? AND updated>=?", (store, DONE, since)
+        ).fetchone()
+        return row[0]
 
     def distinct_done(self, store: str, field: str) -> int:
         """How many distinct values of ``info.<field>`` done items have (stored embeddings, for text)."""

@@ -15,10 +15,12 @@ writer lock, and each shard while it is written. The order of events keeps the p
    it names was uploaded before its commit, so a published snapshot never names a shard that is not there.
 5. shards nothing needs any more are deleted remotely only after a snapshot without them is published.
 
-A killed run resumes with the same command: leftover temporary uploads and uploaded shards the manifest
-never committed are deleted, and the pending items encoded. Without a local manifest (another machine, a
-cleared cache folder) the published snapshot is downloaded first and the run goes on from there; shards
-committed after that snapshot are then unreferenced, deleted and encoded again. One writer per output URL.
+A killed run resumes with the same command: leftover temporary uploads and uploaded shards that a run of the
+manifest claimed and never committed (``cache.claims``) are deleted, and the pending items encoded; other shards
+the manifest does not name are kept. Without a local manifest (another machine, a cleared cache folder) the
+published snapshot is downloaded first and the run goes on from there; shards committed after that snapshot
+are then uncommitted leftovers of the snapshot's run, deleted and encoded again. Without a local manifest and
+without a snapshot, a URL that holds shards is refused. One writer per output URL.
 
 Readers (``open_cache("s3://...")``, ``cachebuild status s3://...``) download the published snapshot into
 ``<user cache dir>/cachebuild/remote/<name-and-hash>/`` and fetch each shard there on first use, under a name
@@ -39,8 +41,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from cachebuild.cache.claims import lost_manifest_message, refuse_lost_manifest
 from cachebuild.cache.files import TMP_SUFFIX, ShardInfo, shard_index, write_durably
-from cachebuild.cache.manifest import MANIFEST_NAME, Manifest
+from cachebuild.cache.manifest import MANIFEST_NAME, STORES, Manifest
 from cachebuild.errors import CachebuildError, CacheError, ConfigError, StorageError
 from cachebuild.storage import UrlPath, filesystem, is_url
 
@@ -76,6 +79,7 @@ def open_output(out, manifest_dir: Path | None = None) -> Iterator[Manifest]:
     run ends without an error.
     """
     if not is_url(out):
+        refuse_lost_manifest(Path(out))  # shards without their manifest are never taken for leftovers
         with Manifest.open(out) as manifest:
             yield manifest
         return
@@ -86,6 +90,17 @@ def open_output(out, manifest_dir: Path | None = None) -> Iterator[Manifest]:
         remote.manifest = manifest
         yield manifest
         remote.publish_if_changed()
+
+
+def committed_since(out, manifest_dir: Path | None, store: str, since: float) -> int:
+    """Items of ``store`` committed at or after Unix time ``since`` in the manifest that ``open_output`` opens
+    (read-only; 0 where there is none yet)."""
+    root = Path(out) if not is_url(out) else RemoteOutput(UrlPath(str(out)), manifest_dir).local
+    try:
+        with Manifest.open(root, create=False, read_only=True) as manifest:
+            return manifest.done_since(store, since)
+    except CachebuildError:
+        return 0
 
 
 class RemoteOutput:
@@ -118,8 +133,9 @@ class RemoteOutput:
         if time.monotonic() - self._published_at >= interval:
             self.publish()
 
-    def clean(self, store: str, known: set[str]) -> set[str]:
-        """Delete temporary uploads and shards the manifest does not know; return the known names present."""
+    def clean(self, store: str, known: set[str], ours) -> tuple[set[str], list[str]]:
+        """Delete temporary uploads and the shards ``ours(name)`` proves this manifest's runs uploaded and never
+        committed (``cache.claims``); return the known names present and the other unknown shards, kept."""
         folder = f"{self._base()}/{store}"
         with self._errors(f"listing {self.out}/{store}"):
             fs = self.out.fs
@@ -128,14 +144,16 @@ class RemoteOutput:
                 names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
             except FileNotFoundError:
                 names = []
-            present = set()
+            present, foreign = set(), []
             for name in names:
-                if name.endswith(TMP_SUFFIX) or (shard_index(name) is not None and name not in known):
+                if name.endswith(TMP_SUFFIX) or (name not in known and ours(name)):
                     log.info("removing %s/%s left by an interrupted run", folder, name)
                     fs.rm_file(f"{folder}/{name}")
                 elif name in known:
                     present.add(name)
-        return present
+                elif shard_index(name) is not None:
+                    foreign.append(name)
+        return present, foreign
 
     def drop(self, store: str, names: list[str]) -> None:
         """Delete shards nothing points at, after publishing a snapshot that no longer names them."""
@@ -166,6 +184,7 @@ class RemoteOutput:
         for side in ("-wal", "-shm"):  # side files of a manifest that is gone would not belong to the snapshot
             (self.local / (MANIFEST_NAME + side)).unlink(missing_ok=True)
         if not self._snapshot_exists():
+            self._refuse_unindexed_shards()
             self._needs_publish = True
             return
         log.warning("no local manifest in %s; starting from the snapshot published at %s", self.local, self.out)
@@ -223,6 +242,24 @@ class RemoteOutput:
             self.publish()
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def _refuse_unindexed_shards(self) -> None:
+        """No local manifest and no published one: shards at ``out`` would have nothing to prove them ours."""
+        count = 0
+        with self._errors(f"listing {self.out}"):
+            for store in STORES:
+                try:
+                    names = self.out.fs.ls(f"{self._base()}/{store}", detail=False)
+                except FileNotFoundError:
+                    continue
+                tails = (n.rsplit("/", 1)[-1] for n in names)
+                count += sum(shard_index(t) is not None and not t.endswith(TMP_SUFFIX) for t in tails)
+        if count:
+            fix = (
+                "point --manifest-dir at the folder of the run that built it, or copy the cache to a folder and "
+                "rebuild its manifest there with: cachebuild rebuild-manifest FOLDER"
+            )
+            raise CacheError(lost_manifest_message(f"{self.out} (local manifest folder {self.local})", count, fix))
+
     def _base(self) -> str:
         return self.out.path.rstrip("/")
 

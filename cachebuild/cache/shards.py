@@ -105,10 +105,7 @@ class ShardFile:
     @classmethod
     def open(cls, path: Path) -> ShardFile:
         if not path.is_file():
-            raise CacheError(
-                f"shard {path} is missing; run `cachebuild verify {path.parent.parent} --repair`, then the build "
-                "command again to re-encode its items"
-            )
+            raise CacheError(f"the file {path} is missing")
         if path.suffix == ".h5":
             from cachebuild.cache.hdf5 import require_h5py
 
@@ -138,10 +135,7 @@ class ShardFile:
         try:
             return {n: self.get(f"{entry}/{n}") for n in names}
         except (KeyError, SafetensorError) as exc:
-            raise CacheError(
-                f"{self.path.name} does not hold {entry}/{names[0]} as the manifest says ({exc}); run "
-                f"`cachebuild verify {self.path.parent.parent}`"
-            ) from exc
+            raise CacheError(f"it does not hold {entry}/{names[0]} as the manifest says ({exc})") from exc
 
     def describe(self) -> tuple[dict[str, str], dict[str, dict]]:
         """(shard header, ``{entry: item metadata}``), read from the file alone, without the manifest."""

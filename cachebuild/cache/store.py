@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cachebuild.cache.claims import claimed, close_claim, open_claim
 from cachebuild.cache.files import TMP_SUFFIX, ShardInfo, shard_index
 from cachebuild.cache.manifest import DONE, FAILED, PENDING, Manifest, ScanResult, SyncResult
 from cachebuild.cache.shards import ShardWriter, open_writer
@@ -89,8 +90,10 @@ ProgressFn = Callable[[Progress], None]
 
 
 def finish_run(manifest: Manifest, summary: RunSummary, start: float) -> RunSummary:
-    """Delete shards nothing points at any more and fill in the store's totals."""
+    """Delete shards nothing points at any more, close this run's claim on shard names and fill in the store's
+    totals."""
     drop_dead_shards(manifest, summary.store)
+    close_claim(manifest, summary.store, first_free_shard_index(manifest, summary.store))
     counts = manifest.counts(summary.store)
     summary.done, summary.failed, summary.pending = counts[DONE], counts[FAILED], counts[PENDING]
     summary.seconds = time.monotonic() - start
@@ -127,7 +130,10 @@ def open_store(
             manifest.remote.drop(store, dropped)
     folder.mkdir(parents=True, exist_ok=True)
     clean_after_crash(manifest, store, folder)
-    return manifest.sync_items(store, scan.files, scan.clashes, retry_failed, fingerprint, scan.unlisted)
+    sync = manifest.sync_items(store, scan.files, scan.clashes, retry_failed, fingerprint, scan.unlisted)
+    if manifest.counts(store)[PENDING]:  # this run will write: claim the names it hands out (cache.claims)
+        open_claim(manifest, store, first_free_shard_index(manifest, store))
+    return sync
 
 
 def record_failures(manifest: Manifest, store: str, summary: RunSummary, failures: list[tuple[str, str]]) -> None:
@@ -266,22 +272,41 @@ def count_commit(summary: RunSummary, info: ShardInfo, rows: list) -> None:
 
 
 def clean_after_crash(manifest: Manifest, store: str, folder: Path) -> None:
-    """Delete temporary and unreferenced shard files; re-queue items whose shard file has gone."""
+    """Delete temporary files and the shards a run of this manifest wrote but never committed; keep, and name,
+    every other shard file the manifest does not know (``cache.claims``); re-queue items whose shard is gone."""
     known = {s["name"] for s in manifest.shards(store)}
+    ours, kept = claimed(manifest, store), []
     for entry in os.scandir(folder):
-        if entry.name.endswith(TMP_SUFFIX) or (shard_index(entry.name) is not None and entry.name not in known):
+        if entry.name.endswith(TMP_SUFFIX) or (entry.name not in known and ours(entry.name)):
             log.info("removing %s left by an interrupted run", entry.name)
             os.unlink(entry.path)
+        elif shard_index(entry.name) is not None and entry.name not in known:
+            kept.append(entry.name)
     if manifest.remote is not None:  # the shards live remotely; the local folder only stages them
-        present = manifest.remote.clean(store, known)
-        missing = [n for n in known if n not in present]
+        present, foreign = manifest.remote.clean(store, known, ours)
+        kept += foreign
+        _skip_names(manifest, store, foreign)
     else:
-        missing = [n for n in known if not (folder / n).exists()]
+        present = {n for n in known if (folder / n).exists()}
+    if kept:
+        log.warning(
+            "%d shard file(s) in %s are not named by the manifest and no run of it wrote them (e.g. %s): kept; "
+            "`cachebuild rebuild-manifest` reads such files back, or delete them by hand",
+            len(kept), folder if manifest.remote is None else f"{manifest.remote.out}/{store}", sorted(kept)[0],
+        )  # fmt: skip
+    missing = [n for n in known if n not in present]
     if missing:
         log.warning("%d shard file(s) missing from %s; their items will be encoded again", len(missing), folder)
         lost = set(missing)
         manifest.requeue_items(store, [r.key for r in manifest.items(store, DONE) if r.shard in lost])
         manifest.drop_dead_shards(store)  # the missing shards now hold no live item
+
+
+def _skip_names(manifest: Manifest, store: str, names: list[str]) -> None:
+    """Never hand out a name a kept remote file has (an upload would replace it): past them, for good."""
+    top = max((i for i in map(shard_index, names) if i is not None), default=-1)
+    if top >= manifest.next_shard_index(store):
+        manifest.set_meta(f"next_shard:{store}", top + 1)
 
 
 def drop_dead_shards(manifest: Manifest, store: str) -> None:

@@ -1,7 +1,8 @@
 """The ``cachebuild`` command line: parse options, build one config, call one library function.
 
 Exit codes: 0 all items done; 3 the run finished but some items failed (see ``cachebuild status``);
-2 bad arguments or configuration (nothing was done); 1 an unexpected internal error.
+2 bad arguments or configuration (nothing was done); 1 an unexpected internal error; 130 and 143 a build
+stopped by SIGINT (Ctrl-C) or SIGTERM, its committed work kept.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def latents(dataset, quiet, as_json, **opts):
     """
     from cachebuild.jobs.latents import build_latents
 
-    run_build(build_latents, latents_config(dataset, opts), quiet or as_json, as_json, unit="img")
+    run_build(build_latents, latents_config(dataset, opts), quiet or as_json, as_json, unit="img", store="latents")
 
 
 @cli.command()
@@ -130,7 +131,8 @@ def textenc(captions, quiet, as_json, **opts):
     """
     from cachebuild.jobs.textenc import build_textenc
 
-    run_build(build_textenc, textenc_config(captions, opts), quiet or as_json, as_json, unit="caption")
+    cfg = textenc_config(captions, opts)
+    run_build(build_textenc, cfg, quiet or as_json, as_json, unit="caption", store="textenc")
 
 
 @cli.command()
@@ -252,6 +254,12 @@ def verify(cache, repair, as_json):
                 "--repair deletes them)",
                 err=True,
             )
+        if report.unnamed:
+            click.echo(
+                f"{len(report.unnamed)} shard file(s) the manifest never named nor wrote (e.g. {report.unnamed[0]}): "
+                f"kept; if they belong to this cache, rebuild its index with: cachebuild rebuild-manifest {cache}",
+                err=True,
+            )
         click.echo(
             f"checked {report.items_checked} items in {report.shards_checked} shards "
             f"({human_bytes(report.bytes_checked)}) in {report.seconds:.1f} s: "
@@ -321,7 +329,8 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
     kohya: sd-scripts `<stem>_<W>x<H>_<family>.npz` beside the images in --to, for --cache_latents_to_disk.
     musubi: musubi-tuner `<stem>_<W>x<H>_<arch>.safetensors` and `<stem>_<arch>_te.safetensors` in --to, its
     cache_directory. webdataset: tar shards of per-sample tensors and JSON in --to. Identical files are
-    skipped; differing ones are left alone (exit 3) unless --overwrite.
+    skipped; differing ones are left alone (exit 3) unless --overwrite; a folder at a file's name is never
+    replaced (exit 3).
 
     \b
     Example:
@@ -357,13 +366,15 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
             click.echo(f"  refused {s['key']}: {s['reason']}")
         for name in summary.conflicts[:_LISTED]:
             click.echo(f"  differs, left alone: {name}")
-        if len(summary.skipped) > _LISTED or len(summary.conflicts) > _LISTED:
+        for b in summary.blocked[:_LISTED]:
+            click.echo(f"  refused {b['path']}: {b['reason']}")
+        if max(len(summary.skipped), len(summary.conflicts), len(summary.blocked)) > _LISTED:
             click.echo(f"  (first {_LISTED} of each listed; --json lists all)")
         for warning in summary.warnings:
             click.echo(f"warning: {warning}", err=True)
         if summary.conflicts:
             click.echo("pass --overwrite to replace the files that differ", err=True)
-    sys.exit(EXIT_ITEMS_FAILED if summary.conflicts else EXIT_OK)
+    sys.exit(EXIT_ITEMS_FAILED if summary.conflicts or summary.blocked else EXIT_OK)
 
 
 @cli.command()

@@ -168,6 +168,13 @@ latents_options = option_group(  # what is stored per image and how the encoder 
     ),
     click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan)."),
     click.option(
+        "--read-timeout",
+        type=float,
+        default=60.0,
+        show_default=True,
+        help="Seconds one image file's read may take (a stalled mount, a locked file); past it the item fails.",
+    ),
+    click.option(
         "--devices",
         help="Encode on several devices, one process each: cuda:0,cuda:1, all (every GPU) or cpu,cpu.",
     ),
@@ -229,6 +236,13 @@ text_encoder_options = option_group(  # which encoders run and which of their ou
 caption_options = option_group(
     click.option("--caption-ext", default=".txt", show_default=True, help="Caption file extension."),
     click.option("--caption-column", default="text", show_default=True, help="Text column of a metadata file."),
+    click.option(
+        "--caption-max-bytes",
+        type=int,
+        default=64 * 1024,
+        show_default=True,
+        help="Bytes of a caption read and encoded; a longer one is cut there and reported (over 16 MiB it fails).",
+    ),
 )
 
 
@@ -315,6 +329,7 @@ def latents_config(dataset: Path, o: dict):
         alpha=AlphaMode(o["alpha"]) if o.get("alpha") else None,
         alpha_mask=bool(o.get("alpha_mask")),
         clips=clip_config(o),  # cli.clips
+        read_timeout=o["read_timeout"],
         **build_settings(o),
     )
 
@@ -336,6 +351,7 @@ def textenc_config(captions: Path, o: dict):
         t5_mask=o["t5_mask"],
         caption_ext=o["caption_ext"],
         caption_column=o["caption_column"],
+        caption_max_bytes=o["caption_max_bytes"],
         revision=o["revision"],
         dtype=DType(o["dtype"]),
         t5_dtype=DType(o["t5_dtype"]) if o["t5_dtype"] else None,

@@ -2,21 +2,78 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import os
+import signal
 import sys
+import time
 from dataclasses import asdict
 
 import click
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_ITEMS_FAILED = 0, 1, 2, 3
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what timeout, systemd, Kubernetes and SLURM send
 
 
-def run_build(build, cfg, quiet: bool, as_json: bool, unit: str) -> None:
-    """Run one build with a progress bar, print its summary and exit with its code."""
-    with ProgressBar(quiet, unit=unit) as on_progress:
-        summary = build(cfg, on_progress)
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a build: raised in the main thread, so every ``finally`` runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_build(build, cfg, quiet: bool, as_json: bool, unit: str, store: str) -> None:
+    """Run one build with a progress bar, print its summary and exit with its code; interrupted (SIGINT,
+    SIGTERM), print one line and exit 128 + the signal's number (130, 143)."""
+    start = time.time()
+    with stop_signals():
+        try:
+            with ProgressBar(quiet, unit=unit) as on_progress:
+                summary = build(cfg, on_progress)
+        except Interrupted as exc:
+            signum = exc.signum
+        else:
+            signum = None
+    if signum is not None:  # outside the handler: the interrupted frames, and what they hold, are gone
+        from cachebuild.cache.remote import committed_since
+
+        n = committed_since(cfg.out, getattr(cfg, "manifest_dir", None), store, start)
+        click.echo(f"interrupted: {n} items committed; run the same command to continue", err=True)
+        leave(128 + signum)
     print_summary(summary, as_json)
-    sys.exit(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+    leave(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+
+
+def leave(code: int) -> None:
+    """Exit with ``code``. The garbage collector is frozen first: the interpreter's teardown then skips its
+    passes over torch's and diffusers' objects, seconds on a busy machine, and the prompt comes back when the
+    run is over (exit handlers still run: the work is committed, the files are closed)."""
+    gc.freeze()
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM raise ``Interrupted`` once; a second one during the clean-up leaves at once (what is
+    committed is durable; the decode workers die with this process)."""
+    seen: list[int] = []
+
+    def handler(signum, _frame):
+        if seen:
+            click.echo("interrupted again: leaving without waiting; run the same command to continue", err=True)
+            os._exit(128 + seen[0])
+        seen.append(signum)
+        raise Interrupted(signum)
+
+    before = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
 
 
 class ExportProgress:

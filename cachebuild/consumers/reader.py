@@ -3,7 +3,9 @@
 Opening reads the index from the manifest in one query per store and touches no shard, so a cache of 100k
 items opens in a fraction of a second. Shards (safetensors, memory-mapped; or HDF5) are opened on first use,
 one handle per shard per process: handles are keyed by the process id, so a reader built before a
-DataLoader forks its workers opens fresh handles in each worker instead of sharing the parent's.
+DataLoader forks its workers opens fresh handles in each worker instead of sharing the parent's. A shard is
+checked against the manifest's size and SHA-256 before it is first opened (``consumers.handles``), and a
+shard that cannot be read is reported with the item, the shard and ``cachebuild verify CACHE --repair``.
 
     cache = open_cache("./cache")
     loader = DataLoader(cache.dataset(scale=True), batch_sampler=cache.bucket_sampler(batch_size=8), num_workers=2)
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cachebuild.cache.manifest import LATENTS, TEXTENC, Manifest
-from cachebuild.cache.shards import ShardFile
+from cachebuild.consumers.handles import ShardChecks, ShardDamaged, ShardFileHandles, memo_path
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache is opened
     import torch
@@ -34,13 +36,14 @@ from cachebuild.storage import UrlPath, is_url
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_SHARDS = 64  # shard handles kept open per process: bounds file descriptors on caches of many shards
 CAPTION_SHARDS = 16  # text shards whose caption table ``caption`` keeps: a few MB of text at most
 
 __all__ = ["CacheReader", "open_cache"]
 
 
-def open_cache(path: str | os.PathLike, seed: int | None = None, text: bool | None = None) -> CacheReader:
+def open_cache(
+    path: str | os.PathLike, seed: int | None = None, text: bool | None = None, checksums: bool = True
+) -> CacheReader:
     """Open the cache folder at ``path`` (safetensors or HDF5 shards) for reading.
 
     Args:
@@ -49,6 +52,8 @@ def open_cache(path: str | os.PathLike, seed: int | None = None, text: bool | No
             own seeding (``torch.manual_seed``, and the per-worker seeds a DataLoader sets).
         text: join the text-encoder outputs of ``cachebuild textenc`` by key: None when the cache has them,
             True to require them, False to ignore them.
+        checksums: check each shard's size and SHA-256 against the manifest the first time it is opened (a
+            pass is remembered per unchanged file: ``consumers.handles``); False skips it.
 
     Raises:
         CacheError: no manifest there, no finished latents in it, or no text outputs when ``text=True``.
@@ -60,15 +65,15 @@ def open_cache(path: str | os.PathLike, seed: int | None = None, text: bool | No
         (torch.Size([4, 128, 96]), (768, 1024))
     """
     if is_url(path):  # object storage: the published snapshot, shards fetched on use (cache.remote)
-        return _open_remote(UrlPath(str(path)), seed, text)
-    return CacheReader(Path(path), seed, text)
+        return _open_remote(UrlPath(str(path)), seed, text, checksums)
+    return CacheReader(Path(path), seed, text, checksums)
 
 
-def _open_remote(url: UrlPath, seed: int | None, text: bool | None) -> CacheReader:
+def _open_remote(url: UrlPath, seed: int | None, text: bool | None, checksums: bool) -> CacheReader:
     from cachebuild.cache.remote import mirror_snapshot, shard_fetchers
 
     root = mirror_snapshot(url)
-    reader = CacheReader(root, seed, text)
+    reader = CacheReader(root, seed, text, checksums)
     fetch = shard_fetchers(url, root, (LATENTS, TEXTENC))
     reader._handles.fetch, reader._text_handles.fetch = fetch[LATENTS], fetch[TEXTENC]
     return reader
@@ -88,10 +93,14 @@ class CacheReader:
     latents and text are items then; the others are listed in ``unmatched``, never silently dropped.
     """
 
-    def __init__(self, root: Path, seed: int | None = None, text: bool | None = None):
+    def __init__(self, root: Path, seed: int | None = None, text: bool | None = None, checksums: bool = True):
         self.root = root
         self.seed = seed
         with Manifest.open(root, read_only=True) as manifest:
+            records = {
+                store: {r["name"]: (r["bytes"], r["sha256"]) for r in manifest.shards(store)}
+                for store in (LATENTS, TEXTENC)
+            }  # one short query per store: a row per shard
             conn = manifest.conn
             self.fingerprint = manifest.fingerprint(LATENTS)
             if self.fingerprint is None:
@@ -118,8 +127,10 @@ class CacheReader:
         self.scaling_factor: float = float(vae.get("scaling_factor", 1.0))
         self.shift_factor: float = float(vae.get("shift_factor") or 0.0)
         self.latents_mode: str = self.fingerprint.get("latents", "sample")
-        self._handles = ShardFileHandles(root / LATENTS)
-        self._text_handles = ShardFileHandles(root / TEXTENC)
+        memo = memo_path(root)
+        checks = {store: ShardChecks(records[store], memo) if checksums else None for store in records}
+        self._handles = ShardFileHandles(root / LATENTS, checks=checks[LATENTS])
+        self._text_handles = ShardFileHandles(root / TEXTENC, checks=checks[TEXTENC])
         self._rng: tuple[int, torch.Generator] | None = None
 
     # -- mapping ---------------------------------------------------------------------------------------
@@ -240,7 +251,7 @@ class CacheReader:
         shard, text_id, _ = self._text[self.text_key(key)]
         cache = self.__dict__.setdefault("_captions", OrderedDict())
         if shard not in cache:
-            items = self._text_handles.get(shard).describe()[1]
+            items = self._guarded(TEXTENC, key, shard, lambda: self._text_handles.get(shard).describe()[1])
             cache[shard] = {tid: meta.get("text") for tid, meta in items.items()}
             if len(cache) > CAPTION_SHARDS:
                 cache.popitem(last=False)
@@ -328,17 +339,30 @@ class CacheReader:
         return [r for r in rows if self.text_key(r[0]) in self._text]
 
     def _read(self, handles, store: str, key: str, shard: str, entry: str, names: list[str]) -> dict:
-        """Tensors of ``entry`` from ``shard``; a shard that is gone because the cache was rebuilt or re-encoded
-        after this reader opened it is reported as that, not as damage."""
+        """Tensors of ``entry`` from ``shard``."""
+        return self._guarded(store, key, shard, lambda: handles.get(shard).read(entry, names))
+
+    def _guarded(self, store: str, key: str, shard: str, read):
+        """``read()``; a shard that cannot be read is reported with the item, the shard and the fix, and one that
+        is gone because the cache was rebuilt or re-encoded after this reader opened it as that, not as damage."""
+        from safetensors import SafetensorError
+
         try:
-            return handles.get(shard).read(entry, names)
-        except CacheError:
-            if self._moved(store, key, shard):
+            return read()
+        except (CacheError, OSError, SafetensorError) as exc:  # the shard's file, not a bug: damage, named
+            if not isinstance(exc, ShardDamaged) and self._moved(store, key, shard):
                 raise CacheError(
                     f"the cache at {self.root} changed since it was opened; reopen it (call open_cache again): it was "
                     "rebuilt or re-encoded meanwhile"
                 ) from None
-            raise
+            why = str(exc) if isinstance(exc, CacheError) else f"{type(exc).__name__}: {exc}"
+            fix = f"run `cachebuild verify {self.root} --repair`, then the build command again to re-encode its items"
+            if self._handles.fetch is not None:  # a cache at a URL: the copy in the mirror folder may be the bad one
+                fix = (
+                    f"delete the downloaded copies in {self.root / store} to fetch them again; if it stays damaged, "
+                    "repair a local copy of the cache: cachebuild verify CACHE --repair"
+                )
+            raise CacheError(f"cannot read item {key!r} from shard {store}/{shard}: {why}; {fix}") from exc
 
     def _moved(self, store: str, key: str, shard: str) -> bool:
         """Whether the manifest now puts ``key`` somewhere other than ``shard`` (or nowhere)."""
@@ -383,33 +407,9 @@ class CacheReader:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         # open handles never cross processes
-        state["_handles"] = ShardFileHandles(self._handles.folder, self._handles.fetch)
-        state["_text_handles"] = ShardFileHandles(self._text_handles.folder, self._text_handles.fetch)
+        state["_handles"], state["_text_handles"] = self._handles.fresh(), self._text_handles.fresh()
         state["_rng"] = None
         return state
-
-
-class ShardFileHandles:
-    """Open shard files of one store for the current process, least recently used closed first."""
-
-    def __init__(self, folder: Path, fetch=None):
-        self.folder = folder
-        self.fetch = fetch  # name -> local path, downloading it first (a cache at a URL); None: in ``folder``
-        self._pid = os.getpid()
-        self._open: OrderedDict[str, ShardFile] = OrderedDict()
-
-    def get(self, name: str) -> ShardFile:
-        if self._pid != os.getpid():  # forked: the parent's handles are not ours to use
-            self._pid, self._open = os.getpid(), OrderedDict()
-        shard = self._open.get(name)
-        if shard is None:
-            shard = ShardFile.open(self.folder / name if self.fetch is None else self.fetch(name))
-            self._open[name] = shard
-            if len(self._open) > MAX_OPEN_SHARDS:
-                self._open.popitem(last=False)[1].close()
-        else:
-            self._open.move_to_end(name)
-        return shard
 
 
 def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:

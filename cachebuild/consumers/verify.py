@@ -6,10 +6,12 @@ Checks, for every store in the cache (``latents``, ``textenc``):
     dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, a clip's ``(C, F', H/f, W/f)`` of its
     bucket and frame count, in ``dtype_out``);
   * no tensor holds NaN or Inf;
-  * files the manifest does not name (left by an interrupted run) are listed as leftovers, never as problems.
+  * files the manifest does not name are listed, never as problems: leftovers of an interrupted run (``.tmp``
+    files, and shards a run of this manifest claimed and never committed, ``cache.claims``), and unnamed shards
+    (no run of this manifest wrote them: a lost manifest's, another cache's), which nothing deletes.
 
 ``repair=True`` takes the cache's writer lock, marks every damaged item pending (its shard link cleared),
-forgets and deletes shards no done item needs any more, and deletes unreferenced shard files; the next
+forgets and deletes shards no done item needs any more, and deletes the leftovers; the next
 ``cachebuild latents`` (or ``textenc``) run with the same settings then encodes exactly those items.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cachebuild.cache.claims import claimed
 from cachebuild.cache.files import TMP_SUFFIX, sha256_file, shard_index
 from cachebuild.cache.manifest import DONE, Manifest
 from cachebuild.cache.shards import ShardFile
@@ -60,7 +63,8 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     repaired_items: int = 0  # items marked pending by --repair
     removed_files: list[str] = field(default_factory=list)  # shard files deleted by --repair
-    leftovers: list[str] = field(default_factory=list)  # files no manifest entry names (an interrupted run's)
+    leftovers: list[str] = field(default_factory=list)  # an interrupted run's files: --repair or a build deletes them
+    unnamed: list[str] = field(default_factory=list)  # shards no run of this manifest wrote: kept (cache.claims)
     repaired: bool = False  # --repair queued every damaged item and removed every bad or stray file
     seconds: float = 0.0
 
@@ -138,10 +142,14 @@ def _verify_store(manifest: Manifest, store: str, fingerprint: dict, report: Ver
         report.bytes_checked += shard["bytes"]
         report.problems += _check_tensors(folder / name, store, fingerprint, rows)
     if folder.is_dir():
+        ours = claimed(manifest, store)
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name not in shards and (entry.name.endswith(TMP_SUFFIX) or shard_index(entry.name) is not None):
-                # harmless: the manifest never names it, and the next build (or --repair) deletes it
+            if entry.name in shards:
+                continue
+            if entry.name.endswith(TMP_SUFFIX) or ours(entry.name):  # harmless: the next build (or --repair) deletes it
                 report.leftovers.append(f"{store}/{entry.name}")
+            elif shard_index(entry.name) is not None:  # not proven ours: never deleted
+                report.unnamed.append(f"{store}/{entry.name}")
 
 
 def _check_file(path: Path, shard: dict) -> str | None:

@@ -41,7 +41,7 @@ from cachebuild.engines.local import AUTO_BATCH_META, planning_batch
 from cachebuild.errors import CacheError, ConfigError
 from cachebuild.images.load import PREFETCH_BATCHES
 from cachebuild.images.plan import ItemPlan, batch_by_bucket
-from cachebuild.images.workers import describe_exit
+from cachebuild.images.workers import children_quiet, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class DevicesEngine:
             )  # fmt: skip
             ours, theirs = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=device_main, args=(theirs, os.getpid(), spec), name=f"cachebuild-{name}")
-            proc.start()
+            with children_quiet():  # signals are this process's: see images.workers
+                proc.start()
             theirs.close()
             label = f"{name}#{k}" if self.devices.count(name) > 1 else name
             devices.append(_Device(label, proc, ours, spec.workers + PREFETCH_BATCHES + DEVICE_BATCHES_AHEAD))

@@ -58,8 +58,9 @@ class LocalEngine:
         goes keeps planning memory bounded too); it is iterated in this process, so it may use the manifest.
         """
         if run is None:
-            for loaded in iter_batches(batches, self.workers, self.max_pixels):
-                stages(loaded)
+            with contextlib.closing(iter_batches(batches, self.workers, self.max_pixels)) as decoded:
+                for loaded in decoded:
+                    stages(loaded)
             return
         from cachebuild.encode import free_device_memory, pick_device, use_device
         from cachebuild.engines.device import prefer_expandable_segments
@@ -77,7 +78,10 @@ class LocalEngine:
             writer = WriterThreadFor(stages, run.manifest.root, part, run.times, run.manifest.remote, device)
             with writer:
                 decoded = iter_batches(sized(batches, sizer, device), self.workers, self.max_pixels)
-                drive_device(decoded, encoder, device, writer.put, run, budget)
+                try:
+                    drive_device(decoded, encoder, device, writer.put, run, budget)
+                finally:  # stops its decode workers now, not when the interrupted frames are collected
+                    decoded.close()
         finally:
             run.live.remove(part)
             merge_summary(run.summary, part)

@@ -15,8 +15,9 @@ the same shard name again; a decode task whose worker dies is retried by Ray, th
 only a file that kills its decoder every time fails, as a failed item.
 
 Shard names never clash: the driver reserves index blocks in the manifest before it hands them out, so a late
-write of a previous, killed run lands past every index this run uses, and is an orphan that the next run's
-clean-up (or ``verify --repair``) removes, as after a local crash. The driver holds only the plans of the tasks
+write of a previous, killed run lands past every index this run uses, inside the killed run's claim on shard
+names (``cache.claims``), and is an orphan that the next run's clean-up (or ``verify --repair``) removes, as
+after a local crash. The driver holds only the plans of the tasks
 in flight (``TASKS_AHEAD`` per actor) and one planning chunk: its memory does not grow with the dataset.
 
 Workers read the images and write shards at the paths the driver sees, so on a real cluster the dataset and

@@ -84,8 +84,10 @@ def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tens
     enc = tokenizer(
         texts, padding="max_length", max_length=spec.max_length, truncation=True, return_tensors="pt", **special
     )
-    full = tokenizer(texts, truncation=False, verbose=False, **special)["input_ids"]
-    return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in full]
+    # truncated: more than max length tokens. Cut at one past it, so no list as long as the whole text is built
+    # (the text itself is bounded by --caption-max-bytes: sources.captions)
+    over = tokenizer(texts, max_length=spec.max_length + 1, truncation=True, verbose=False, **special)["input_ids"]
+    return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in over]
 
 
 def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:

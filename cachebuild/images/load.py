@@ -12,6 +12,7 @@ Colour rules, applied in this order (the item's ``pixels`` say which; ``images.p
   * the alpha channel taken aside, with ``--alpha-mask`` only;
   * an embedded ICC profile converted to sRGB when Pillow has LittleCMS, with ``--color icc`` only;
   * 16-bit and 32-bit greyscale scaled to 8 bits by value range (I;16: v / 257; I: clipped to 0..65535 first);
+    floating-point pixels by their range, 0..1 or whole numbers in 0..255, others failed (``formats``);
   * transparency (RGBA, LA, PA, and P/L/RGB/1 with a tRNS colour key) composited over white or black with
     ``--alpha white|black``; by default the alpha is dropped;
   * every mode to RGB through Pillow's convert("RGB") (CMYK, L, 1, P, YCbCr, LAB, HSV, RGBA, ...).
@@ -33,9 +34,11 @@ from PIL import Image, ImageCms, ImageOps
 
 from cachebuild.config import ColorMode, ExifMode
 from cachebuild.errors import ItemError, StorageError
+from cachebuild.images.formats import float_to_l, require_decoder
 from cachebuild.images.pixels import BACKGROUNDS, REFERENCE, Pixels, alpha_channel, composite
 from cachebuild.images.plan import ItemPlan
-from cachebuild.images.workers import describe_exit, run_alone, start_pool
+from cachebuild.images.reads import read_within
+from cachebuild.images.workers import describe_exit, kill_pool, run_alone, start_pool
 from cachebuild.storage import input_size, open_input, read_input
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
     Raises:
         ItemError: with a reason a person can act on.
     """
-    with _open(item.path, max_pixels) as img:
+    with _open(item.path, max_pixels, read_timeout=item.read_timeout) as img:
         try:
             img.seek(0)
             _maybe_draft(img, item)
@@ -119,10 +122,11 @@ def to_rgb(img: Image.Image, pixels: Pixels = REFERENCE) -> Image.Image:
     """Any Pillow mode to 8-bit RGB, by the rules in this module's docstring and ``pixels``' modes."""
     if pixels.color is ColorMode.ICC:
         img = _apply_icc(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode == "F":  # floating point: scaled by its range, or failed with it (images.formats)
+        img = float_to_l(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if img.mode.startswith("I") else 1.0
-        img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
     if pixels.alpha in BACKGROUNDS:  # --alpha white|black; by default convert("RGB") drops the alpha
         img = composite(img, pixels.alpha)
     with warnings.catch_warnings():  # Pillow advises RGBA for a palette's transparency: dropping it is the point
@@ -143,6 +147,7 @@ def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: in
             yield load_batch(batch, max_pixels)
         return
     prefetch = _Prefetch(workers, max_pixels)
+    finished = False
     try:
         for batch in batches:
             prefetch.put(batch)
@@ -150,8 +155,9 @@ def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: in
                 yield prefetch.take()
         while prefetch.pending:
             yield prefetch.take()
-    finally:
-        prefetch.close()
+        finished = True
+    finally:  # closed early (an interrupt, an error downstream): nobody reads the rest, so nothing is waited for
+        prefetch.close(kill=not finished)
 
 
 def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
@@ -215,8 +221,11 @@ class _Prefetch:
                 self._restart()
         return _recover(batch, self.max_pixels)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            kill_pool(self.pool)
+        else:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _restart(self) -> None:
         log.warning("a decode worker died; restarting the pool, its unfinished batches are decoded again alone")
@@ -264,13 +273,18 @@ def _crash_reason(exitcode: int | None) -> str:
     )
 
 
-def _open(path: str, max_pixels: int, whole: bool = True) -> Image.Image:
+def _open(path: str, max_pixels: int, whole: bool = True, read_timeout: float | None = None) -> Image.Image:
+    """The image at ``path``; with ``read_timeout`` its bytes are read first, within that many seconds."""
     # Pillow refuses images over twice this limit itself (before reading pixel data); the exact check is ours
     Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+    require_decoder(path)  # HEIC, AVIF, JPEG XL: their plugin, or the line that installs it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(open_input(path, whole=whole))  # a URL's bytes come through fsspec (storage)
+            source = open_input(path, whole=whole)  # a URL's bytes come through fsspec (storage)
+            if read_timeout is not None and isinstance(source, str):  # a local file that may block (images.reads)
+                source = io.BytesIO(read_within(source, read_timeout))
+            img = Image.open(source)
     except Image.DecompressionBombError as exc:
         raise ItemError(f"decompression bomb refused: {str(exc).rstrip('.')}; raise --max-pixels if trusted") from exc
     except FileNotFoundError as exc:

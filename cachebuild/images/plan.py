@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from cachebuild.config import BucketConfig, BucketRule, CropMode, ExifMode
+from cachebuild.config import READ_TIMEOUT_SECONDS, BucketConfig, BucketRule, CropMode, ExifMode
 from cachebuild.errors import ItemError
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS, musubi_bucket, musubi_buckets
 from cachebuild.images.pixels import REFERENCE, Pixels
@@ -31,6 +31,7 @@ class ItemPlan:
     crop: tuple[int, int]  # (left, top) of the bucket inside the resized image
     exif: ExifMode = ExifMode.APPLY  # carried with the item so every decode process reads the file the same way
     pixels: Pixels = REFERENCE  # likewise: colour, transparency and whether the alpha channel is kept
+    read_timeout: float = READ_TIMEOUT_SECONDS  # --read-timeout, for the decode process's read (images.reads)
 
 
 class BucketPlan:
@@ -125,10 +126,11 @@ def plan_item(
     seed: int,
     exif: ExifMode = ExifMode.APPLY,
     pixels: Pixels = REFERENCE,
+    read_timeout: float = READ_TIMEOUT_SECONDS,
 ) -> ItemPlan:
     bucket = plan.select(original)
     resized, cut = plan.resize_and_crop(original, bucket, crop, seed, key)
-    return ItemPlan(key, path, original, bucket, resized, cut, exif, pixels)
+    return ItemPlan(key, path, original, bucket, resized, cut, exif, pixels, read_timeout)
 
 
 def batch_by_bucket(items: Iterable[ItemPlan], batch_size: int) -> Iterator[list[ItemPlan]]:

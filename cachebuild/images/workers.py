@@ -12,6 +12,14 @@ that started it, so a SIGKILL or Ctrl-C of a run never leaves decoders behind:
 
 Windows has neither re-parenting nor ``prctl``; there the workers end only when their task queue closes.
 The multiprocessing resource tracker holds a pipe shared with the workers and exits once they are gone.
+
+Signals are the parent's business. A terminal's Ctrl-C sends SIGINT to the whole foreground process group: a
+child ignores it (``die_with_parent``), so none prints a ``KeyboardInterrupt`` traceback, and the parent, which
+turns it into one line and an exit code, kills its children on its way out (``kill_pool``). A child is started
+with SIGINT blocked (``children_quiet``), so one that arrives while it starts up (imports take a second) stays
+pending and is then dropped, rather than raised in a Python that has not reached its initializer yet. SIGTERM
+(systemd and SLURM send it to every process of a job) keeps its default action in a child: it ends quietly,
+with no Python code run, and ``ProcessPoolExecutor`` relies on it to stop the workers of a broken pool.
 """
 
 from __future__ import annotations
@@ -33,10 +41,41 @@ PARENT_POLL_SECONDS = 0.5  # how often a worker checks that its parent is alive:
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+class _QuietPool(ProcessPoolExecutor):
+    """A pool whose workers start with SIGINT blocked (it starts them inside ``submit``)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        with children_quiet():
+            return super().submit(fn, *args, **kwargs)
+
+
 def start_pool(workers: int) -> ProcessPoolExecutor:
-    """``workers`` spawned decode processes that exit when this process dies."""
+    """``workers`` spawned decode processes that exit when this process dies and leave signals to it."""
     ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
+    return _QuietPool(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop ``pool`` at once: its workers are killed, not waited for (one may be stuck in a read), and reaped."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public way before Python 3.14
+        with contextlib.suppress(Exception):
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)  # the pool sees its workers gone and joins them: no zombie
+
+
+@contextlib.contextmanager
+def children_quiet():
+    """Block SIGINT in this thread while it starts children, which inherit the mask: a Ctrl-C that reaches a
+    child before ``die_with_parent`` ignores it stays pending there and is dropped. This process does not lose
+    it: the kernel hands it to another thread, or here once the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to signal
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def run_alone(fn: Callable, *args: Any) -> tuple[Any, int | None]:
@@ -47,7 +86,8 @@ def run_alone(fn: Callable, *args: Any) -> tuple[Any, int | None]:
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_alone_main, args=(send, os.getpid(), fn, args), daemon=True)
-    proc.start()
+    with children_quiet():
+        proc.start()
     send.close()  # the child now holds the only write end: its death reads as EOFError below
     try:
         return receive.recv(), None
@@ -71,7 +111,11 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end this process as soon as ``parent_pid`` is gone (see the module docstring)."""
+    """Worker initializer: end this process as soon as ``parent_pid`` is gone, and leave Ctrl-C to it (see the
+    module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # started by children_quiet: a pending one is dropped, being ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))

@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,7 @@ from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
 from cachebuild.images.pixels import Pixels, run_pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.images.reads import TimedReads
 from cachebuild.jobs import latents_clips as clips
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
@@ -252,7 +252,8 @@ def _plan_batches(
     the engine's planning batch: under ``--batch-size auto`` the device cuts it to the size found for the shape.
     """
     bucket_plan = BucketPlan(cfg.buckets)
-    with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
+    with TimedReads(HEADER_THREADS, cfg.read_timeout) as reads:  # for the run: no thread churn per chunk
+        pool = _TimedPool(reads)
         for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
             if family.video:  # clips and one-frame images, batched by (W, H, F)
                 plans = clips.plan_clip_chunk(manifest, cfg, family, page, pool, summary)
@@ -266,19 +267,21 @@ def _plan_chunk(
     manifest: Manifest,
     cfg: LatentsConfig,
     bucket_plan: BucketPlan,
-    pool: ThreadPoolExecutor,
+    pool: _TimedPool,
     pending,
     summary,
     pixels: Pixels,
 ) -> list[ItemPlan]:
-    """Header reads (threaded) and geometry for one chunk of pending items; unreadable ones fail here."""
+    """Header reads (threads, each within --read-timeout: images.reads) and geometry for one chunk of pending
+    items; unreadable ones fail here."""
     root = cfg.dataset.resolve()
 
     def one(row):
         path = str(root / fs_path(row.path))  # the stored text names the file's real bytes (keys.fs_path)
         try:
             size = read_size(path, cfg.max_pixels, cfg.exif)
-            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif, pixels), None
+            plan = plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif, pixels, cfg.read_timeout)
+            return plan, None
         except ItemError as exc:
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
@@ -288,9 +291,28 @@ def _plan_chunk(
         except Exception as exc:  # per-item boundary
             return None, (row.key, f"could not read the image header: {type(exc).__name__}: {exc}")
 
-    results = list(pool.map(one, pending))
+    results = pool.map(one, pending)
     record_failures(manifest, LATENTS, summary, [f for _, f in results if f])
     return [p for p, _ in results if p]
+
+
+class _TimedPool:
+    """The planners' ``pool.map(one, rows)``, where ``one`` gives ``(plan, None)`` or ``(None, (key, reason))``:
+    each call within --read-timeout (images.reads), a read past it being the row's failure."""
+
+    def __init__(self, reads: TimedReads):
+        self.reads = reads
+
+    def map(self, fn, rows) -> list[tuple]:
+        out = []
+        for row, result in zip(rows, self.reads.map(fn, rows, what=lambda row: row.path), strict=True):
+            if isinstance(result, ItemError):  # ReadTimedOut
+                out.append((None, (row.key, str(result))))
+            elif isinstance(result, BaseException):  # a StorageError (or a bug): it stops the run, as before
+                raise result
+            else:
+                out.append(result)
+        return out
 
 
 def _item_meta(item: ItemPlan, cfg: LatentsConfig) -> dict:

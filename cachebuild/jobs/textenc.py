@@ -42,7 +42,7 @@ from cachebuild.families.text import (
 )
 from cachebuild.families.tokens import load_tokenizer, tokenize
 from cachebuild.offload import is_streamed
-from cachebuild.sources.captions import CaptionScan, scan_captions, text_id
+from cachebuild.sources.captions import CaptionScan, caption_limit_fingerprint, scan_captions, text_id
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
         )
     if cfg.control is not None:
         raise ConfigError(f"--control is for the qwen-image-edit families; {family.value} encodes captions alone")
-    captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
+    captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column, cfg.caption_max_bytes)
     summary = RunSummary(TEXTENC, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
@@ -88,7 +88,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
             "dtype_out": cfg.dtype_out.value,
             "format": cfg.format.value,
             "caption_rules": CAPTION_RULES_VERSION,
-        }
+        } | caption_limit_fingerprint(cfg)
         sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         tally = _Tally(manifest.counts(TEXTENC)[PENDING] * len(specs), summary, progress)

@@ -31,7 +31,7 @@ from cachebuild.families import family_module
 from cachebuild.families import qwenimage_edit as edit
 from cachebuild.families.text import EncoderSpec, resident
 from cachebuild.hub import weight_files
-from cachebuild.sources.captions import CaptionScan, scan_captions
+from cachebuild.sources.captions import CaptionScan, caption_limit_fingerprint, scan_captions
 from cachebuild.sources.scan import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def build_textenc_edit(
         raise ConfigError("qwen-image-edit encodes each caption with its condition image: pass --control DIR")
     (spec,) = specs
     module = family_module(family.value)
-    captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column)
+    captions = scan_captions(cfg.source, cfg.caption_ext, cfg.caption_column, cfg.caption_max_bytes)
     controls = _controls(cfg.control)
     captions, hashes = _with_controls(captions, controls)
     summary = RunSummary(TEXTENC, str(cfg.out))
@@ -72,7 +72,7 @@ def build_textenc_edit(
             }
             | ({"vae_area": module.VAE_AREA} if hasattr(module, "VAE_AREA") else {}),
             "extra_tensors": [edit.CONTROL_LATENTS],
-        }
+        } | caption_limit_fingerprint(cfg)
         sync = open_store(manifest, TEXTENC, fingerprint, captions.scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         total = manifest.counts(TEXTENC)[PENDING]

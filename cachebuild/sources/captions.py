@@ -11,7 +11,11 @@ Rules, documented in docs/format.md:
   * text that is not valid UTF-8, or holds NUL bytes (UTF-16 without a mark), fails with a reason; so does a
     metadata row with no file name or text;
   * a metadata row whose file name is unusable (absolute, a '..' part), that is not valid JSON or has the wrong
-    number of CSV fields has no key: it fails as ``<metadata file name>:<line>``.
+    number of CSV fields has no key: it fails as ``<metadata file name>:<line>``;
+  * only the first ``--caption-max-bytes`` of a caption are read (of a metadata text, kept) and encoded; a longer
+    one is cut there at a character boundary and reported; one over ``CAPTION_FILE_LIMIT_BYTES`` fails, its size
+    and the limit named, and is never read. So reading, hashing and tokenizing a caption cost the same whatever
+    its size.
 """
 
 from __future__ import annotations
@@ -20,14 +24,19 @@ import codecs
 import csv
 import hashlib
 import json
+import logging
 import posixpath
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cachebuild.config import CAPTION_FILE_LIMIT_BYTES, CAPTION_MAX_BYTES
 from cachebuild.errors import ConfigError
 from cachebuild.keys import fs_path, path_text
 from cachebuild.sources.scan import ScanResult, SourceFile, scan_files
+from cachebuild.storage import is_url
+
+log = logging.getLogger(__name__)
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _DRIVE = re.compile(r"^[A-Za-z]:")  # a Windows absolute path, C:/...
@@ -38,10 +47,13 @@ class CaptionScan:
     scan: ScanResult  # one SourceFile per key; the fingerprint hashes the text
     texts: dict[str, str]  # key -> caption text, for keys that could be read
     bad: dict[str, str]  # key -> why the caption cannot be used
+    cut: list[str] = field(default_factory=list)  # keys whose caption was longer than --caption-max-bytes
 
 
-def scan_captions(source: Path, caption_ext: str = ".txt", column: str = "text") -> CaptionScan:
-    """Read every caption under ``source`` (a folder, or a metadata .jsonl/.csv file).
+def scan_captions(
+    source: Path, caption_ext: str = ".txt", column: str = "text", max_bytes: int = CAPTION_MAX_BYTES
+) -> CaptionScan:
+    """Read every caption under ``source`` (a folder, or a metadata .jsonl/.csv file), each up to ``max_bytes``.
 
     A folder holding ``metadata.jsonl`` or ``metadata.csv`` at its root is read through that file.
 
@@ -52,9 +64,23 @@ def scan_captions(source: Path, caption_ext: str = ".txt", column: str = "text")
     if source.is_dir():
         meta = next((source / n for n in METADATA_NAMES if (source / n).is_file()), None)
         if meta is None:
-            return _scan_caption_files(source, caption_ext.lower())
-        source = meta
-    return _scan_metadata(source, column)
+            found = _scan_caption_files(source, caption_ext.lower(), max_bytes)
+        else:
+            found = _scan_metadata(meta, column, max_bytes)
+    else:
+        found = _scan_metadata(source, column, max_bytes)
+    if found.cut:
+        log.warning(
+            "%d caption(s) are longer than --caption-max-bytes %d (e.g. %s): the first %d bytes of each are encoded",
+            len(found.cut), max_bytes, found.cut[0], max_bytes,
+        )  # fmt: skip
+    return found
+
+
+def caption_limit_fingerprint(cfg) -> dict:
+    """``{"caption_max_bytes": n}`` where it is not the default: it changes the text of captions longer than it,
+    and caches built before the option (which the default reads the same way) still match."""
+    return {} if cfg.caption_max_bytes == CAPTION_MAX_BYTES else {"caption_max_bytes": cfg.caption_max_bytes}
 
 
 def text_id(text: str) -> str:
@@ -62,34 +88,51 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
-def _scan_caption_files(root: Path, ext: str) -> CaptionScan:
+def _scan_caption_files(root: Path, ext: str, max_bytes: int) -> CaptionScan:
     listing = scan_files(root, frozenset({ext}))
-    files, texts, bad = [], {}, {}
+    files, texts, bad, cut = [], {}, {}, []
     for f in listing.files:
         if f.reason:  # not a regular file, a dangling link...: never opened
             files.append(f)
             continue
-        try:
-            data = (root / fs_path(f.path)).read_bytes()
+        if f.size > CAPTION_FILE_LIMIT_BYTES:  # never read: its size alone says it is no caption
+            files.append(replace(f, reason=f"caption file {f.path} {_too_large(f.size)}"))
+            continue
+        try:  # one byte more than max_bytes tells a cut caption from one of exactly max_bytes
+            data = _read_head(root / fs_path(f.path), max_bytes + 1)
         except OSError as exc:
             files.append(
                 replace(f, reason=f"caption file {f.path} cannot be read ({exc.strerror or exc}); fix its permissions")
             )
             continue
+        longer = len(data) > max_bytes
+        data = data[:max_bytes]
+        # the hash of what is encoded, and the size: an edit past the prefix re-encodes nothing new (same text id)
         files.append(SourceFile(f.key, f.path, f.size, 0, hashlib.sha256(data).hexdigest()))
-        text, reason = decode_text(data)
+        text, reason = decode_text(data, complete=not longer)
         if reason is None:
             texts[f.key] = text.strip()
+            if longer:
+                cut.append(f.key)
         else:
             bad[f.key] = f"caption {reason}"
-    return CaptionScan(ScanResult(files, listing.clashes, listing.unlisted), texts, bad)
+    return CaptionScan(ScanResult(files, listing.clashes, listing.unlisted), texts, bad, cut)
 
 
-def decode_text(data: bytes) -> tuple[str, str | None]:
-    """(text, None), or ("", why it cannot be read and the fix)."""
+def _read_head(path, size: int) -> bytes:
+    """The first ``size`` bytes of a local file, or of an object at a URL (one ranged request)."""
+    if is_url(path):
+        return path.fs.cat_file(path.path, start=0, end=size)
+    with open(path, "rb") as fh:
+        return fh.read(size)
+
+
+def decode_text(data: bytes, complete: bool = True) -> tuple[str, str | None]:
+    """(text, None), or ("", why it cannot be read and the fix). ``complete=False``: ``data`` is a prefix, whose
+    last character may be cut in the middle; that partial character is dropped."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
-            text = data.decode("utf-16")  # the mark says which byte order
+            text = _decode(data, "utf-16", complete)  # the mark says which byte order
         except UnicodeDecodeError:
             return "", "is damaged UTF-16; re-save it as UTF-8"
         if "\0" not in text:
@@ -97,14 +140,39 @@ def decode_text(data: bytes) -> tuple[str, str | None]:
     if b"\0" in data:
         return "", "has NUL bytes: it looks like UTF-16 without a byte-order mark; re-save it as UTF-8"
     try:
-        return data.decode("utf-8-sig"), None
+        return _decode(data, "utf-8-sig", complete), None
     except UnicodeDecodeError as exc:
         return "", f"is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); re-save it as UTF-8"
 
 
-def _scan_metadata(path: Path, column: str) -> CaptionScan:
+def _decode(data: bytes, encoding: str, complete: bool) -> str:
+    return codecs.getincrementaldecoder(encoding)("strict").decode(data, final=complete)
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"is {size / 2**20:.1f} MiB ({size} bytes), over the {CAPTION_FILE_LIMIT_BYTES // 2**20} MiB limit of a "
+        "caption; it is not a caption: check the file, or remove it"
+    )
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _cut_text(text: str, max_bytes: int) -> tuple[str, bool]:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 at a character boundary, and whether it was cut."""
+    if len(text) * 4 <= max_bytes:  # no character takes more than 4 bytes: it fits, without encoding it
+        return text, False
+    head = text[: max_bytes + 1].encode("utf-8", "surrogatepass")  # a character is at least one byte
+    if len(head) <= max_bytes:
+        return text, False
+    return head[:max_bytes].decode("utf-8", "ignore"), True
+
+
+def _scan_metadata(path: Path, column: str, max_bytes: int) -> CaptionScan:
     files: dict[str, SourceFile] = {}
-    texts, bad, clashes = {}, {}, {}
+    texts, bad, clashes, cut = {}, {}, {}, []
     for line, row, problem in _read_rows(path):
         rel, problem = (None, problem) if problem else _relative_name(row, path.name, line)
         if rel is None:  # no usable key: the row fails under its line
@@ -120,10 +188,15 @@ def _scan_metadata(path: Path, column: str) -> CaptionScan:
         files[key] = SourceFile(key, rel, len(str(text)), 0, digest)
         if not isinstance(text, str):
             bad[key] = f"{path.name} line {line} has no {column!r} text; add it or pass --caption-column"
+        elif _utf8_size(text) > CAPTION_FILE_LIMIT_BYTES:  # in memory with its metadata file; never tokenized
+            bad[key] = f"{path.name} line {line}: the caption {_too_large(_utf8_size(text))}"
         else:
+            text, longer = _cut_text(text, max_bytes)
             texts[key] = text.strip()
+            if longer:
+                cut.append(key)
     ordered = [files[k] for k in sorted(files)]
-    return CaptionScan(ScanResult(ordered, clashes), texts, bad)
+    return CaptionScan(ScanResult(ordered, clashes), texts, bad, cut)
 
 
 def _relative_name(row: dict, source: str, line: int) -> tuple[str | None, str | None]:

@@ -17,8 +17,13 @@ from cachebuild.errors import ConfigError
 from cachebuild.keys import fs_path, path_text
 from cachebuild.storage import is_url
 
+# every file with one of these suffixes is an item: decoded, or failed with a reason (a plugin to install, ...).
+# Editing and camera sources (.psd, .cr2, .dng, ...) are not: they sit beside their exports under the same stem,
+# and a shared key would fail both
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".pgm", ".ppm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff"}
+    | {".avif", ".avifs", ".heic", ".heif", ".hif", ".jxl", ".jp2", ".j2k", ".jpx", ".jpf", ".qoi", ".tga"}
+    | {".pbm", ".pgm", ".ppm", ".pnm", ".pfm"}
 )
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})  # read by FFmpeg where the family is video
 ANIMATION_EXTENSIONS = frozenset({".gif", ".webp"})  # clips where the family is video, when they hold several frames

@@ -1,4 +1,5 @@
-"""What every export shares: write a file only when it differs, refuse to replace one without --overwrite."""
+"""What every export shares: write a file only when it differs, refuse to replace one without --overwrite, and
+never replace what is not a file (a folder at a target's name is refused with the reason, even with --overwrite)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def write_checked(
     """Write ``data`` to ``target``: skipped when it holds the same contents already (``same`` decides for files
     that differ in bytes only), refused and listed in ``summary.conflicts`` when it differs and ``overwrite`` is
     off. Written through a temporary name and a rename, so a trainer never reads half a file."""
+    if in_the_way(target, root, summary):
+        return False
     if target.exists():
         existing = target.read_bytes()
         if existing == data or same(existing):
@@ -34,6 +37,21 @@ def write_checked(
     tmp.write_bytes(data)
     os.replace(tmp, target)
     summary.written += 1
+    return True
+
+
+def in_the_way(target: Path, root: Path, summary) -> bool:
+    """Whether something other than a file sits at ``target`` (a folder, a FIFO): it is never replaced, not even
+    with --overwrite (it may hold anything), and is listed in ``summary.blocked`` with the reason."""
+    if not target.exists() or target.is_file():
+        return False
+    what = "a folder" if target.is_dir() else "something that is not a regular file"
+    summary.blocked.append(
+        {
+            "path": path_text(str(target.relative_to(root.resolve()))),
+            "reason": f"{what} is in the way of this file; move or rename it, then export again",
+        }
+    )
     return True
 
 

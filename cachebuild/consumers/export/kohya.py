@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from cachebuild.config import ExifMode
-from cachebuild.consumers.export.files import PixelCheck, stored_image_problem
+from cachebuild.consumers.export.files import PixelCheck, in_the_way, stored_image_problem
 from cachebuild.consumers.export.kohya_lumina import (
     ItemRefused,
     LuminaTokens,
@@ -66,6 +66,7 @@ class ExportSummary:
     written: int = 0
     unchanged: int = 0  # the file was already there with the same contents
     conflicts: list[str] = field(default_factory=list)  # paths relative to --to
+    blocked: list[dict] = field(default_factory=list)  # [{"path", "reason"}] a folder in a file's way: left alone
     skipped: list[dict] = field(default_factory=list)  # [{"key", "reason"}] items not exported
     shadowed: list[str] = field(default_factory=list)  # old <stem>.npz files sd-scripts would read instead
     warnings: list[str] = field(default_factory=list)
@@ -303,6 +304,8 @@ def _write_npz(target: Path, arrays: dict[str, np.ndarray], root: Path, overwrit
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # numpy writes fixed zip timestamps: same arrays, same bytes
     data = buf.getvalue()
+    if in_the_way(target, root, s):
+        return False
     if target.exists():
         if _same_contents(target, data, arrays):
             s.unchanged += 1
