@@ -364,7 +364,7 @@ def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload
     """One encoder loaded for the duration of the block, freed from host and device after it: on ``device``, or
     kept in host memory and streamed to ``device`` block by block where ``offload`` says so (cachebuild.offload;
     ``is_streamed(model)`` tells which)."""
-    if _choose_offload(spec, device, offload):
+    if choose_offload(spec, device, offload):
         model = stream_from_host(load_encoder(spec, torch.device("cpu")), device)
     else:
         model = load_encoder(spec, device)
@@ -375,7 +375,7 @@ def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload
         free_device_memory(device)
 
 
-def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:
+def choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:
     """Whether ``spec`` runs streamed from host memory, logged when it does (cachebuild.offload)."""
     if offload is Offload.NEVER:
         return False
@@ -395,3 +395,6 @@ def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -
             (free or 0) / 2**30,
         )
     return True
+
+
+_choose_offload = choose_offload  # its earlier, private name
