@@ -107,6 +107,7 @@ def test_turns_on_a_gpu_hold_one_encoder_and_leave_nothing(tmp_path, sd3):
     start = torch.cuda.memory_allocated(cuda)
     with EncoderSet(specs, cuda, Offload.NEVER, together=False) as encoders:
         assert torch.cuda.memory_allocated(cuda) == start  # every encoder in host memory between turns
+        assert encoders.pinned  # tiny weights: page-locked
         for spec in specs:
             model = encoders._guards[spec.name].module
             weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -115,6 +116,37 @@ def test_turns_on_a_gpu_hold_one_encoder_and_leave_nothing(tmp_path, sd3):
                 assert torch.cuda.memory_allocated(cuda) - start <= weights + (1 << 20), spec.name
             assert torch.cuda.memory_allocated(cuda) == start
     assert torch.cuda.memory_allocated(cuda) == start
+
+
+@pytest.mark.gpu
+def test_turns_and_together_give_the_same_bytes_on_a_gpu(tmp_path, sd3, monkeypatch):
+    source = write_captions(tmp_path / "caps", 12)
+    together = build_textenc(cfg_for(source, tmp_path / "together", sd3, device="cuda"))
+    monkeypatch.setattr(text_engine, "_fit_together", lambda specs, device: False)
+    turns = build_textenc(cfg_for(source, tmp_path / "turns", sd3, device="cuda"))
+    assert turns.model_loads == together.model_loads == 3
+    assert_same_text_cache(tmp_path / "turns", tmp_path / "together")  # bit for bit: the same device copies
+
+
+def test_a_caption_that_failed_fails_its_later_items_with_its_reason_unencoded(tmp_path, sd3, monkeypatch, caplog):
+    """The repeated caption fails on its first page; its items in later pages fail with the same reason, and it is
+    not encoded again (one encoder call per encoder for it in the whole run)."""
+    source = write_captions(tmp_path / "caps", 12)  # "a photo of a cat" at c000, c005, c010
+    monkeypatch.setattr(textenc, "TEXT_CHUNK_CAPTIONS", 4)
+    real, calls = EncoderSet.encode, []
+
+    def encode(self, spec, items, out_dtype):
+        results = real(self, spec, items, out_dtype)
+        calls.extend(spec.name for i in items if i.text == "a photo of a cat")
+        return ["the encoder broke" if i.text == "a photo of a cat" else r for i, r in zip(items, results, strict=True)]
+
+    monkeypatch.setattr(EncoderSet, "encode", encode)
+    with caplog.at_level("INFO", logger="cachebuild.jobs.textenc_plan"):
+        summary = build_textenc(cfg_for(source, tmp_path / "c", sd3))
+    assert (summary.done, summary.failed, summary.pending) == (9, 3, 0)
+    assert sorted(calls) == ["clip_g", "clip_l", "t5"] and "in flight or failed" in caplog.text
+    failures = {f["key"]: f["reason"] for f in summary.failures}
+    assert failures == dict.fromkeys(["c000", "c005", "c010"], "the encoder broke")
 
 
 def _threads_of_one_of_two_cpu_devices():
@@ -134,7 +166,7 @@ def test_two_cpu_devices_give_the_tensors_of_one_deduplicated_and_load_once_each
     cfg = cfg_for(source, tmp_path / "two", sd3, device=None, devices=("cpu", "cpu"))
     with caplog.at_level("INFO", logger="cachebuild.jobs.textenc_plan"):
         two = build_textenc(cfg, seen.append)
-    assert "caption was on its way to a device" in caplog.text  # the repeated caption, while in flight
+    assert "in flight or failed" in caplog.text  # the repeated caption, while on a device
     assert (one.done, two.done, two.failed, two.pending) == (30, 30, 0, 0)
     assert_same_text_cache(tmp_path / "two", tmp_path / "one")
     assert stored_captions(tmp_path / "two") == stored_captions(tmp_path / "one") == 25  # 30 items, 25 captions

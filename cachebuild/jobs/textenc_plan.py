@@ -10,8 +10,9 @@ Deduplication is global, across pages and devices. Before each page the caller s
 handed out (one device commits its open shard), so a caption encoded there is found stored. Where pages run
 ahead of the devices (several devices, Ray), a caption still on its way to a device is not handed out twice:
 its later items stay pending, and ``finish`` points them at its tensors once every chunk is committed (or
-fails them with the reason its caption failed). The texts in flight are the only state kept between pages, so
-the planner's memory is one page and the work in flight, not the dataset.
+fails them with the reason its caption failed: a caption that failed is not encoded again). The ids of the
+texts in flight and of those that failed are the only state kept between pages, so the planner's memory is one
+page, the work in flight and the failures (which the run summary lists anyway), not the dataset.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class TextPlanner:
         with the reason their caption failed."""
         if not self.left:
             return
-        log.info("%d item(s) whose caption was on its way to a device when planned: pointing them at it", self.left)
+        log.info("%d item(s) whose caption was in flight or failed when planned: settling them now", self.left)
         reasons: dict[str, str] | None = None
         for page in self.manifest.item_pages(TEXTENC, PENDING, self.page_size):
             todo = {r.key: self.captions.texts[r.key] for r in page if r.key in self.captions.texts}
