@@ -168,7 +168,9 @@ class TextStages:
         return list(cut_chunks(sorted(items, key=lambda i: (i.pad, i.tid)), self.budget))
 
 
-def _encode_here(stages: TextStages, device: torch.device, planner: TextPlanner, sink: ShardSink, tally: _Tally):
+def _encode_here(
+    stages: TextStages, device: torch.device, planner: TextPlanner, sink: ShardSink, tally: _Tally
+) -> None:
     """One device in this process: the encoders open when the first chunk needs them (a run that finds every
     caption stored loads none), each page is committed before the next is looked up."""
     chunks = planner.chunks(settle=sink.flush)
