@@ -87,7 +87,7 @@ def test_a_turn_puts_one_encoder_on_the_device_and_leaves_its_host_copy_untouche
     meta = torch.device("meta")
     _, specs = resolve_encoders(cfg, torch.device("cpu"))
     with EncoderSet(specs, meta, Offload.NEVER, together=False) as encoders:
-        models = {name: guard.module for name, guard in encoders._guards.items()}
+        models = dict(encoders._models)
         before = {name: [p.data_ptr() for p in m.parameters()] for name, m in models.items()}
         assert encoders.loads == 3 and not encoders.pinned  # page-locking is for CUDA
         with encoders.turn(specs[2]):
@@ -109,7 +109,7 @@ def test_turns_on_a_gpu_hold_one_encoder_and_leave_nothing(tmp_path, sd3):
         assert torch.cuda.memory_allocated(cuda) == start  # every encoder in host memory between turns
         assert encoders.pinned  # tiny weights: page-locked
         for spec in specs:
-            model = encoders._guards[spec.name].module
+            model = encoders._models[spec.name]
             weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
             with encoders.turn(spec):
                 torch.cuda.synchronize()
