@@ -302,7 +302,6 @@ def test_out_of_memory_on_one_pair_fails_that_pair_with_the_fix(built, tmp_path,
     assert done == ["a", "c", "d"] and list(failed) == ["b"] and "--offload always" in failed["b"]
 
 
-@pytest.mark.slow  # encodes two caption and image pairs again: about 6 s
 def test_the_encoder_is_read_once_however_many_pages(built, tmp_path, monkeypatch):
     """One page per caption: the encoder (and the VAE) are still read from disk once for the run."""
     from cachebuild.jobs import textenc
