@@ -14,9 +14,19 @@ Measured in one run, side by side:
   (b) the padded layout other trainers store: T5 at 512 x 4096 plus the pooled CLIP vector, same dtype;
   (c) captions/s of ``build_textenc`` end to end (scan, tokenize, model loading, encode, shards, manifest);
   (d) captions/s of the bare encoders (already loaded) on the same captions and batch size, padded to max
-      length as a plain pipeline call pads them, and the ratio (c) / (d).
+      length as a plain pipeline call pads them, and the ratio (c) / (d);
+  (e) the encoders' reads from disk in (c) and the chunks the outputs came in (``--chunk-mb``): the reads do not
+      depend on the chunks.
+
+``--residency`` measures instead what the choice of where encoders live between chunks rests on
+(``cachebuild.engines.text``): a T5 at T5-XXL's width (4096, feed-forward 10240, gated) with ``--t5-layers``
+layers in bf16, read from disk with the page cache dropped for its files (``posix_fadvise``) and warm, against
+a copy of the same weights from host memory (to the GPU, page-locked, where there is one; a host copy here), and
+the host memory the weights hold; then each at T5-XXL's 9.5 GB and Mistral Small's 48 GB.
 
     python benchmarks/bench_textenc.py --n 200
+    python benchmarks/bench_textenc.py --n 200 --chunk-mb 8        # many chunks, still one read per encoder
+    python benchmarks/bench_textenc.py --residency --t5-layers 4
 """
 
 from __future__ import annotations
@@ -42,18 +52,25 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512, help="T5 max length (default 512, Flux dev)")
     p.add_argument("--t5-layers", type=int, default=1, help="T5 depth; the width is the real 4096")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-mb", type=float, default=2048.0, help="outputs per chunk, MiB (as textenc's option)")
+    p.add_argument("--residency", action="store_true", help="disk read against host copy of a T5-XXL-wide model")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     work = Path(tempfile.mkdtemp(prefix="cachebuild-bench-text-"))
     try:
-        run(args, work)
+        residency(args, work) if args.residency else run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args, work: Path) -> None:
     from cachebuild.config import DType, TextencConfig
+    from cachebuild.jobs import textenc_plan
     from cachebuild.jobs.textenc import build_textenc
+
+    chunks = []
+    cut = textenc_plan.cut_chunks
+    textenc_plan.cut_chunks = lambda items, budget: (chunks.append(c) or c for c in cut(items, budget))
 
     pipe = make_flux_like(work / "model", args.t5_layers)
     captions = write_captions(work / "captions", args.n, args.seed)
@@ -67,6 +84,7 @@ def run(args, work: Path) -> None:
         batch_size=args.batch_size,
         t5_max_length=args.max_length,
         t5_mask=True,  # the trimmed layout this benchmark sizes; the default (unmasked, whole) is the padded one
+        chunk_mb=args.chunk_mb,
     )
     start = time.perf_counter()
     summary = build_textenc(cfg)
@@ -94,6 +112,66 @@ def run(args, work: Path) -> None:
     print(f"{'build_textenc end to end':38}{args.n / pipeline_s:16.1f}")
     print(f"{'bare encoders, padded to max length':38}{args.n / bare_s:16.1f}")
     print(f"ratio pipeline / bare: {bare_s / pipeline_s:.2f}  (above 1: masked T5 runs on padding to 64, not 512)")
+    print()
+    print(f"encoder reads from disk: {summary.model_loads} (CLIP-L, T5) for {len(chunks)} chunk(s) of outputs")
+
+
+def residency(args, work: Path) -> None:
+    """Seconds to read a T5-XXL-wide model from disk (cold and warm) against copying it from host memory."""
+    import os
+
+    import psutil
+    from transformers import T5Config, T5EncoderModel
+
+    from cachebuild.config import DType
+    from cachebuild.engines.text import _host_copies
+    from cachebuild.families.text import EncoderSpec, load_encoder
+
+    folder = work / "t5"
+    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=args.t5_layers, num_heads=64,
+                      feed_forward_proj="gated-gelu")  # fmt: skip
+    T5EncoderModel(config).to(torch.bfloat16).save_pretrained(folder)
+    spec = EncoderSpec("t5", folder, folder, "T5EncoderModel", -1, False, True, None, 512, False, DType.BF16)
+    files = sorted(folder.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    cuda = torch.cuda.is_available()
+    reads = {}
+    for label in ("cold", "warm", "cold", "warm"):
+        if label == "cold":
+            for f in files:  # the page cache forgets these files: the read goes to the disk
+                fd = os.open(f, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        start = time.perf_counter()
+        model = load_encoder(spec, torch.device("cpu"))
+        copies = _host_copies(model, pin=cuda)  # as turns hold it: every byte read into host memory
+        reads.setdefault(label, []).append(time.perf_counter() - start)
+        del model, copies
+    model = load_encoder(spec, torch.device("cpu"))
+    copies = _host_copies(model, pin=cuda)
+    rss = psutil.Process().memory_info().rss
+    copy_s = []
+    for _ in range(3):
+        start = time.perf_counter()
+        if cuda:  # a turn: page-locked host -> device
+            moved = [host.to("cuda", non_blocking=True) for host, _ in copies]
+            torch.cuda.synchronize()
+        else:  # no device here: a copy of the same bytes within host memory stands in for it
+            moved = [host.clone() for host, _ in copies]
+        copy_s.append(time.perf_counter() - start)
+        del moved
+    gib = size / 2**30
+    print(f"T5 at T5-XXL width, {args.t5_layers} layer(s), bf16: {gib:.2f} GiB; host RSS with it {rss / 2**30:.2f} GiB")
+    where = "page-locked host -> GPU" if cuda else "host -> host (stand-in for host -> device)"
+    rows = [(f"read from disk, {k} (best of 2)", min(v)) for k, v in reads.items()] + [(where, min(copy_s))]
+    print(f"{'':44}{'s':>8}{'GiB/s':>9}{'9.5 GB s':>10}{'48 GB s':>10}")
+    for label, seconds in rows:
+        rate = gib / seconds
+        print(f"{label:44}{seconds:8.2f}{rate:9.2f}{9.5e9 / 2**30 / rate:10.1f}{48e9 / 2**30 / rate:10.1f}")
+    print(
+        f"ratio cold read / copy: {min(reads['cold']) / min(copy_s):.1f}; at PCIe 4 x16 (~25 GB/s page-locked) "
+        f"9.5 GB copy in {9.5 / 25:.1f} s"
+    )
 
 
 def make_flux_like(root: Path, t5_layers: int) -> Path:

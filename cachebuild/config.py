@@ -398,6 +398,9 @@ class TextencConfig:
     # folder, keyed by the URL (cache.remote). Unused for a local --out, whose manifest lives in it
     control: Path | None = None  # qwen-image-edit: the folder of condition images, one per caption key
     caption_max_bytes: int = CAPTION_MAX_BYTES  # bytes of a caption read and encoded; the rest is cut (reported)
+    devices: tuple[str, ...] = ()  # several: one encoder process per device (engines.devices); () : --device
+    engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
+    ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
 
     def __post_init__(self) -> None:
         if not 1 <= self.caption_max_bytes <= CAPTION_FILE_LIMIT_BYTES:
@@ -425,7 +428,10 @@ class TextencConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if not self.caption_ext.startswith("."):
             raise ConfigError(f"--caption-ext must start with a dot, e.g. .txt (got {self.caption_ext!r})")
+        if self.devices and self.device is not None:
+            raise ConfigError("--device and --devices name the devices twice; pass one of them")
         check_output(self.out, self.dtype_out, self.format, self.shard_mb)
+        check_engine(self.engine, self.ray_address, self.devices, self.device)
 
     @property
     def shard_bytes(self) -> int:

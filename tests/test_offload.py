@@ -105,10 +105,10 @@ def test_auto_compares_the_weights_at_the_compute_dtype_with_a_faked_free_memory
     assert needed == bf16 + ACTIVATION_MARGIN_BYTES  # a tiny model: the margin's floor
     cuda = torch.device("cuda")
     monkeypatch.setattr(text_families, "free_bytes", lambda device: needed - 1)
-    assert text_families._choose_offload(spec, cuda, Offload.AUTO)
+    assert text_families.choose_offload(spec, cuda, Offload.AUTO)
     monkeypatch.setattr(text_families, "free_bytes", lambda device: needed)
-    assert not text_families._choose_offload(spec, cuda, Offload.AUTO)
-    assert text_families._choose_offload(spec, cuda, Offload.ALWAYS)
+    assert not text_families.choose_offload(spec, cuda, Offload.AUTO)
+    assert text_families.choose_offload(spec, cuda, Offload.ALWAYS)
 
 
 def _guarded(spec, model):

@@ -300,3 +300,21 @@ def test_out_of_memory_on_one_pair_fails_that_pair_with_the_fix(built, tmp_path,
         failed = {row.key: row.reason for row in manifest.items("textenc", "failed")}
         done = sorted(row.key for row in manifest.items("textenc", "done"))
     assert done == ["a", "c", "d"] and list(failed) == ["b"] and "--offload always" in failed["b"]
+
+
+def test_the_encoder_is_read_once_however_many_pages(built, tmp_path, monkeypatch):
+    """One page per caption: the encoder (and the VAE) are still read from disk once for the run."""
+    from cachebuild.jobs import textenc
+    from tests.test_textenc import count_loads
+
+    pipe_folder, data, control, _ = built
+    few = tmp_path / "data"
+    few.mkdir()
+    for key in ("a", "b", "d"):  # a and d: one caption and image, encoded once
+        (few / f"{key}.txt").write_text(CAPTIONS[key], encoding="utf-8")
+    monkeypatch.setattr(textenc, "TEXT_CHUNK_CAPTIONS", 1)
+    loads = count_loads(monkeypatch)
+    result = CliRunner().invoke(cli, [*textenc_args(few, pipe_folder, tmp_path / "c", control), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["done"] == 3 and summary["model_loads"] == 2 and loads == ["text_encoder"]

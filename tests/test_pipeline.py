@@ -156,6 +156,7 @@ def test_results_do_not_depend_on_the_planning_chunk(tmp_path, tiny_vae, dataset
     assert (summary.done, summary.failed) == (8, 1)
     assert_same_cache(read_cache(a), read_cache(b))
     assert seen[-1].processed == seen[-1].total == 9  # the header failure counts as finished
+    assert summary.model_loads == 1  # one read of the VAE for the three chunks
 
 
 def test_odd_and_broken_files_end_done_or_failed_with_a_reason(tmp_path, tiny_vae):

@@ -168,3 +168,23 @@ def test_cli_ray_address_without_the_engine_exits_2(tmp_path, tiny_vae, dataset)
     result = CliRunner().invoke(cli, latents_args(dataset, out, tiny_vae, "--ray-address", "auto"))
     assert result.exit_code == 2 and "--ray-address is for --engine ray" in result.output
     assert not (out / "latents").exists()
+
+
+@pytest.mark.slow
+def test_textenc_on_ray_gives_the_tensors_of_one_process_once_each_caption(tmp_path, cluster):
+    """``textenc --engine ray``: the encoder actor reads each encoder once for all its tasks (one per chunk), the
+    driver commits, a repeated caption is stored once, and the tensors are those of one process."""
+    from cachebuild.jobs.textenc import build_textenc
+    from cachebuild.testing import make_tiny_text_pipeline
+    from tests.test_textenc_engines import assert_same_text_cache, cfg_for, stored_captions, write_captions
+
+    pipe = make_tiny_text_pipeline(tmp_path / "flux", "flux")
+    source = write_captions(tmp_path / "caps", 15)
+    with _one_thread():
+        build_textenc(cfg_for(source, tmp_path / "one", pipe))
+    ray_cfg = {"device": None, "engine": EngineKind.RAY, "ray_address": cluster.address, "shard_mb": 0.01}
+    summary = build_textenc(cfg_for(source, tmp_path / "ray", pipe, **ray_cfg))  # tasks of about 2 captions
+    assert (summary.done, summary.failed, summary.pending) == (15, 0, 0)
+    assert summary.model_loads == 2 and summary.shards_written > 4  # CLIP-L and T5 once, for every task
+    assert_same_text_cache(tmp_path / "ray", tmp_path / "one")
+    assert stored_captions(tmp_path / "ray") == 13  # 15 items, 13 captions

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
@@ -235,23 +233,60 @@ def test_stored_dtype_defaults_to_the_familys(tmp_path, captions, pipelines):
     assert read_text_cache(tmp_path / "z-32")["img000"]["qwen3"].dtype == torch.float32
 
 
-def test_encoders_are_never_resident_together(tmp_path, captions, pipelines, monkeypatch):
-    live: weakref.WeakSet = weakref.WeakSet()
-    loads = []
-    real = text_families.load_encoder
+def count_loads(monkeypatch) -> list[str]:
+    """Every model transformers reads from disk in this process from now on (its folder's name), whoever asks."""
+    import transformers
 
-    def probe(spec, device):
-        gc.collect()
-        loads.append((spec.name, len(live)))  # how many encoders are still alive when this one loads
-        model = real(spec, device)
-        live.add(model)
-        return model
+    loads: list[str] = []
+    real = transformers.PreTrainedModel.from_pretrained.__func__
 
-    monkeypatch.setattr(text_families, "load_encoder", probe)
-    build_textenc(cfg_for(captions, tmp_path / "c", pipelines["sd3"], chunk_mb=0.03))  # a few chunks
-    assert [name for name, _ in loads[:3]] == ["clip_l", "clip_g", "t5"]
-    assert len(loads) > 3  # the small chunk budget made it take turns more than once
-    assert all(alive == 0 for _, alive in loads), loads
+    def counted(cls, path, *args, **kwargs):
+        loads.append(Path(path).name)
+        return real(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(counted))
+    return loads
+
+
+def test_each_encoder_is_read_from_disk_once_however_many_chunks(tmp_path, pipelines, monkeypatch):
+    """SD3's three encoders over 20 captions with the chunk budget scaled down as the default 2 GiB is to real
+    widths (about 512 Flux captions of 4 MiB a chunk; here 2 captions of 26 KB): ten chunks, and still one read
+    of each encoder's weights (once per chunk would be 30)."""
+    root = tmp_path / "caps"
+    root.mkdir()
+    for i in range(20):
+        (root / f"c{i:03d}.txt").write_text(" ".join(WORDS_FOR_CHUNKS[(i * k) % 10] for k in range(1, 3 + i % 7)))
+    loads = count_loads(monkeypatch)
+    cfg = cfg_for(root, tmp_path / "c", pipelines["sd3"], t5_max_length=32, chunk_mb=0.05)
+    summary = build_textenc(cfg)
+    stored = sum(t.numel() * t.element_size() for tensors in read_text_cache(tmp_path / "c").values()
+                 for t in tensors.values())  # fmt: skip
+    assert summary.done == 20 and stored > 9 * cfg.chunk_bytes  # ten chunks or more
+    assert sorted(loads) == ["text_encoder", "text_encoder_2", "text_encoder_3"], loads
+    assert summary.model_loads == 3
+
+
+def test_a_current_keeper_keeps_the_encoders_between_runs(tmp_path, pipelines, monkeypatch):
+    """cachebuild watch runs textenc again as captions arrive: under a current ModelKeeper the encoders are read
+    once for both runs, and the second run reports no read of its own."""
+    from cachebuild.keep import ModelKeeper, keeping
+
+    root = tmp_path / "caps"
+    root.mkdir()
+    (root / "a.txt").write_text("a red car")
+    loads = count_loads(monkeypatch)
+    keeper = ModelKeeper(budget_bytes=2**30)
+    cfg = cfg_for(root, tmp_path / "c", pipelines["sd3"], t5_max_length=32)
+    with keeping(keeper):
+        first = build_textenc(cfg)
+        (root / "b.txt").write_text("a blue house by the river")
+        second = build_textenc(cfg)
+    assert (first.done, second.done) == (1, 2)
+    assert (first.model_loads, second.model_loads) == (3, 0) and len(loads) == 3
+    assert keeper.loads == 1 and keeper.held_bytes > 0 and keeper.release_all() == 1
+
+
+WORDS_FOR_CHUNKS = ["cat", "dog", "red", "blue", "tree", "house", "car", "sky", "river", "night"]
 
 
 def test_results_do_not_depend_on_the_caption_chunk(tmp_path, pipelines, monkeypatch):

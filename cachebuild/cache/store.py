@@ -54,6 +54,7 @@ class RunSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     model_loaded: bool = False
+    model_loads: int = 0  # models read from disk by this run, every device's counted
     nothing_to_do: bool = False
     oom_splits: int = 0
     fp32_redos: int = 0

@@ -141,6 +141,24 @@ bucket_options = option_group(  # which bucket, resize and crop each image gets
 )
 
 
+DEVICES_OPTION = click.option(
+    "--devices",
+    help="Encode on several devices, one process each: cuda:0,cuda:1, all (every GPU) or cpu,cpu.",
+)
+ENGINE_OPTION = click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where to run: this machine, or a Ray cluster (decode tasks, one encoder actor per GPU; needs "
+    "cachebuild[ray]).",
+)
+RAY_ADDRESS_OPTION = click.option(
+    "--ray-address",
+    help="With --engine ray: auto (the cluster this machine belongs to) or an address; default: a local cluster.",
+)
+
+
 latents_options = option_group(  # what is stored per image and how the encoder runs
     click.option(
         "--latents",
@@ -174,27 +192,14 @@ latents_options = option_group(  # what is stored per image and how the encoder 
         show_default=True,
         help="Seconds one image file's read may take (a stalled mount, a locked file); past it the item fails.",
     ),
-    click.option(
-        "--devices",
-        help="Encode on several devices, one process each: cuda:0,cuda:1, all (every GPU) or cpu,cpu.",
-    ),
+    DEVICES_OPTION,
     click.option(
         "--vram-budget",
         type=float,
         help="Device memory for --batch-size auto, GiB (default: free memory at start less 10%, at least 1 GiB).",
     ),
-    click.option(
-        "--engine",
-        type=click.Choice(["local", "ray"]),
-        default="local",
-        show_default=True,
-        help="Where to run: this machine, or a Ray cluster (decode tasks, one encoder actor per GPU; needs "
-        "cachebuild[ray]).",
-    ),
-    click.option(
-        "--ray-address",
-        help="With --engine ray: auto (the cluster this machine belongs to) or an address; default: a local cluster.",
-    ),
+    ENGINE_OPTION,
+    RAY_ADDRESS_OPTION,
 )
 
 
@@ -278,6 +283,9 @@ text_run_options = option_group(  # how the text encoders run
         type=click.Path(path_type=Path, file_okay=False),
         help="qwen-image-edit: folder of condition images (the pictures to edit), one per caption, keyed alike.",
     ),
+    DEVICES_OPTION,
+    ENGINE_OPTION,
+    RAY_ADDRESS_OPTION,
 )
 
 
@@ -336,7 +344,8 @@ def latents_config(dataset: Path, o: dict):
 
 def textenc_config(captions: Path, o: dict):
     """The one TextencConfig that the textenc command's options describe."""
-    from cachebuild.config import DType, Offload, TextencConfig, TextFamily
+    from cachebuild.config import DType, EngineKind, Offload, TextencConfig, TextFamily
+    from cachebuild.engines.devices import parse_devices
 
     return TextencConfig(
         source=captions,
@@ -359,6 +368,9 @@ def textenc_config(captions: Path, o: dict):
         chunk_mb=o["chunk_mb"],
         offload=Offload(o["offload"]),
         control=o["control"],
+        devices=parse_devices(o["devices"]) if o["devices"] else (),
+        engine=EngineKind(o["engine"]),
+        ray_address=o["ray_address"],
         **build_settings(o),
     )
 

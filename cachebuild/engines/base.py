@@ -8,8 +8,14 @@ A job (``jobs.latents``) describes its work as stages, plain functions an engine
   (casts, NaN checks, metadata) and failures.
 
 An engine decides where they run: ``LocalEngine`` (one device of this machine), ``DevicesEngine`` (every
-listed device, one encoder process each). ``Stages`` is picklable, so an engine can hand it to another
-process, which opens its own encoder on its own device. Whatever the engine, the manifest has one writer.
+listed device, one encoder process each), ``RayEngine``. ``Stages`` is picklable, so an engine can hand it to
+another process, which opens its own encoder on its own device. Whatever the engine, the manifest has one
+writer.
+
+A job whose work is not images brings its own device loop: stages with a ``drive(encoder, batches, device, put,
+run)`` method (the text job's: ``engines.text``) are run by it instead of decode and ``encode_raw``, with
+whatever units its batches hold (chunks of captions); a ``regroup(items)`` method makes a lost device's items
+into batches again.
 """
 
 from __future__ import annotations

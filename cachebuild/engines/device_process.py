@@ -23,8 +23,8 @@ from cachebuild.images.plan import ItemPlan
 from cachebuild.images.workers import die_with_parent
 
 DRAIN = "drain"  # from the parent: nothing more for now; encode what you hold and commit your open shard
-DEVICE_COUNTS = ("oom_splits", "fp32_redos", "fp32_conversions", "allocator_trims")  # RunSummary counts a device
-# process adds up and sends with ("done", stats)
+# RunSummary counts a device process adds up and sends with ("done", stats)
+DEVICE_COUNTS = ("oom_splits", "fp32_redos", "fp32_conversions", "allocator_trims", "model_loads")
 
 
 @dataclass
@@ -82,7 +82,8 @@ def _encode_share(conn: Connection, send, spec: DeviceSpec) -> dict:
     run.report = lambda n, memory, _: send(("encoded", n, memory))
     sizer, budget = open_sizer(device, run, spec.stages.sizing_key, spec.known, lambda k, v: send(("meta", k, v)))
     encoder = spec.stages.open_encoder(device)
-    sizer.peak = encoder.peak  # used only where device memory is measured
+    drive = getattr(spec.stages, "drive", None)  # a job with its own device loop (text: no decoding, no sizing)
+    sizer.peak = getattr(encoder, "peak", None)  # used only where device memory is measured
 
     def handle(sink, work) -> None:
         if work is DRAIN:
@@ -103,8 +104,11 @@ def _encode_share(conn: Connection, send, spec: DeviceSpec) -> dict:
 
     with WriterThread(lambda: _remote_sink(spec, summary, send), handle, device) as writer:
         while more:
-            decoded = iter_batches(sized(tasks(), sizer, device), spec.workers, spec.max_pixels)
-            drive_device(decoded, encoder, device, writer.put, run, budget)
+            if drive is not None:
+                drive(encoder, tasks(), device, writer.put, run)
+            else:
+                decoded = iter_batches(sized(tasks(), sizer, device), spec.workers, spec.max_pixels)
+                drive_device(decoded, encoder, device, writer.put, run, budget)
             writer.put(DRAIN)  # after every batch of this stretch: the open shard is committed
     add_encoder_counts(summary, encoder)
     stats = {name: getattr(summary, name) for name in DEVICE_COUNTS}

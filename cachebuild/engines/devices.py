@@ -285,7 +285,8 @@ class _Dispatcher:
             "the encoder process of %s died (%s); its %d uncommitted item(s) go to the other devices",
             d.name, describe_exit(d.proc.exitcode), len(items),
         )  # fmt: skip
-        self.pending.extendleft(reversed(list(batch_by_bucket(items, self.plan_batch))))
+        regroup = getattr(self.stages, "regroup", None)  # a job's own unit (text: chunks within the chunk budget)
+        self.pending.extendleft(reversed(regroup(items) if regroup else list(batch_by_bucket(items, self.plan_batch))))
         counted = len(items) - sum(d.tasks)  # encoded (and counted as finished) but never committed
         d.processed -= counted
         self.run_.report(-counted, None, tuple(x.progress() for x in self.devices))

@@ -101,10 +101,11 @@ def planning_batch(devices: list[str | None]) -> int:
 
 
 def add_encoder_counts(summary, encoder) -> None:
-    """The encoder's guard counts into ``summary``."""
+    """The encoder's guard counts, and its reads from disk, into ``summary``."""
     summary.oom_splits += encoder.oom_splits
     summary.fp32_redos += encoder.upcasts
     summary.fp32_conversions += getattr(encoder, "fp32_conversions", 0)
+    summary.model_loads += getattr(encoder, "loads", 1)  # models it read from disk (a VAE: one)
 
 
 def drive_device(

@@ -134,6 +134,7 @@ class TaskResult:
     oom_splits: int
     upcasts: int
     pid: int  # the actor's process
+    loads: int = 0  # models the actor read from disk since its last result (its first task's result counts them)
 
 
 class EncoderActor:
@@ -156,7 +157,9 @@ class EncoderActor:
             self.device, self.run, stages.sizing_key, spec["known"], lambda k, v: self.found.__setitem__(k, v)
         )
         self.encoder = stages.open_encoder(self.device)
-        if self.device.type == "cuda":
+        self.loads = getattr(self.encoder, "loads", 1)  # reported with the first task's result
+        self.drive = getattr(stages, "drive", None)  # a job with its own device loop (text: no decoding, no sizing)
+        if self.device.type == "cuda" and self.drive is None:
             self.sizer.peak = self.encoder.peak
 
     def pid(self) -> int:
@@ -170,12 +173,17 @@ class EncoderActor:
         view = _ManifestView(Path(spec["root"]), spec["fingerprint"], task.sources)
         sink = _TaskSink(view, stages.store, stages.fmt, stages.shard_bytes, stages.header, self.run.summary,
                          first_index=task.index)  # fmt: skip
-        decoded = _decode_ahead(sized(task.batches, self.sizer, self.device), spec["decode_ahead"], spec["max_pixels"])
         with WriterThread(lambda: sink, stages.write) as writer:
-            drive_device(decoded, self.encoder, self.device, writer.put, self.run, self.budget)
+            if self.drive is not None:
+                self.drive(self.encoder, task.batches, self.device, writer.put, self.run)
+            else:
+                decoded = _decode_ahead(sized(task.batches, self.sizer, self.device), spec["decode_ahead"],
+                                        spec["max_pixels"])  # fmt: skip
+                drive_device(decoded, self.encoder, self.device, writer.put, self.run, self.budget)
         found, self.found = self.found, {}
         oom, up = self.encoder.oom_splits - before[0], self.encoder.upcasts - before[1]
-        return TaskResult(sink.info, sink.rows, sink.failures, found, oom, up, os.getpid())
+        loads, self.loads = self.loads, 0
+        return TaskResult(sink.info, sink.rows, sink.failures, found, oom, up, os.getpid(), loads)
 
 
 class _TaskSink(ShardSink):
@@ -347,7 +355,7 @@ class _Driver:
         if self.next_index >= self.reserved:  # reserved before use: a later run starts past every name handed out
             self.reserved = self.next_index + RESERVE_SHARDS
             self.manifest.set_meta(f"next_shard:{self.stages.store}", self.reserved)
-        keys = [item.key for batch in group for item in batch]
+        keys = [key for batch in group for item in batch for key in getattr(item, "keys", None) or [item.key]]
         task = ShardTask(self.next_index, group, self.manifest.sources(self.stages.store, keys))
         self.next_index += 1
         return task
@@ -365,6 +373,7 @@ class _Driver:
             run.manifest.set_meta(meta_key, (run.manifest.get_meta(meta_key) or {}) | result.found)
         run.summary.oom_splits += result.oom_splits
         run.summary.fp32_redos += result.upcasts
+        run.summary.model_loads += result.loads
         finished = len(result.rows) + len(result.failures)
         actor.processed += finished
         actor.pid = result.pid

@@ -379,12 +379,12 @@ def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload
 
 
 def _load(spec: EncoderSpec, device: torch.device, offload: Offload):
-    if _choose_offload(spec, device, offload):
+    if choose_offload(spec, device, offload):
         return stream_from_host(load_encoder(spec, torch.device("cpu")), device)
     return load_encoder(spec, device)
 
 
-def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:
+def choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:
     """Whether ``spec`` runs streamed from host memory, logged when it does (cachebuild.offload)."""
     if offload is Offload.NEVER:
         return False

@@ -134,8 +134,9 @@ def _encode(cfg, module, spec, device, sources, sink: ShardSink, summary: RunSum
     done = 0
     processor = edit.load_processor(spec.tokenizer)
     vae = edit.load_condition_vae(_vae_folder(spec), spec.dtype.torch, device)
-    with resident(spec, device, cfg.offload) as model:
+    with resident(spec, device, cfg.offload) as model:  # read once for every page
         summary.model_loaded = True
+        summary.model_loads += 2  # the encoder and the condition images' VAE
         for page in manifest.item_pages(TEXTENC, PENDING, page_size):
             sink.fail([(r.key, captions.bad[r.key]) for r in page if r.key in captions.bad])
             groups: dict[str, tuple[str, Path, list[str]]] = {}
