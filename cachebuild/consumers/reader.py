@@ -197,7 +197,8 @@ class CacheReader:
             if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
                 # window: Sana's rows, not its tokens; drop_rows: Qwen-Image's template prefix is not stored
                 length = max_length or enc.get("window") or enc["max_length"] - enc.get("drop_rows", 0)
-                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], length)
+                left = enc.get("padding_side") == "left"  # LTX-2: zeros first, the rows at the end
+                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], length, left)
             elif enc.get("hidden") and name == "t5":  # stored whole, unmasked: the mask only marks the real tokens
                 if max_length not in (None, enc["max_length"]):
                     raise ConfigError(
