@@ -237,8 +237,13 @@ class LatentsConfig:
     engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
     ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
     exif: ExifMode = ExifMode.APPLY  # ignore: decode unrotated, as sd-scripts and musubi do (their exports need it)
+    control: Path | None = None  # flux-kontext: the folder of condition images, one per image key (jobs.control)
 
     def __post_init__(self) -> None:
+        if self.control is not None and not self.control.is_dir():
+            raise ConfigError(f"--control {self.control} is not a folder; pass the folder of condition images")
+        if self.control is not None and self.engine is EngineKind.RAY:
+            raise ConfigError("--control encodes the condition images on this machine; drop --engine ray")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be auto or at least 1, got {self.batch_size}")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:

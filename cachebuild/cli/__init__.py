@@ -145,7 +145,7 @@ def status(cache, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    for label, store in [("latents", info)] + ([("textenc", info["textenc"])] if "textenc" in info else []):
+    for label, store in [("latents", info)] + [(name, info[name]) for name in ("textenc", "control") if name in info]:
         items = store["items"]
         click.echo(
             f"{label}: {items['done']} done, {items['failed']} failed, {items['pending']} pending; "

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cachebuild.cache.manifest import LATENTS, TEXTENC, Manifest
+from cachebuild.cache.manifest import CONTROL, LATENTS, TEXTENC, Manifest
 from cachebuild.cache.shards import ShardFile
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache is opened
@@ -68,8 +68,9 @@ def _open_remote(url: UrlPath, seed: int | None, text: bool | None) -> CacheRead
 
     root = mirror_snapshot(url)
     reader = CacheReader(root, seed, text)
-    fetch = shard_fetchers(url, root, (LATENTS, TEXTENC))
+    fetch = shard_fetchers(url, root, (LATENTS, TEXTENC, CONTROL))
     reader._handles.fetch, reader._text_handles.fetch = fetch[LATENTS], fetch[TEXTENC]
+    reader._control_handles.fetch = fetch[CONTROL]
     return reader
 
 
@@ -105,6 +106,7 @@ class CacheReader:
                     f"{root} holds no text outputs; build them with: cachebuild textenc CAPTIONS --out {root}"
                 )
             text_rows = _text_rows(conn) if joined else []
+            self._control = {k: (shard, info) for k, shard, info in _control_rows(conn)}  # flux-kontext pairs
         self._text: dict[str, tuple[str, str, str]] = {k: (shard, tid, tokens) for k, shard, tid, tokens in text_rows}
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
         if joined:
@@ -117,6 +119,7 @@ class CacheReader:
         self.latents_mode: str = self.fingerprint.get("latents", "sample")
         self._handles = ShardFileHandles(root / LATENTS)
         self._text_handles = ShardFileHandles(root / TEXTENC)
+        self._control_handles = ShardFileHandles(root / CONTROL)
         self._rng: tuple[int, torch.Generator] | None = None
 
     # -- mapping ---------------------------------------------------------------------------------------
@@ -154,6 +157,10 @@ class CacheReader:
                 record["latents" + suffix] = z
         if key in self._text:
             record |= self.text_tensors(key, t5_max_length)
+        if key in self._control:  # the condition image's raw latents, (C, h, w) at its own (W, H)
+            shard, control = self._control[key]
+            record |= self._read(self._control_handles, CONTROL, key, shard, key, ["control_latents"])
+            record["control_size"] = tuple(json.loads(control)["bucket"])
         return record
 
     def pipeline_inputs(self, key: str, family: str | None = None) -> dict[str, torch.Tensor]:
@@ -367,6 +374,7 @@ class CacheReader:
         # open handles never cross processes
         state["_handles"] = ShardFileHandles(self._handles.folder, self._handles.fetch)
         state["_text_handles"] = ShardFileHandles(self._text_handles.folder, self._text_handles.fetch)
+        state["_control_handles"] = ShardFileHandles(self._control_handles.folder, self._control_handles.fetch)
         state["_rng"] = None
         return state
 
@@ -401,3 +409,8 @@ def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
         "WHERE store=? AND status='done'",
         (TEXTENC,),
     ).fetchall()
+
+
+def _control_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """(key, shard, info JSON) of every done condition image (``cachebuild latents --control``)."""
+    return conn.execute("SELECT key, shard, info FROM items WHERE store=? AND status='done'", (CONTROL,)).fetchall()

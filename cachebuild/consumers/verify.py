@@ -1,6 +1,6 @@
 """Verify a cache against its manifest, and optionally repair it so the next build re-encodes what is damaged.
 
-Checks, for every store in the cache (``latents``, ``textenc``):
+Checks, for every store in the cache (``latents``, ``textenc``, ``control``):
   * every registered shard exists, has the recorded size and SHA-256;
   * every done item names a registered shard, and that shard holds the item's tensors with the shape and
     dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, in ``dtype_out``);
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # torch is imported when the first tensor is checked: a check
 
 log = logging.getLogger(__name__)
 
-STORES = ("latents", "textenc")
+STORES = ("latents", "textenc", "control")
 
 
 @dataclass(frozen=True)
@@ -189,11 +189,13 @@ def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str,
 
 def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | None]:
     """Tensor name -> expected shape (None: any) for one item's record."""
-    if store == "latents":
+    if store in ("latents", "control"):  # control: flux-kontext's condition latents at their own (W, H)
         vae = fingerprint.get("vae", {})
         c, f = vae.get("latent_channels"), vae.get("downsample")
         w, h = info["bucket"]
         shape = (c, h // f, w // f) if c and f else None
+        if store == "control":
+            return {"control_latents": shape}
         # raw latents as the VAE returns them, (C, H/f, W/f) for every class (a 3D VAE's one frame squeezed out;
         # Flux.2's 2x2 patches are made on reading); moments only exist for VAEs with a posterior
         if fingerprint.get("latents") == "moments" and vae.get("class", "AutoencoderKL") != "AutoencoderTiny":

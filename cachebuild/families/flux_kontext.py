@@ -16,16 +16,13 @@ to it (PIL, Lanczos) and scaled to [-1, 1]; the VAE's posterior mode (``sample_m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from cachebuild.config import ExifMode
 from cachebuild.families import flux
 from cachebuild.families.flux import encoder_specs  # noqa: F401 (Flux.1's text)
 from cachebuild.families.vae import normalize_latents
-
-if TYPE_CHECKING:
-    from cachebuild.config import ExifMode
 
 PIPELINES = {"FluxKontextPipeline": "flux-kontext"}
 CONTROL_LATENTS = "control_latents"  # the record's raw (C, h, w) posterior mode of the condition image
@@ -82,7 +79,7 @@ def condition_pixels(path: Path, multiple: int, max_pixels: int, exif: ExifMode)
     with Image.open(path) as img:
         if img.width * img.height > max_pixels:
             raise ValueError(f"{img.width}x{img.height} is over --max-pixels {max_pixels} (a decompression bomb?)")
-        img = (ImageOps.exif_transpose(img) if exif.value == "apply" else img).convert("RGB")
+        img = (ImageOps.exif_transpose(img) if exif is ExifMode.APPLY else img).convert("RGB")
     w, h = condition_size(*img.size, multiple)
     processor = VaeImageProcessor(vae_scale_factor=multiple)
     return processor.preprocess(processor.resize(img, h, w), h, w), (w, h)

@@ -40,6 +40,7 @@ from cachebuild.hub import ResolvedVae, resolve_vae
 from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.jobs.control import check_control, encode_controls, paired_scan
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
 from cachebuild.storage import is_url
@@ -76,6 +77,7 @@ def build_latents(
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
+    check_control(cfg, vae, family)
     prefer_expandable_segments()  # before anything starts CUDA (resolve_dtype asks it about bf16)
     device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -84,7 +86,11 @@ def build_latents(
         manifest.lock()
         fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
         scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
+        if cfg.control is not None:  # items are (image, condition image) pairs: jobs.control
+            scan, controls = paired_scan(scan, cfg.control, cfg.hash_files)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
+        if cfg.control is not None:  # before the targets: a pair whose condition fails is not encoded
+            encode_controls(manifest, cfg, (vae, family, fingerprint), dtype, device, (scan, controls), summary)
         del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
@@ -200,6 +206,8 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
         fp["seed"] = cfg.seed  # only where randomness reaches the bytes
     if cfg.exif is ExifMode.IGNORE:
         fp["exif"] = cfg.exif.value  # only when ignored: caches built before the option (applied) still match
+    if cfg.control is not None:
+        fp["control"] = True  # items are pairs with their condition images (jobs.control)
     return fp
 
 
