@@ -24,6 +24,15 @@ def tiny_vae(tmp_path_factory) -> Path:
     return make_tiny_vae(tmp_path_factory.mktemp("models") / "tiny-vae")
 
 
+@pytest.fixture(scope="session")
+def kontext_cache(tmp_path_factory):
+    """A FLUX.1 Kontext cache with condition latents and text (tests.test_parity_flux_kontext.build_kontext_cache),
+    built once for the parity and the musubi export tests."""
+    from tests.test_parity_flux_kontext import build_kontext_cache
+
+    return build_kontext_cache(tmp_path_factory.mktemp("kontext"))
+
+
 def write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RGB", **save_kwargs) -> Path:
     """A noise image of ``size`` (W, H), saved in the format its suffix names."""
     rng = np.random.default_rng(seed)

@@ -16,28 +16,20 @@ from safetensors import safe_open
 from cachebuild import open_cache
 from cachebuild.cache.manifest import CONTROL, Manifest
 from cachebuild.cli import cli
-from cachebuild.consumers.export.musubi import export_musubi
+from cachebuild.consumers.export.musubi import ARCHS, export_musubi
+from cachebuild.consumers.export.musubi_pairs import check_pairs
 from cachebuild.errors import ConfigError
 from cachebuild.families import flux_kontext
 from cachebuild.families import qwenimage_edit as edit
-from cachebuild.testing import make_tiny_qwen_edit_pipeline, make_tiny_text_pipeline
+from cachebuild.testing import make_tiny_qwen_edit_pipeline
 from tests.conftest import write_image
 from tests.test_export_musubi import items_of, musubi_load
+from tests.test_parity_flux_kontext import IMAGES
 
-SIZES = {"a": (32, 32), "b": (32, 32), "c": (16, 64)}  # sizes musubi buckets as they are at resolution 32
+SIZES = {"a": (32, 32), "b": (32, 32), "c": (16, 64)}  # Qwen-Image-Edit's targets: their own buckets
 CONTROLS = {"a": (48, 32), "b": (32, 40), "c": (40, 40)}
 COMMON = ["--device", "cpu", "--dtype", "fp32", "--quiet"]
 MUSUBI = ["--buckets", "musubi", "--resolution", "32", "--workers", "0"]
-SMALL = [(w // 16, h // 16) for w, h in flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS]  # see test_parity_flux_kontext
-
-
-def make_pairs(root):
-    data, control = root / "data", root / "control"
-    for i, (key, size) in enumerate(SIZES.items()):
-        write_image(data / f"{key}.png", size, seed=i)
-        (data / f"{key}.txt").write_text(f"make the {key} red", encoding="utf-8")
-        write_image(control / f"{key}.png", CONTROLS[key], seed=10 + i)
-    return data, control
 
 
 def run(*args):
@@ -45,29 +37,16 @@ def run(*args):
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture(scope="module")
-def kontext(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", SMALL)
-        root = tmp_path_factory.mktemp("fk")
-        pipe = make_tiny_text_pipeline(root / "pipe", "flux-kontext")
-        data, control = make_pairs(root)
-        out = root / "cache"
-        run("latents", data, "--model", pipe, "--control", control, "--out", out, "--latents", "mean", *MUSUBI, *COMMON)
-        run("textenc", data, "--model", pipe, "--out", out, *COMMON)
-        yield root, pipe, data, out
-
-
-def test_kontext_files_load_by_musubis_rules_and_hold_the_pipelines_tensors(kontext):
-    root, _, _, cache = kontext
-    folder = root / "musubi"
+def test_kontext_files_load_by_musubis_rules_and_hold_the_pipelines_tensors(kontext_cache, tmp_path):
+    _, _, _, cache = kontext_cache
+    folder = tmp_path / "musubi"
     summary = export_musubi(cache, folder)  # fk: told by the cache
     assert summary.family == "fk" and summary.written == 6 and not summary.skipped, summary
     assert any("posterior mean" in w and "sample" in w for w in summary.warnings)  # --latents mean: said
     assert any("condition latents are the pipeline's" in w for w in summary.warnings)
     reader = open_cache(cache)
     loaded = items_of(musubi_load(folder, "fk", resolution=(32, 32)))
-    assert sorted(loaded) == sorted(SIZES)
+    assert sorted(loaded) == sorted(IMAGES)
     for key, item in loaded.items():
         want = reader.pipeline_inputs(key)
         c, h, w = want["latents"].shape
@@ -79,12 +58,11 @@ def test_kontext_files_load_by_musubis_rules_and_hold_the_pipelines_tensors(kont
         assert torch.equal(item["t5_vec"], want["prompt_embeds"].to(torch.bfloat16))
         assert torch.equal(item["clip_l_pooler"], want["pooled_prompt_embeds"].to(torch.bfloat16))
         assert item["meta"][f"{key}_fk_te.safetensors"]["architecture"] == "flux_kontext"
-    buckets = musubi_load(folder, "fk", resolution=(32, 32))
-    assert len(buckets) == 3  # a, b share a target bucket; their condition shapes split them, as musubi does
+    assert len(musubi_load(folder, "fk", resolution=(32, 32))) == 3  # one target bucket, split by condition shape
 
 
-def test_kontext_refuses_a_pair_without_condition_and_masked_t5(kontext, tmp_path):
-    root, pipe, data, cache = kontext
+def test_kontext_refuses_a_pair_without_condition(kontext_cache, tmp_path):
+    _, data, _, cache = kontext_cache
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)
     with Manifest.open(copy) as m:  # the condition of "b" queued again, as verify --repair does with a damaged one
@@ -92,14 +70,34 @@ def test_kontext_refuses_a_pair_without_condition_and_masked_t5(kontext, tmp_pat
     summary = export_musubi(copy, tmp_path / "one", images=data)
     assert [s["key"] for s in summary.skipped] == ["b"] and summary.written == 4
     assert "no condition latents" in summary.skipped[0]["reason"]
-    masked = tmp_path / "masked"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", SMALL)
-        run("latents", data, "--model", pipe, "--control", root / "control", "--out", masked, *MUSUBI, *COMMON)
-    run("textenc", data, "--model", pipe, "--out", masked, "--t5-mask", *COMMON)
-    with pytest.raises(ConfigError, match="unmasked over 512"):
-        export_musubi(masked, tmp_path / "two")
-    assert not (tmp_path / "two").exists()  # refused before any file
+
+
+def test_kontext_refuses_a_masked_or_shortened_t5_and_warns_by_latents_mode():
+    """musubi's Kontext trainer reads all 512 unmasked T5 rows; a sample cache matches musubi's own caching."""
+    t5 = {"name": "t5", "trim": False, "max_length": 512}
+    for bad in ({"trim": True}, {"max_length": 256}):
+        with pytest.raises(ConfigError, match="unmasked over 512"):
+            check_pairs(ARCHS["fk"], _Cache("mean", {"family": "flux-kontext", "encoders": [t5 | bad]}))
+    sampled = check_pairs(ARCHS["fk"], _Cache("sample", {"family": "flux", "encoders": [t5]}))
+    assert not any("posterior mean" in w for w in sampled) and any("condition latents" in w for w in sampled)
+    other = check_pairs(ARCHS["fk"], _Cache("sample", {"family": "sd3", "encoders": [t5 | {"trim": True}]}))
+    assert other  # another family's text is not exported (a warning says so), so its T5 is not refused
+
+
+class _Cache:
+    """The reader surface check_pairs reads."""
+
+    def __init__(self, mode: str, text: dict):
+        self.latents_mode, self.text_fingerprint = mode, text
+
+
+def make_pairs(root):
+    data, control = root / "data", root / "control"
+    for i, (key, size) in enumerate(SIZES.items()):
+        write_image(data / f"{key}.png", size, seed=i)
+        (data / f"{key}.txt").write_text(f"make the {key} red", encoding="utf-8")
+        write_image(control / f"{key}.png", CONTROLS[key], seed=10 + i)
+    return data, control
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +113,9 @@ def qwen_edit(tmp_path_factory):
         yield root, out
 
 
-def test_qwen_image_edit_files_load_by_musubis_rules(qwen_edit):
-    root, cache = qwen_edit
-    folder = root / "musubi"
+def test_qwen_image_edit_files_load_by_musubis_rules(qwen_edit, tmp_path):
+    _, cache = qwen_edit
+    folder = tmp_path / "musubi"
     summary = export_musubi(cache, folder)  # qie: told by the text cache
     assert summary.family == "qie" and summary.written == 6 and not summary.skipped, summary
     reader, latents = open_cache(cache), open_cache(cache, text=False)

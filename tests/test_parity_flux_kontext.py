@@ -28,7 +28,7 @@ IMAGES = {"a": (32, 32), "b": (48, 32), "c": (32, 48)}  # targets (W, H): bucket
 CONTROLS = {"a": (100, 60), "b": (45, 70), "c": (64, 64)}  # condition images of other sizes and aspect ratios
 CAPTIONS = {"a": "make the cat red", "b": "put a hat on the dog", "c": "a photo of the sky"}
 COMMON = ["--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
-BUCKETS = ["--resolution", "32", "--min-bucket-reso", "16", "--bucket-reso-steps", "16", "--workers", "0"]
+BUCKETS = ["--buckets", "musubi", "--resolution", "32", "--workers", "0"]  # musubi's: the export tests read it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,17 +56,25 @@ def latents_args(data: Path, pipe: Path, out: Path, control: Path, *extra: str) 
             *COMMON, *extra]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kontext")
+def build_kontext_cache(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(tiny FluxKontextPipeline folder, dataset, condition folder, cache): latents (posterior mean, musubi's
+    buckets) with their condition latents, and text. conftest's session fixture ``kontext_cache`` builds it once
+    for this module and tests/test_export_musubi_pairs.py."""
     pipe = make_tiny_text_pipeline(root / "pipe", "flux-kontext", init_scale=INIT_SCALE)
     data, control = make_pairs(root)
     out = root / "cache"
-    for args in (latents_args(data, pipe, out, control, "--latents", "mean"), ["textenc", str(data), "--model",
-                 str(pipe), "--out", str(out), *COMMON]):  # fmt: skip
-        result = CliRunner().invoke(cli, args)
-        assert result.exit_code == 0, result.output
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", SMALL_RESOLUTIONS)
+        latents = latents_args(data, pipe, out, control, "--latents", "mean")
+        for args in (latents, ["textenc", str(data), "--model", str(pipe), "--out", str(out), *COMMON]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 0, result.output
     return pipe, data, control, out
+
+
+@pytest.fixture
+def built(kontext_cache):
+    return kontext_cache
 
 
 def reference_pipeline(root: Path):

@@ -25,9 +25,10 @@ CAPTIONS = {
     "a": "a&amp;#32;cat near the ｄｏｇ",  # Wan's clean-up: an entity escaped twice, full-width letters (ftfy)
     "b": 'a cat holding a sign "open" and “closed”',  # quoted: ByT5's glyph text
     "c": "",  # empty: one space in HunyuanVideo 1.5's user turn, no ByT5 tokens
-    "d": " ".join(["cat"] * 1100),  # past every family's max length: truncated
+    "d": " ".join(["cat"] * 1100),  # past Wan's 512 tokens: truncated
 }
-LTX_KEYS = ("a", "b", "c")  # each LTX-2 caption runs at all 1024 positions: three are enough
+KEYS = {"wan": "abcd", "hunyuanvideo-1.5": "abc", "ltx-2": "abc"}  # the other two run every caption at 1000 or
+# 1024 positions and more, so they skip the long one
 CPU = torch.device("cpu")
 
 
@@ -72,15 +73,28 @@ def encode_prompt(family: str, pipe, text: str) -> dict[str, torch.Tensor]:
     return {n: t[0] for n, t in zip(names, (embeds, mask, embeds_2, mask_2), strict=True)}
 
 
+class Built:
+    """One family's cache built through the CLI, its reference pipeline, and that pipeline's outputs per caption
+    (each computed once)."""
+
+    def __init__(self, family: str, folder: Path, out: Path):
+        self.family, self.folder, self.out, self.keys = family, folder, out, KEYS[family]
+        self.pipe, self._wanted = reference_pipeline(family, folder), {}
+
+    def want(self, key: str) -> dict[str, torch.Tensor]:
+        if key not in self._wanted:
+            self._wanted[key] = encode_prompt(self.family, self.pipe, CAPTIONS[key])
+        return self._wanted[key]
+
+
 @pytest.fixture(scope="module", params=["wan", "hunyuanvideo-1.5", "ltx-2"])
-def built(request, tmp_path_factory):
-    """(family, pipeline folder, cache) built through the CLI; the latents are a tiny VAE's, for open_cache."""
+def built(request, tmp_path_factory) -> Built:
+    """The family's cache: text through the CLI, the latents a tiny VAE's (open_cache needs some)."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     pipe = make_tiny_text_pipeline(root / "pipe", family, init_scale=INIT_SCALE)
     data, out = root / "data", root / "cache"
-    keys = LTX_KEYS if family == "ltx-2" else CAPTIONS
-    for i, key in enumerate(keys):
+    for i, key in enumerate(KEYS[family]):
         write_image(data / f"{key}.png", (16, 16), seed=i)
         (data / f"{key}.txt").write_text(CAPTIONS[key], encoding="utf-8")
     common = ["--out", str(out), "--device", "cpu", "--dtype", "fp32", "--dtype-out", "fp32", "--quiet"]
@@ -89,14 +103,13 @@ def built(request, tmp_path_factory):
     for args in (latents, ["textenc", str(data), "--model", str(pipe)]):
         result = CliRunner().invoke(cli, [*args, *common])
         assert result.exit_code == 0, result.output
-    return family, pipe, out, keys
+    return Built(family, pipe, out)
 
 
 def test_pipeline_inputs_equal_the_family_pipeline(built):
-    family, folder, out, keys = built
-    pipe, cache = reference_pipeline(family, folder), open_cache(out)
-    for key in keys:
-        got, want = cache.pipeline_inputs(key), encode_prompt(family, pipe, CAPTIONS[key])
+    family, out, cache = built.family, built.out, open_cache(built.out)
+    for key in built.keys:
+        got, want = cache.pipeline_inputs(key), built.want(key)
         assert sorted(got) == sorted(want), key
         for name in [n for n in want if "mask" in n]:  # the masks: same values and dtype
             assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), (key, name)
@@ -116,8 +129,7 @@ def test_pipeline_inputs_equal_the_family_pipeline(built):
 
 @pytest.mark.parametrize("built", ["wan"], indirect=True)
 def test_wan_cleaning_length_and_zeros_would_fail(built):
-    family, folder, out, _ = built
-    pipe = reference_pipeline(family, folder)
+    out, pipe = built.out, built.pipe
     got = open_cache(out).pipeline_inputs("a")["prompt_embeds"]
     assert wan.prompt_clean(CAPTIONS["a"]) == "a cat near the dog"
     raw = pipe.tokenizer([CAPTIONS["a"]], padding="max_length", max_length=512, return_tensors="pt")
@@ -138,15 +150,21 @@ def test_wan_cleaning_length_and_zeros_would_fail(built):
 
 @pytest.mark.parametrize("built", ["hunyuanvideo-1.5"], indirect=True)
 def test_hunyuanvideo15_layer_template_crop_and_glyphs_would_fail(built):
-    family, folder, out, _ = built
-    pipe = reference_pipeline(family, folder)
+    out, pipe = built.out, built.pipe
     got = open_cache(out).pipeline_inputs("b")
     keep = got["prompt_embeds_mask"].bool()
     right = got["prompt_embeds"][keep]
 
     def rows(system: str, layer: int, crop: int) -> torch.Tensor:
-        embeds, mask = pipe._get_mllm_prompt_embeds(
-            pipe.text_encoder, pipe.tokenizer, CAPTIONS["b"], CPU, 1000, -layer - 1, system, crop
+        embeds, mask = pipe._get_mllm_prompt_embeds(  # 500: the caption's rows fit, and right padding with the
+            pipe.text_encoder,
+            pipe.tokenizer,
+            CAPTIONS["b"],
+            CPU,
+            500,
+            -layer - 1,
+            system,
+            crop,  # mask changes none
         )
         return embeds[0][mask[0].bool()]
 
@@ -170,8 +188,7 @@ def test_hunyuanvideo15_layer_template_crop_and_glyphs_would_fail(built):
 
 @pytest.mark.parametrize("built", ["ltx-2"], indirect=True)
 def test_ltx2_layer_layout_would_fail(built):
-    family, folder, out, _ = built
-    pipe = reference_pipeline(family, folder)
+    out, pipe = built.out, built.pipe
     got = open_cache(out).pipeline_inputs("b")
     keep = got["prompt_attention_mask"].bool()
     enc = pipe.tokenizer([CAPTIONS["b"]], padding="max_length", max_length=1024, return_tensors="pt")
@@ -195,15 +212,15 @@ def test_ltx2_connectors_read_the_cache_as_the_pipelines_rows(built):
     the padding rows, which the cache does not hold, reach nothing."""
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 
-    family, folder, out, _ = built
+    out = built.out
     torch.manual_seed(0)
     heads = dict(num_attention_heads=2, attention_head_dim=16, num_layers=1)
     both = {f"{side}_connector_{k}": v for side in ("video", "audio") for k, v in heads.items()}
     connectors = LTX2TextConnectors(caption_channels=32, text_proj_in_factor=4, **both).eval()  # the tiny Gemma:
     # 32 wide, the embeddings and 3 layers
-    pipe, cache = reference_pipeline(family, folder), open_cache(out)
+    cache = open_cache(out)
     for key in ("a", "b"):
-        want, got = encode_prompt(family, pipe, CAPTIONS[key]), cache.pipeline_inputs(key)
+        want, got = built.want(key), cache.pipeline_inputs(key)
         noisy = got["prompt_embeds"].clone()  # whatever sits in the padding rows
         noisy[~got["prompt_attention_mask"].bool()] = torch.randn_like(noisy[~got["prompt_attention_mask"].bool()])
         with torch.no_grad():
@@ -223,7 +240,7 @@ def test_ltx2_connectors_read_the_cache_as_the_pipelines_rows(built):
 def test_encoder_settings_dtype_and_fingerprint(built):
     from cachebuild.cache.manifest import Manifest
 
-    family, _, out, _ = built
+    family, out = built.family, built.out
     with Manifest.open(out, create=False, read_only=True) as m:
         fp = m.fingerprint("textenc")
     encoders = {e["name"]: e for e in fp["encoders"]}
