@@ -191,6 +191,10 @@ def test_missing_unreadable_and_changed_conditions(built, tmp_path):
     without = CliRunner().invoke(cli, ["latents", str(data), "--model", str(pipe), "--out", str(out), *BUCKETS,
                                        *COMMON])  # fmt: skip
     assert without.exit_code == 2 and "control" in without.output  # the pairs' cache refuses plain images
+    for path in out.glob("manifest.sqlite*"):  # the manifest lost: rebuilt from the shards, the control store too
+        path.unlink()
+    assert CliRunner().invoke(cli, ["rebuild-manifest", str(out)]).exit_code == 0
+    assert torch.equal(open_cache(out).record("a")["control_latents"], after)
 
 
 def test_control_is_refused_where_it_has_no_meaning(built, tmp_path):
