@@ -189,6 +189,8 @@ def test_missing_unreadable_and_changed_conditions(built, tmp_path):
     assert json.loads(result.output[result.output.index("{") :])["encoded"] == 1, result.output
     after = open_cache(out).record("a")["control_latents"]
     assert not torch.equal(after, before)  # the new image encoded
+    again = json.loads(CliRunner().invoke(cli, latents_args(data, pipe, out, control2, "--json")).output)
+    assert again["nothing_to_do"] and not again["model_loaded"]  # finished: no model loaded, for either store
     without = CliRunner().invoke(cli, ["latents", str(data), "--model", str(pipe), "--out", str(out), *BUCKETS,
                                        *COMMON])  # fmt: skip
     assert without.exit_code == 2 and "control" in without.output  # the pairs' cache refuses plain images

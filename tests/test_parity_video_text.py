@@ -32,17 +32,21 @@ KEYS = {"wan": "abcd", "hunyuanvideo-1.5": "abc", "ltx-2": "abc"}  # the other t
 CPU = torch.device("cpu")
 
 
-def reference_pipeline(family: str, root: Path):
-    """The family's pipeline with its text encoders and tokenizers (as model_index.json names them) only."""
+def reference_pipeline(family: str, root: Path, image_to_video: bool = False):
+    """The family's pipeline (or its image-to-video one) with its text encoders and tokenizers (as model_index.json
+    names them) only."""
     import diffusers
 
     if family == "wan":
-        return diffusers.WanPipeline(
+        cls, extra = (diffusers.WanImageToVideoPipeline, {"image_encoder": None, "image_processor": None}) if (
+            image_to_video) else (diffusers.WanPipeline, {})  # fmt: skip
+        return cls(
             tokenizer=tokenizer(root / "tokenizer"), text_encoder=load(root / "text_encoder", "UMT5EncoderModel"),
-            vae=None, scheduler=None,
+            vae=None, scheduler=None, **extra,
         )  # fmt: skip
     if family == "ltx-2":
-        return diffusers.LTX2Pipeline(
+        cls = diffusers.LTX2ImageToVideoPipeline if image_to_video else diffusers.LTX2Pipeline
+        return cls(
             scheduler=None, vae=None, audio_vae=None, connectors=None, transformer=None, vocoder=None,
             text_encoder=load(root / "text_encoder", "Gemma3ForConditionalGeneration"),
             tokenizer=tokenizer(root / "tokenizer"),
@@ -52,10 +56,12 @@ def reference_pipeline(family: str, root: Path):
         config = SimpleNamespace(latent_channels=32)
         temporal_compression_ratio, spatial_compression_ratio = 4, 16
 
-    return diffusers.HunyuanVideo15Pipeline(
+    cls, extra = (diffusers.HunyuanVideo15ImageToVideoPipeline, {"image_encoder": None, "feature_extractor": None}) if (
+        image_to_video) else (diffusers.HunyuanVideo15Pipeline, {})  # fmt: skip
+    return cls(
         text_encoder=load(root / "text_encoder", "Qwen2_5_VLTextModel"), tokenizer=tokenizer(root / "tokenizer"),
         text_encoder_2=load(root / "text_encoder_2", "T5EncoderModel"), tokenizer_2=tokenizer(root / "tokenizer_2"),
-        transformer=None, vae=NoVae(), scheduler=None, guider=None,
+        transformer=None, vae=NoVae(), scheduler=None, guider=None, **extra,
     )  # fmt: skip
 
 
@@ -125,6 +131,9 @@ def test_pipeline_inputs_equal_the_family_pipeline(built):
             assert not got[name][~keep].abs().sum()  # where the pipeline's padding rows reach nothing: zeros
     result = CliRunner().invoke(cli, ["verify", str(out)])  # stored row counts and dtypes as verify expects
     assert result.exit_code == 0, result.output
+    image_to_video = encode_prompt(family, reference_pipeline(family, built.folder, image_to_video=True), CAPTIONS["b"])
+    for name, tensor in built.want("b").items():  # the image-to-video pipeline's text is the same
+        assert torch.equal(image_to_video[name], tensor), name
 
 
 @pytest.mark.parametrize("built", ["wan"], indirect=True)
