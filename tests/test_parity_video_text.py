@@ -5,6 +5,7 @@ hidden layer, template, crop, mask, glyph rule, padding side or layer layout wou
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,6 +118,7 @@ def test_pipeline_inputs_equal_the_family_pipeline(built):
     for key in built.keys:
         got, want = cache.pipeline_inputs(key), built.want(key)
         assert sorted(got) == sorted(want), key
+        assert set(got) <= set(inspect.signature(type(built.pipe).__call__).parameters)  # __call__'s own names
         for name in [n for n in want if "mask" in n]:  # the masks: same values and dtype
             assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), (key, name)
         for name in [n for n in want if "mask" not in n]:
