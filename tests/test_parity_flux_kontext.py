@@ -138,6 +138,12 @@ def test_condition_latents_equal_prepare_latents(built):
         assert relative_difference(got["pooled_prompt_embeds"], pooled[0]) <= TOLERANCE
     result = CliRunner().invoke(cli, ["verify", str(out), "--json"])
     assert result.exit_code == 0 and "control" in json.loads(result.output)["stores"], result.output
+    sampler = cache.bucket_sampler(batch_size=3, shuffle=False)  # one target bucket, three condition sizes
+    loader = torch.utils.data.DataLoader(cache.dataset(scale=True), batch_sampler=sampler)
+    batches = list(loader)  # each condition size its own batch, so the default collate stacks them
+    assert len(batches) == 3 and all(b["control_latents"].shape[0] == 1 for b in batches)
+    first = next(b for b in batches if b["key"] == ["a"])
+    assert torch.equal(first["control_size"][0], torch.tensor(cache.record("a")["control_size"]))
 
 
 def test_no_snap_the_targets_bucket_or_no_normalisation_would_fail(built):

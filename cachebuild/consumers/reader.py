@@ -106,7 +106,7 @@ class CacheReader:
                     f"{root} holds no text outputs; build them with: cachebuild textenc CAPTIONS --out {root}"
                 )
             text_rows = _text_rows(conn) if joined else []
-            self._control = {k: (shard, info) for k, shard, info in _control_rows(conn)}  # flux-kontext pairs
+            self._control = {k: (shard, size) for k, shard, size in _control_rows(conn)}  # flux-kontext pairs
         self._text: dict[str, tuple[str, str, str]] = {k: (shard, tid, tokens) for k, shard, tid, tokens in text_rows}
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
         if joined:
@@ -158,9 +158,9 @@ class CacheReader:
         if key in self._text:
             record |= self.text_tensors(key, t5_max_length)
         if key in self._control:  # the condition image's raw latents, (C, h, w) at its own (W, H)
-            shard, control = self._control[key]
+            shard, size = self._control[key]
             record |= self._read(self._control_handles, CONTROL, key, shard, key, ["control_latents"])
-            record["control_size"] = tuple(json.loads(control)["bucket"])
+            record["control_size"] = tuple(int(v) for v in size.split("x"))
         return record
 
     def pipeline_inputs(self, key: str, family: str | None = None) -> dict[str, torch.Tensor]:
@@ -291,9 +291,14 @@ class CacheReader:
         rank: int = 0,
         world_size: int = 1,
     ) -> BucketBatchSampler:
-        """Batches of dataset indices that share one bucket; see :class:`BucketBatchSampler`."""
-        shapes: dict[str, tuple[int, int]] = {}
+        """Batches of dataset indices that share one bucket (and one condition image size, for FLUX.1 Kontext
+        pairs: their ``control_latents`` stack too); see :class:`BucketBatchSampler`."""
+        shapes: dict[str, tuple[int, ...]] = {}
         buckets = [shapes.setdefault(b, self.bucket(k)) for k in self._keys for b in (self._index[k][1],)]
+        if self._control:  # (W, H, control W, control H): "WxH" strings parsed once each, as the buckets are
+            sizes = [self._control[k][1] if k in self._control else "" for k in self._keys]
+            parsed = {b: tuple(int(v) for v in b.split("x")) if b else () for b in set(sizes)}
+            buckets = [b + parsed[c] for b, c in zip(buckets, sizes, strict=True)]
         from cachebuild.consumers.sampler import BucketBatchSampler
 
         return BucketBatchSampler(buckets, batch_size, shuffle, seed, drop_last, rank, world_size)
@@ -412,5 +417,5 @@ def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
 
 
 def _control_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
-    """(key, shard, info JSON) of every done condition image (``cachebuild latents --control``)."""
-    return conn.execute("SELECT key, shard, info FROM items WHERE store=? AND status='done'", (CONTROL,)).fetchall()
+    """(key, shard, "WxH") of every done condition image (``cachebuild latents --control``)."""
+    return conn.execute("SELECT key, shard, bucket FROM items WHERE store=? AND status='done'", (CONTROL,)).fetchall()
