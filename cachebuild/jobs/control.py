@@ -123,8 +123,16 @@ def encode_controls(
     open_store(manifest, CONTROL, fingerprint, paired, cfg.retry_failed, cfg.rebuild, cfg.prune)
     part = RunSummary(CONTROL, summary.out)
     if manifest.counts(CONTROL)[PENDING]:
-        header = {"store": CONTROL, "vae_class": family.cls, "latent_channels": family.latent_channels,
-                  "downsample": family.downsample, "dtype": cfg.dtype_out.value}  # fmt: skip
+        header = {
+            "store": CONTROL,
+            "vae_class": family.cls,
+            "latent_channels": family.latent_channels,
+            "downsample": family.downsample,
+            "scaling_factor": family.scaling_factor,
+            "shift_factor": "" if family.shift_factor is None else family.shift_factor,
+            "latents_mode": "mode",
+            "dtype": cfg.dtype_out.value,
+        }  # raw latents with their factors, as the latents store records them
         with ShardSink(manifest, CONTROL, cfg.format.value, cfg.shard_bytes, header, part) as sink:
             _encode_pending(cfg, vae, family, (dtype, device, multiple), paths, sink)
     finish_run(manifest, part, start)
