@@ -141,9 +141,12 @@ def encode_controls(
     summary.bytes_written += part.bytes_written
     summary.oom_splits += part.oom_splits
     summary.fp32_redos += part.fp32_redos
-    bad = {r.key: r.reason for r in manifest.items(CONTROL, FAILED)}
-    pending = [k for k in manifest.keys(LATENTS, PENDING) if k in bad]
-    record_failures(manifest, LATENTS, summary, [(k, f"condition image: {bad[k]}") for k in pending])
+    bad = manifest.conn.execute(  # pending pairs whose condition failed: as many rows as failures, at most
+        "SELECT c.key, c.reason FROM items c JOIN items l ON l.store=? AND l.key=c.key AND l.status=? "
+        "WHERE c.store=? AND c.status=? ORDER BY c.key",
+        (LATENTS, PENDING, CONTROL, FAILED),
+    ).fetchall()
+    record_failures(manifest, LATENTS, summary, [(k, f"condition image: {reason}") for k, reason in bad])
 
 
 def _encode_pending(cfg, vae: ResolvedVae, family: VaeFamily, run: tuple, paths: dict[str, Path], sink: ShardSink):
