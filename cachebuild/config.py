@@ -74,6 +74,70 @@ class ExifMode(str, Enum):
         return cls((fingerprint or {}).get("exif", cls.APPLY.value))
 
 
+class ColorMode(str, Enum):
+    """What decoding does with an embedded ICC profile (images.pixels)."""
+
+    NONE = "none"  # nothing: the stored values, as diffusers' load_image, sd-scripts and musubi-tuner read them
+    ICC = "icc"  # converted to sRGB (LittleCMS), so the VAE sees the colours a colour-managed viewer shows
+
+
+class AlphaMode(str, Enum):
+    """What decoding does with transparency (images.pixels)."""
+
+    DROP = "drop"  # the colour under it, alpha dropped: Pillow's convert("RGB"), as the trainers read it
+    WHITE = "white"  # composited over white
+    BLACK = "black"  # composited over black
+
+
+class ExtractMode(str, Enum):
+    """How clips are cut from a video (musubi-tuner's ``frame_extraction``; video.clips has the rules)."""
+
+    HEAD = "head"  # one clip per --frames count, from the first frame
+    CHUNK = "chunk"  # back-to-back clips of each count: starts 0, N, 2N, ... while a whole clip fits
+    SLIDE = "slide"  # a window of each count every --stride frames
+    UNIFORM = "uniform"  # --samples clips of each count, starts spread evenly over the video
+    FULL = "full"  # the whole video (at most --max-frames), cut down to the frame rule
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """How videos become clips: one item per clip. Fields left None were not given (their mode's default
+    applies); one given for a mode that does not use it is refused, so a typo never passes silently."""
+
+    frames: tuple[int, ...] | None = None  # target frame counts (--frames 17,33,81); each must fit the family's
+    # frame rule (4k+1 for Wan), checked once the family is known; None: only --extract full needs none
+    extract: ExtractMode = ExtractMode.HEAD
+    stride: int | None = None  # slide: frames between window starts (default 1)
+    samples: int | None = None  # uniform: clips per count (default 1)
+    max_frames: int | None = None  # full: longest clip (default 129, musubi's)
+    fps: float | str | None = None  # resample to this rate by dropping frames; "family": the family's own
+    # (Wan 16); None: every frame of the source is kept
+    source_fps: float | None = None  # with fps: the source's rate instead of the container's timestamps
+
+    def __post_init__(self) -> None:
+        if self.frames is not None and (not self.frames or min(self.frames) < 1):
+            raise ConfigError(f"--frames takes positive frame counts such as 17,33,81; got {self.frames}")
+        for name, value, mode in (
+            ("--stride", self.stride, ExtractMode.SLIDE),
+            ("--samples", self.samples, ExtractMode.UNIFORM),
+            ("--max-frames", self.max_frames, ExtractMode.FULL),
+        ):
+            if value is not None and self.extract is not mode:
+                raise ConfigError(f"{name} is for --extract {mode.value}; drop it or pass --extract {mode.value}")
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if self.extract is ExtractMode.FULL and self.frames is not None:
+            raise ConfigError("--extract full takes the whole video (up to --max-frames); drop --frames")
+        if self.fps is not None and self.fps != "family" and not float(self.fps) > 0:
+            raise ConfigError(f"--fps must be a positive rate, or given alone for the family's; got {self.fps}")
+        if self.source_fps is not None and (self.fps is None or not self.source_fps > 0):
+            raise ConfigError("--source-fps (positive) only sets the source rate for --fps; add --fps or drop it")
+
+    @property
+    def max_frames_or_default(self) -> int:
+        return 129 if self.max_frames is None else self.max_frames  # musubi-tuner's max_frames default
+
+
 PRESETS: dict[str, str] = {
     # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -237,6 +301,10 @@ class LatentsConfig:
     engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
     ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
     exif: ExifMode = ExifMode.APPLY  # ignore: decode unrotated, as sd-scripts and musubi do (their exports need it)
+    color: ColorMode | None = None  # None: not set, so none, or what a cache built before the option recorded
+    alpha: AlphaMode | None = None  # None: not set, so drop, or what a cache built before the option recorded
+    alpha_mask: bool = False  # also store each image's alpha channel at bucket size (sd-scripts' --alpha_mask)
+    clips: ClipConfig = field(default_factory=ClipConfig)  # how videos become clips (video families only)
     control: Path | None = None  # flux-kontext: the folder of condition images, one per image key (jobs.control)
 
     def __post_init__(self) -> None:

@@ -51,3 +51,24 @@ def fs_path(text: str) -> str:
     except UnicodeDecodeError:
         return os.fsdecode(raw)
     return text
+
+
+CLIP_SEPARATOR = "@"  # video key, then the clip's first frame and frame count: "walk/cam1@00016-033"
+_CLIP_SUFFIX = re.compile(r"@(\d+)-(\d+)$")
+
+
+def clip_key(video_key: str, start: int, frames: int) -> str:
+    """The key of the clip of ``frames`` frames from frame ``start`` (counted after any --fps resampling) of the
+    video whose key is ``video_key``; the numbers are zero-padded as musubi-tuner pads them in its file names.
+
+    Example:
+        >>> clip_key("walk/cam1", 16, 33)
+        'walk/cam1@00016-033'
+    """
+    return f"{video_key}{CLIP_SEPARATOR}{start:05d}-{frames:03d}"
+
+
+def split_clip_key(key: str) -> tuple[str, int, int] | None:
+    """``(video key, start, frames)`` of a clip key, None for any other key (an image, a one-frame item)."""
+    m = _CLIP_SUFFIX.search(key)
+    return (key[: m.start()], int(m.group(1)), int(m.group(2))) if m else None

@@ -142,7 +142,7 @@ def draw_portrait(size: tuple[int, int], rng: np.random.Generator) -> Image.Imag
 
 
 def draw_illustration(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """Flat shapes on a transparent background: an RGBA PNG whose alpha the loader composites."""
+    """Flat shapes on a transparent background: an RGBA PNG (the loader drops its alpha unless --alpha says)."""
     w, h = size
     img = Image.new("RGBA", size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(img)

@@ -33,6 +33,44 @@ def kontext_cache(tmp_path_factory):
     return build_kontext_cache(tmp_path_factory.mktemp("kontext"))
 
 
+@pytest.fixture(scope="session")
+def pixel_caches(tmp_path_factory, tiny_vae) -> dict[str, Path]:
+    """Files whose pixels depend on how they are read, and caches of them by both rules (tests/test_pixels.py);
+    shared by the pixel and the pixel export tests."""
+    from tests.test_pixels import build_pixel_caches
+
+    return build_pixel_caches(tmp_path_factory.mktemp("pixels"), tiny_vae)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_vae(tmp_path_factory) -> Path:
+    """A diffusers AutoencoderKLWan folder: 4x spatial, 4x temporal (4k+1 frames), 4 latent channels."""
+    from cachebuild.testing import make_tiny_wan_vae
+
+    return make_tiny_wan_vae(tmp_path_factory.mktemp("models") / "tiny-wan-vae")
+
+
+@pytest.fixture(scope="session")
+def medium_vae(tmp_path_factory) -> Path:
+    """A diffusers AutoencoderKL of about 53 MiB in fp32 (14M parameters, downsampling 4): large enough that
+    "nothing of it is left on the device" is a real check where a few kilobytes of tiny VAE would pass anyway."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(64, 128, 256),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=2,
+        norm_num_groups=32,
+        latent_channels=4,
+    )
+    path = tmp_path_factory.mktemp("models") / "medium-vae"
+    vae.save_pretrained(path)
+    return path
+
+
 def write_image(path: Path, size: tuple[int, int], seed: int = 0, mode: str = "RGB", **save_kwargs) -> Path:
     """A noise image of ``size`` (W, H), saved in the format its suffix names."""
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cachebuild.cli import EXIT_USAGE, cli
 
-COMMANDS = [[], ["latents"], ["status"]]
+COMMANDS = [[], ["latents"], ["status"], ["build"], ["watch"]]
 
 
 def run(args: list[str]):
@@ -101,7 +101,7 @@ def test_help_does_not_import_torch():
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from cachebuild.cli import cli\n"
-        "for args in (['--help'], ['latents', '--help'], ['status', '--help']):\n"
+        "for args in [['--help']] + [[name, '--help'] for name in ('latents', 'status', 'build', 'watch')]:\n"
         "    assert CliRunner().invoke(cli, args).exit_code == 0\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'PIL') if m in sys.modules))\n"
     )

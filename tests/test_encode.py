@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cachebuild import encode
 from cachebuild.config import DType, LatentsMode, ModelSpec
 from cachebuild.encode import GuardedForward, is_out_of_memory, pick_device, resolve_dtype
 from cachebuild.families.vae import VaeEncoder, VaeFamily, family_of
@@ -308,23 +309,21 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory():
         GuardedForward(None, CPU, torch.float32, forward, "VAE")((torch.zeros(2, 1),))
 
 
-class NoRoomForFp32(torch.nn.Module):
-    """Two fp16 layers; converting to fp32 runs out of memory after the first, as on a small card."""
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-fp32-copy", "converted-in-place"])
+def test_fp32_redo_without_room_for_fp32_weights_fails_those_items_and_restores_the_module(monkeypatch, keep):
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).half()
+    module[2].float()  # a module kept in fp32, as transformers keeps T5's wo
+    before = {n: t.dtype for n, t in module.state_dict().items()}
+    monkeypatch.setattr(encode, "KEEP_FP32_MAX_BYTES", 1 << 30 if keep else 0)
+    converted = []
 
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-        self.half()
-
-    def to(self, dtype):
-        if dtype == torch.float32:
-            self.first.float()
+    def to_dtype(t, dtype):  # the second fp32 conversion runs out of memory, as on a small card
+        if dtype == torch.float32 and converted:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
-        return super().to(dtype)
+        converted.append(dtype == torch.float32)
+        return t.to(dtype)
 
-
-def test_fp32_redo_without_room_for_fp32_weights_fails_those_items_and_restores_the_module():
-    module = NoRoomForFp32()
+    monkeypatch.setattr(encode, "_to_dtype", to_dtype)
 
     def forward(inputs, dtype):  # item 1 overflows in fp16
         return [torch.full((2,), float("nan") if v == 1 else float(v)) for v in inputs[0][:, 0].tolist()]
@@ -334,7 +333,7 @@ def test_fp32_redo_without_room_for_fp32_weights_fails_those_items_and_restores_
     assert isinstance(results[1], str)
     assert "non-finite" in results[1] and "not enough device memory to redo it in fp32" in results[1]
     assert not isinstance(results[0], str) and not isinstance(results[2], str)
-    assert {p.dtype for p in module.parameters()} == {torch.float16}  # never a half-converted module
+    assert {n: t.dtype for n, t in module.state_dict().items()} == before  # never a half-converted module
 
 
 # -- device and dtype choice ----------------------------------------------------------------------------

@@ -26,13 +26,16 @@ ROOMS = {
     "images": 4,
     "encode": 4,
     "families": 5,
+    "video": 5,  # clips, probe, decode: above images, whose bucket plan and loader it reuses
     "engines": 6,
     "consumers": 6,
     "jobs": 7,
-    "testing": 8,
-    "cli": 8,
-    "__main__": 9,
+    "project": 8,  # project files and watch: above the jobs they call, below the command line
+    "testing": 9,
+    "cli": 9,
+    "__main__": 10,
     "offload": 3,  # below encode and families, which both use it; it needs only config
+    "keep": 1,  # models kept between runs: imports nothing of the package
 }
 
 

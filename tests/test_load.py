@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from cachebuild.config import BucketConfig, CropMode
+from cachebuild.config import AlphaMode, BucketConfig, ColorMode, CropMode
 from cachebuild.errors import ItemError
 from cachebuild.images.load import decode, iter_batches, read_size, to_rgb
+from cachebuild.images.pixels import REFERENCE, Pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from tests.conftest import ODD_IMAGES, write_image
 
@@ -25,12 +26,17 @@ def _restore_pillow_limit(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
 
 
-def plan_for(path: Path, bucket: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS) -> ItemPlan:
+def plan_for(
+    path: Path, bucket: tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS, pixels: Pixels = REFERENCE
+) -> ItemPlan:
     """A centre-crop plan of ``path`` for ``bucket`` (default: the image's own upright size)."""
     size = read_size(str(path), max_pixels)
     bucket = bucket or size
     resized, crop = BucketPlan(BucketConfig()).resize_and_crop(size, bucket, CropMode.CENTER, 0, path.stem)
-    return ItemPlan(path.stem, str(path), size, bucket, resized, crop)
+    return ItemPlan(path.stem, str(path), size, bucket, resized, crop, pixels=pixels)
+
+
+WHITE, BLACK = Pixels(alpha=AlphaMode.WHITE), Pixels(alpha=AlphaMode.BLACK)
 
 
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,45 +158,79 @@ def test_exif_orientation_with_jpeg_draft_and_resize(tmp_path, orientation):
 # -- colour modes ----------------------------------------------------------------------------------
 
 
-def test_fully_transparent_rgba_decodes_to_white(tmp_path):
+def test_fully_transparent_rgba_keeps_its_colour_or_becomes_the_background(tmp_path):
     path = tmp_path / "clear.png"
-    Image.new("RGBA", (32, 16), (0, 0, 0, 0)).save(path)
-    assert (decode(plan_for(path), MAX_PIXELS) == 255).all()
+    Image.new("RGBA", (32, 16), (10, 20, 30, 0)).save(path)
+    assert (decode(plan_for(path), MAX_PIXELS) == (10, 20, 30)).all()  # alpha dropped, as convert("RGB")
+    assert (decode(plan_for(path, pixels=WHITE), MAX_PIXELS) == 255).all()
+    assert (decode(plan_for(path, pixels=BLACK), MAX_PIXELS) == 0).all()
 
 
-def test_partly_transparent_rgba_is_composited_over_white(tmp_path):
+def test_partly_transparent_rgba_is_composited_over_the_background_asked_for(tmp_path):
     arr = np.zeros((16, 32, 4), np.uint8)
     arr[:, :16] = (200, 10, 10, 255)  # opaque red left half
     arr[:, 16:] = (0, 0, 255, 0)  # fully transparent blue right half
     arr[:8, 16:, 3] = 128  # ... whose top quarter is half transparent
     path = tmp_path / "half.png"
     Image.fromarray(arr, "RGBA").save(path)
-    pixels = decode(plan_for(path), MAX_PIXELS).astype(int)
+    pixels = decode(plan_for(path, pixels=WHITE), MAX_PIXELS).astype(int)
     assert (pixels[:, :16] == (200, 10, 10)).all()
     assert (pixels[8:, 16:] == 255).all()
     assert np.abs(pixels[:8, 16:] - (127, 127, 255)).max() <= 2  # 50% blue over white
+    black = decode(plan_for(path, pixels=BLACK), MAX_PIXELS).astype(int)
+    assert (black[8:, 16:] == 0).all() and np.abs(black[:8, 16:] - (0, 0, 128)).max() <= 2
+    np.testing.assert_array_equal(decode(plan_for(path), MAX_PIXELS), arr[..., :3])  # the default: no compositing
 
 
-def test_la_and_palette_transparency_become_white(tmp_path):
+def test_la_and_palette_transparency(tmp_path):
     la = tmp_path / "la.png"
-    Image.new("LA", (16, 16), (0, 0)).save(la)
-    assert (decode(plan_for(la), MAX_PIXELS) == 255).all()
+    Image.new("LA", (16, 16), (40, 0)).save(la)
+    assert (decode(plan_for(la), MAX_PIXELS) == 40).all()
+    assert (decode(plan_for(la, pixels=WHITE), MAX_PIXELS) == 255).all()
 
     pal = Image.new("P", (16, 16), 3)
-    pal.putpalette([0, 0, 0] * 256)
+    pal.putpalette([0, 0, 0] * 3 + [5, 6, 7] + [0, 0, 0] * 252)
     pal_path = tmp_path / "pal.png"
     pal.save(pal_path, transparency=3)
-    assert (decode(plan_for(pal_path), MAX_PIXELS) == 255).all()
+    assert (decode(plan_for(pal_path), MAX_PIXELS) == (5, 6, 7)).all()  # the palette entry's colour
+    assert (decode(plan_for(pal_path, pixels=WHITE), MAX_PIXELS) == 255).all()
 
 
 @pytest.mark.parametrize("mode,key", [("RGB", (0, 0, 0)), ("L", 0)])
-def test_colour_key_transparency_becomes_white(tmp_path, mode, key):
+def test_colour_key_transparency(tmp_path, mode, key):
     path = tmp_path / f"trns-{mode}.png"
     Image.new(mode, (16, 16), key).save(path, transparency=key)
     with Image.open(path) as img:
         assert img.info.get("transparency") == key
         assert (np.asarray(img.convert("RGBA"))[..., 3] == 0).all()  # Pillow itself sees it transparent
-    assert (decode(plan_for(path), MAX_PIXELS) == 255).all()
+    assert (decode(plan_for(path), MAX_PIXELS) == 0).all()
+    assert (decode(plan_for(path, pixels=WHITE), MAX_PIXELS) == 255).all()
+
+
+def test_alpha_mask_is_the_alpha_channel_resized_and_cropped_with_the_colours(tmp_path):
+    arr = np.zeros((40, 80, 4), np.uint8)
+    arr[..., :3] = (90, 80, 70)
+    arr[:, 40:, 3] = 255  # left half transparent, right half opaque
+    path = tmp_path / "half.png"
+    Image.fromarray(arr, "RGBA").save(path)
+    keep = Pixels(alpha_mask=True)
+    out = decode(plan_for(path, (64, 32), pixels=keep), MAX_PIXELS)  # 80x40 -> 64x32
+    assert out.shape == (32, 64, 4) and (out[..., :3] == (90, 80, 70)).all()
+    assert (out[:, :28, 3] == 0).all() and (out[:, 36:, 3] == 255).all()
+    want = np.asarray(Image.fromarray(arr[..., 3]).resize((64, 32), Image.Resampling.LANCZOS))
+    np.testing.assert_array_equal(out[..., 3], want)
+    opaque = write_image(tmp_path / "rgb.jpg", (64, 32))
+    assert (decode(plan_for(opaque, pixels=keep), MAX_PIXELS)[..., 3] == 255).all()  # no alpha: all ones
+
+
+def test_icc_profile_is_applied_only_with_color_icc(tmp_path):
+    from tests.pixel_files import swapped_profile
+
+    path = tmp_path / "tagged.png"
+    Image.new("RGB", (16, 16), (200, 50, 20)).save(path, icc_profile=swapped_profile())
+    assert (decode(plan_for(path), MAX_PIXELS) == (200, 50, 20)).all()  # the stored values
+    icc = decode(plan_for(path, pixels=Pixels(ColorMode.ICC)), MAX_PIXELS)
+    assert (icc == (20, 50, 200)).all()  # the profile swaps red and blue primaries
 
 
 def test_sixteen_bit_greyscale_is_scaled_to_eight_bits(tmp_path):

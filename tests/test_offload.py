@@ -20,10 +20,12 @@ from cachebuild.families.tokens import tokenize
 from cachebuild.hub import weight_files
 from cachebuild.offload import (
     ACTIVATION_MARGIN_BYTES,
+    fp32_modules,
     free_bytes,
     is_streamed,
     needed_bytes,
     should_offload,
+    streamer_of,
     weight_bytes,
 )
 from cachebuild.testing import make_tiny_text_pipeline
@@ -169,6 +171,51 @@ def test_fp32_redo_of_a_streamed_encoder_equals_the_resident_one(pipelines):
 
     for s, r in zip(run(Offload.ALWAYS), run(Offload.NEVER), strict=True):
         assert all(torch.equal(s[n], r[n]) for n in r)
+
+
+def test_the_next_block_is_copied_while_one_runs_and_at_most_two_are_loaded(pipelines):
+    """The overlap: from the second forward on (the first records the order), block k + 1's weights are on their
+    way while block k runs; no more than two units hold weights at any time, none after the forward."""
+    _, (spec,) = resolve_encoders(cfg_for(Path("."), Path("out"), pipelines["z-image"]), CPU)
+    with resident(spec, CPU, Offload.ALWAYS) as model:
+        streamer = streamer_of(model)
+        layers = list(model.layers)
+        seen = []  # per block run: (its index, is the next block loaded, units loaded)
+
+        def look(index):
+            def hook(module, args):  # after the streamer's own hook: the block is loaded by now
+                following = layers[index + 1].mlp.up_proj.weight if index + 1 < len(layers) else None
+                ahead = following is not None and following.device.type != "meta"
+                seen.append((index, ahead, streamer.loaded_units()))
+
+            return hook
+
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(look(i))
+        forward = encoder_forward(model, spec, CPU)
+        for _ in range(2):
+            forward(_inputs(spec), torch.float32)
+            assert streamer.loaded_units() == 0 and all(p.device.type == "meta" for p in model.parameters())
+    n = len(layers)
+    first, second = seen[:n], seen[n:]
+    assert [ahead for _, ahead, _ in first] == [False] * n  # the first forward learns the order
+    assert [ahead for _, ahead, _ in second] == [True] * (n - 1) + [False]
+    assert max(loaded for _, _, loaded in seen) == 2
+
+
+def test_modules_kept_in_fp32_count_at_fp32_in_the_bytes_needed(tmp_path):
+    from cachebuild.testing import make_tiny_t5
+
+    files = weight_files(make_tiny_t5(tmp_path / "t5"))
+    assert fp32_modules("T5EncoderModel", torch.float16) == ("wo",)  # transformers keeps wo in fp32 in fp16 only
+    assert fp32_modules("T5EncoderModel", torch.bfloat16) == ()
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        wo = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys() if ".wo." in k)  # noqa: SIM118
+    fp16 = weight_bytes(files, torch.float16)
+    assert wo > 0 and weight_bytes(files, torch.float16, ("wo",)) == fp16 + 2 * wo  # 4 bytes each instead of 2
+    assert needed_bytes(files, torch.float16, ("wo",)) - needed_bytes(files, torch.float16) == 2 * wo
 
 
 @pytest.mark.gpu

@@ -226,6 +226,21 @@ class Manifest:
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, sort_keys=True)))
 
+    def set_meta_many(self, values: dict[str, dict], prefix: str | None = None, keep: Iterable[str] = ()) -> None:
+        """Write several meta values in one transaction; with ``prefix``, also forget every key under it that is
+        neither written now nor in ``keep`` (what the latents job remembers per video file)."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()],
+            )
+            if prefix is not None:
+                kept = json.dumps([*values, *keep])
+                c.execute(
+                    "DELETE FROM meta WHERE substr(key, 1, ?) = ? AND key NOT IN (SELECT value FROM json_each(?))",
+                    (len(prefix), prefix, kept),
+                )
+
     def clear_store(self, store: str) -> list[str]:
         """Forget every item and shard of ``store`` (for --rebuild); returns the shard names to delete."""
         with self.transaction() as c:
@@ -331,6 +346,19 @@ class Manifest:
                 f"SELECT key, path, source_fp FROM items WHERE store=? AND key IN ({marks})", (store, *chunk)
             )
             out |= {k: [p, fp] for k, p, fp in cur}
+        return out
+
+    def statuses(self, store: str, keys: list[str]) -> dict[str, tuple[str, str | None, float]]:
+        """``{key: (status, reason, updated)}`` for those of ``keys`` the store holds (``updated``: the time.time()
+        of the row's last change), so a caller can tell what happened to a few items without reading them all."""
+        out: dict[str, tuple[str, str | None, float]] = {}
+        for start in range(0, len(keys), 500):  # SQLite bounds the number of parameters of one statement
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            cur = self.conn.execute(
+                f"SELECT key, status, reason, updated FROM items WHERE store=? AND key IN ({marks})", (store, *chunk)
+            )
+            out |= {k: (s, r, u) for k, s, r, u in cur}
         return out
 
     def item_pages(self, store: str, status: str, page_size: int) -> Iterator[list[ItemRow]]:

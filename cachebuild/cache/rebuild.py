@@ -111,8 +111,8 @@ def _item_rows(store: str, entries: dict[str, dict]):
             for key in meta.get("keys", []):
                 yield key, info, None
         else:
-            w, h = meta["bucket"]
-            yield entry, meta, f"{w}x{h}"
+            shape = [*meta["bucket"], *([meta["frames"]] if "frames" in meta else [])]  # a clip's is WxHxF
+            yield entry, meta, "x".join(map(str, shape))
 
 
 def _write_store(manifest: Manifest, store: str, fingerprint: dict, rows: dict, shards: dict[str, int]) -> None:

@@ -56,6 +56,8 @@ class RunSummary:
     nothing_to_do: bool = False
     oom_splits: int = 0
     fp32_redos: int = 0
+    fp32_conversions: int = 0  # times a model's weights were converted to fp32 for a redo (once where they are kept)
+    allocator_trims: int = 0  # times the device's cached blocks were given back past --vram-budget plus a margin
     truncated: int = 0  # text only: captions cut at an encoder's max length
     failures: list[dict] = field(default_factory=list)  # [{"key", "reason"}] for this run's failures
     offloaded: list[str] = field(default_factory=list)  # models run with their weights streamed from host memory

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from cachebuild.cli.clips import clip_options
 from cachebuild.cli.options import (
     LOCATION,
     bucket_options,
@@ -38,6 +39,7 @@ from cachebuild.cli.output import (
     human_bytes,
     run_build,
 )
+from cachebuild.cli.project import project_options, watch_options
 
 _LISTED = 20  # skipped items and conflicts printed by name; --json has them all
 
@@ -89,16 +91,19 @@ def cli(verbose: int) -> None:
 @vae_options
 @bucket_options
 @latents_options
+@clip_options
 @output_options
 @_library_errors
 def latents(dataset, quiet, as_json, **opts):
     """Encode every image under DATASET into VAE latents in --out.
 
+    For a video VAE (Wan), videos become clips (--frames, --extract), one item each, and images one-frame items.
     Killed or crashed? Run the same command again: it continues where it stopped.
 
     \b
     Example:
       cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
+      cachebuild latents ./clips --model wan2.1-t2v-14b --frames 17,33,81 --out ./cache
     """
     from cachebuild.jobs.latents import build_latents
 
@@ -126,6 +131,62 @@ def textenc(captions, quiet, as_json, **opts):
     from cachebuild.jobs.textenc import build_textenc
 
     run_build(build_textenc, textenc_config(captions, opts), quiet or as_json, as_json, unit="caption")
+
+
+@cli.command()
+@click.argument("project_file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@project_options
+@output_options
+@_library_errors
+def build(project_file, quiet, as_json, **source):
+    """Build every cache that PROJECT_FILE (default: ./cachebuild.toml) declares, and its exports.
+
+    Each cache has its own manifest and resumes like a single command; latent caches of one dataset with the same
+    preprocessing decode each image once. With --from-musubi or --from-kohya, the trainer's own dataset config
+    says what to build, in that trainer's layout (see docs/project.md).
+
+    \b
+    Example:
+      cachebuild build
+      cachebuild build --from-musubi dataset.toml --arch qi
+      cachebuild build --from-kohya dataset_config.toml --model sdxl
+    """
+    from cachebuild.cli.project import load_source, run_project_build
+
+    run_project_build(load_source(project_file, **source), quiet, as_json)
+
+
+@cli.command()
+@click.argument("project_file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@project_options
+@watch_options
+@click.option("--quiet", "-q", is_flag=True, help="Errors only.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line on stdout (done, failed, removed, ...).")
+@_library_errors
+def watch(project_file, quiet, as_json, settle, max_settle, poll, idle_timeout, keep_gb, **source):
+    """Build every cache of PROJECT_FILE (default: ./cachebuild.toml), then keep them current as files arrive,
+    change or vanish; models stay loaded while work keeps coming.
+
+    A file is read once it has stopped changing (--settle); removals follow the --prune guard. SIGTERM or Ctrl-C
+    stops it between batches; start it again to resume.
+
+    \b
+    Example:
+      cachebuild watch cachebuild.toml --json
+    """
+    from cachebuild.cli.project import load_source, run_watch
+
+    project = load_source(project_file, **source)
+    run_watch(
+        project,
+        quiet,
+        as_json,
+        settle=settle,
+        max_settle=max_settle,
+        poll=poll,
+        idle_timeout=idle_timeout,
+        keep_gb=keep_gb,
+    )
 
 
 @cli.command()

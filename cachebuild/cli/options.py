@@ -87,7 +87,8 @@ vae_options = option_group(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana), pipeline hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana; video: wan2.1-t2v-14b, wan2.2-t2v-a14b), pipeline "
+        "hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -122,6 +123,21 @@ bucket_options = option_group(  # which bucket, resize and crop each image gets
         show_default=True,
         help="EXIF orientation: apply (upright) or ignore (pixels as stored, as sd-scripts and musubi read them).",
     ),
+    click.option(
+        "--color",
+        type=click.Choice(["none", "icc"]),
+        help="Embedded ICC profiles: none (values as stored, as diffusers and the trainers read them) or icc "
+        "(converted to sRGB). Default none; a cache built before this option keeps icc.",
+    ),
+    click.option(
+        "--alpha",
+        type=click.Choice(["drop", "white", "black"]),
+        help="Transparency: drop (the colour under it, as diffusers and the trainers read it) or composite over "
+        "white or black. Default drop; a cache built before this option keeps white.",
+    ),
+    click.option(
+        "--alpha-mask", is_flag=True, help="Also store each image's alpha at bucket size, for sd-scripts' --alpha_mask."
+    ),
 )
 
 
@@ -134,7 +150,9 @@ latents_options = option_group(  # what is stored per image and how the encoder 
         show_default=True,
         help="Posterior sample (seeded per item), its mean, or mean and std.",
     ),
-    dtype_option("--dtype", "auto", "Compute dtype; auto is bf16 on CUDA with bf16 support, else fp32."),
+    dtype_option(
+        "--dtype", "auto", "Compute dtype; auto is bf16 on CUDA from Ampere on, fp16 on older CUDA, else fp32."
+    ),
     click.option(
         "--batch-size",
         default="auto",
@@ -223,7 +241,9 @@ caption_options = option_group(
 text_run_options = option_group(  # how the text encoders run
     click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
     dtype_option(
-        "--dtype", "auto", "Compute dtype of the encoders; auto is bf16 on CUDA with bf16 support, else fp32."
+        "--dtype",
+        "auto",
+        "Compute dtype of the encoders; auto is bf16 on CUDA from Ampere on, fp16 on older CUDA, else fp32.",
     ),
     dtype_option(
         "--t5-dtype",
@@ -255,9 +275,12 @@ text_run_options = option_group(  # how the text encoders run
 
 def latents_config(dataset: Path, o: dict):
     """The one LatentsConfig that the latents command's options describe."""
+    from cachebuild.cli.clips import clip_config
     from cachebuild.config import (
+        AlphaMode,
         BucketConfig,
         BucketRule,
+        ColorMode,
         CropMode,
         DType,
         EngineKind,
@@ -294,6 +317,10 @@ def latents_config(dataset: Path, o: dict):
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
         exif=ExifMode(o.get("exif") or "apply"),
+        color=ColorMode(o["color"]) if o.get("color") else None,  # unset: see images.pixels.run_pixels
+        alpha=AlphaMode(o["alpha"]) if o.get("alpha") else None,
+        alpha_mask=bool(o.get("alpha_mask")),
+        clips=clip_config(o),  # cli.clips
         control=o.get("control"),
         **build_settings(o),
     )

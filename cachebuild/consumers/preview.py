@@ -4,6 +4,7 @@ A person looking at the grid sees at once whether the cache is right: upright (E
 was built with ``--exif ignore``: then both tiles show the pixels as stored, unrotated), cropped where
 expected, colours intact. Each cell is two tiles, left the source image cut exactly as the encoder saw it
 (re-read through the same loader), right the decoded latents; tiles are fitted into ``tile`` x ``tile`` pixels.
+A clip of a video cache shows its first, middle and last frame side by side in each tile (``preview_clips``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cachebuild.errors import ConfigError, ItemError
 from cachebuild.families.vae import family_of, load_vae
 from cachebuild.hub import resolve_vae
 from cachebuild.images.load import decode
+from cachebuild.images.pixels import REFERENCE, Pixels, recorded_pixels
 from cachebuild.images.plan import ItemPlan
 from cachebuild.keys import fs_path
 
@@ -96,16 +98,26 @@ def preview_cache(
     if dataset is None:
         dataset = _recorded_dataset(Path(cache))
     vae, frames = _load_decoder(model, reader.fingerprint, torch.device(device or "cpu"))
+    clips = reader.fingerprint.get("clips")  # a video cache: every item is a clip (an image one of one frame)
     summary = PreviewSummary(str(out), keys, grid_size(len(keys), tile))
     canvas = Image.new("RGB", summary.size, BACKGROUND)
     paths = reader.source_paths()
     exif = ExifMode.recorded(reader.fingerprint)  # read each source as the encoder did
+    pixels = recorded_pixels(reader.fingerprint)
     for i, key in enumerate(keys):
         cols = math.ceil(math.sqrt(len(keys)))
         x, y = PAD + (i % cols) * (2 * tile + 3 * PAD), PAD + (i // cols) * (tile + PAD)
-        source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif)
+        if clips is not None:
+            from cachebuild.consumers.preview_clips import decoded_strip, source_strip
+
+            info, missing = reader.info(key), summary.missing_sources
+            source = source_strip(Path(cache), key, info, paths.get(key), dataset, clips, exif, missing)
+            decoded = decoded_strip(vae, reader[key]["latents"])
+        else:
+            source = _source_crop(key, reader.info(key), paths.get(key), dataset, summary, exif, pixels)
+            decoded = _decode(vae, reader[key]["latents"], frames)
         _paste_fitted(canvas, source, x, y, tile)
-        _paste_fitted(canvas, _decode(vae, reader[key]["latents"], frames), x + tile + PAD, y, tile)
+        _paste_fitted(canvas, decoded, x + tile + PAD, y, tile)
     canvas.save(out, format="PNG")
     return summary
 
@@ -137,7 +149,13 @@ def _decode(vae, latents: torch.Tensor, frames: bool = False) -> Image.Image:
 
 
 def _source_crop(
-    key: str, info: dict, rel: str | None, dataset, summary: PreviewSummary, exif: ExifMode = ExifMode.APPLY
+    key: str,
+    info: dict,
+    rel: str | None,
+    dataset,
+    summary: PreviewSummary,
+    exif: ExifMode = ExifMode.APPLY,
+    pixels: Pixels = REFERENCE,
 ) -> Image.Image:
     """The bucket-sized pixels the encoder saw, re-read through the loader; a placeholder when it cannot be."""
     w, h = info["bucket"]
@@ -145,7 +163,7 @@ def _source_crop(
         return Image.new("RGB", (w, h), PLACEHOLDER)
     path = Path(dataset) / fs_path(rel)  # the stored text names the file's real bytes
     original, resized, crop = tuple(info["original_size"]), tuple(info["resized"]), tuple(info["crop"])
-    plan = ItemPlan(key, str(path), original, (w, h), resized, crop, exif)
+    plan = ItemPlan(key, str(path), original, (w, h), resized, crop, exif, Pixels(pixels.color, pixels.alpha))
     try:
         return Image.fromarray(decode(plan, MAX_PIXELS), "RGB")
     except (ItemError, OSError) as exc:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache i
     from cachebuild.consumers.dataset import LatentDataset
     from cachebuild.consumers.sampler import BucketBatchSampler
 from cachebuild.errors import CacheError, ConfigError
+from cachebuild.keys import split_clip_key
 from cachebuild.storage import UrlPath, is_url
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class CacheReader:
 
     A record (``cache[key]``) is a dict: ``key``; ``latents`` (C, H/f, W/f), raw as stored; ``original_size``
     (W, H) after EXIF rotation; ``crop`` (left, top) of the bucket in the resized image; ``bucket`` (W, H);
-    ``flip``; and ``latents_flipped`` when the cache was built with ``--flip-aug``.
+    ``flip``; ``latents_flipped`` when the cache was built with ``--flip-aug``; and ``alpha_mask`` (H, W) float32
+    in [0, 1], the image's alpha at the bucket's size (unflipped), when it was built with ``--alpha-mask``.
 
     With text outputs joined, a record also holds each stored text tensor by name (``clip_l`` (77, D),
     ``clip_g_pooled`` (D,), ...); T5 outputs, stored trimmed, come back padded with zeros to the max length
@@ -108,6 +110,7 @@ class CacheReader:
             text_rows = _text_rows(conn) if joined else []
             self._control = {k: (shard, size) for k, shard, size in _control_rows(conn)}  # flux-kontext pairs
         self._text: dict[str, tuple[str, str, str]] = {k: (shard, tid, tokens) for k, shard, tid, tokens in text_rows}
+        self._clips = "clips" in self.fingerprint  # a video cache: a clip's caption is its video's
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
         if joined:
             rows = self._join(rows)
@@ -155,13 +158,26 @@ class CacheReader:
             z = self._latents(tensors, suffix)
             if z is not None:
                 record["latents" + suffix] = z
-        if key in self._text:
+        if "alpha_mask" in tensors:  # stored 0..255; as sd-scripts hands it to its loss: alpha / 255 in float32
+            record["alpha_mask"] = tensors["alpha_mask"].float() / 255.0
+        if "frames" in info:  # a clip: its video, first frame, frame count and rate (docs/format.md)
+            record |= {"source": info["source"], "start": info["start"], "frames": info["frames"], "fps": info["fps"]}
+        if self.text_key(key) in self._text:
             record |= self.text_tensors(key, t5_max_length)
         if key in self._control:  # the condition image's raw latents, (C, h, w) at its own (W, H)
             shard, size = self._control[key]
             record |= self._read(self._control_handles, CONTROL, key, shard, key, ["control_latents"])
             record["control_size"] = tuple(int(v) for v in size.split("x"))
         return record
+
+    def text_key(self, key: str) -> str:
+        """The key an item's text outputs are stored under: its own, or for a clip its video's (a clip's caption is
+        the caption of the video it was cut from)."""
+        if self._clips:
+            parts = split_clip_key(key)
+            if parts is not None:
+                return parts[0]
+        return key
 
     def pipeline_inputs(self, key: str, family: str | None = None) -> dict[str, torch.Tensor]:
         """The item's tensors exactly as the family's diffusers pipeline hands them to its denoiser, under the
@@ -192,7 +208,7 @@ class CacheReader:
         """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""
         from cachebuild.families.text import pad_tokens, token_mask
 
-        shard, text_id, tokens = self._text[key]
+        shard, text_id, tokens = self._text[self.text_key(key)]
         encoders = self.text_fingerprint.get("encoders", [])
         names = [e["name"] for e in encoders if e.get("hidden")] + [
             f"{e['name']}_pooled" for e in encoders if e.get("pooled")
@@ -220,16 +236,16 @@ class CacheReader:
     def token_counts(self, key: str) -> dict[str, int]:
         """``{encoder name: tokens}``: how many positions of each encoder's max length the item's caption filled
         (special tokens included), as tokenized when it was encoded; empty when the item has no text outputs."""
-        if key not in self._text:
+        if self.text_key(key) not in self._text:
             return {}
-        return json.loads(self._text[key][2] or "{}")
+        return json.loads(self._text[self.text_key(key)][2] or "{}")
 
     def caption(self, key: str) -> str | None:
         """The caption text the item's text outputs were encoded from (as stored with them), or None when the
         item has no text outputs. Reads the shard's item table once per shard and keeps it."""
-        if key not in self._text:
+        if self.text_key(key) not in self._text:
             return None
-        shard, text_id, _ = self._text[key]
+        shard, text_id, _ = self._text[self.text_key(key)]
         cache = self.__dict__.setdefault("_captions", OrderedDict())
         if shard not in cache:
             items = self._text_handles.get(shard).describe()[1]
@@ -243,10 +259,10 @@ class CacheReader:
         """The item's stored metadata: ``original_size``, ``bucket``, ``resized``, ``crop``, ``flip``."""
         return json.loads(self._entry(key)[2])
 
-    def bucket(self, key: str) -> tuple[int, int]:
-        """The item's bucket (W, H), from the index alone."""
-        w, h = self._entry(key)[1].split("x")
-        return int(w), int(h)
+    def bucket(self, key: str) -> tuple[int, ...]:
+        """The item's bucket (W, H), or for a clip its shape (W, H, F): what :meth:`bucket_sampler` batches by,
+        from the index alone."""
+        return tuple(int(v) for v in self._entry(key)[1].split("x"))
 
     def source_paths(self) -> dict[str, str]:
         """``{key: source path relative to the dataset folder}`` for the done items (one manifest query)."""
@@ -258,11 +274,13 @@ class CacheReader:
         return self._entry(key)[0]
 
     def tensors(self, key: str) -> dict[str, torch.Tensor]:
-        """The item's stored tensors by name (``latents``, or ``mean``/``std`` for moments; ``*_flipped``)."""
+        """The item's stored tensors by name (``latents``, or ``mean``/``std`` for moments; ``*_flipped``;
+        ``alpha_mask`` (H, W) uint8 with ``--alpha-mask``)."""
         shard, _, info = self._entry(key)
         flip = json.loads(info).get("flip", False)
         names = ["mean", "std"] if self.latents_mode == "moments" else ["latents"]
         names += [n + "_flipped" for n in names] if flip else []
+        names += ["alpha_mask"] if self.fingerprint.get("alpha_mask") else []
         return self._read(self._handles, LATENTS, key, shard, key, names)
 
     # -- torch -----------------------------------------------------------------------------------------
@@ -307,9 +325,10 @@ class CacheReader:
     def _join(self, rows: list) -> list:
         """Keep the latents rows that have text; list the keys that have only one side."""
         latents = {r[0] for r in rows}
+        covered = {self.text_key(k) for k in latents}  # the text keys some item joins (a video's, for its clips)
         self.unmatched = {
-            "latents_only": sorted(latents - self._text.keys()),
-            "text_only": sorted(self._text.keys() - latents),
+            "latents_only": sorted(k for k in latents if self.text_key(k) not in self._text),
+            "text_only": sorted(self._text.keys() - covered),
         }
         if self.unmatched["latents_only"] or self.unmatched["text_only"]:
             log.warning(
@@ -319,7 +338,7 @@ class CacheReader:
                 len(self.unmatched["text_only"]),
                 (self.unmatched["latents_only"] + self.unmatched["text_only"])[0],
             )
-        return [r for r in rows if r[0] in self._text]
+        return [r for r in rows if self.text_key(r[0]) in self._text]
 
     def _read(self, handles, store: str, key: str, shard: str, entry: str, names: list[str]) -> dict:
         """Tensors of ``entry`` from ``shard``; a shard that is gone because the cache was rebuilt or re-encoded

@@ -3,7 +3,8 @@
 Checks, for every store in the cache (``latents``, ``textenc``, ``control``):
   * every registered shard exists, has the recorded size and SHA-256;
   * every done item names a registered shard, and that shard holds the item's tensors with the shape and
-    dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, in ``dtype_out``);
+    dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, a clip's ``(C, F', H/f, W/f)`` of its
+    bucket and frame count, in ``dtype_out``);
   * no tensor holds NaN or Inf;
   * files the manifest does not name (left by an interrupted run) are listed as leftovers, never as problems.
 
@@ -178,6 +179,8 @@ def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str,
     found = []
     stored = fingerprint.get("dtype_out")
     want_dtype = DType(stored).torch if stored in ("fp32", "fp16", "bf16") else None
+    if name.endswith("/alpha_mask"):  # --alpha-mask: the alpha channel itself, 0..255
+        want_dtype = torch.uint8
     if want_dtype is not None and t.dtype != want_dtype:
         found.append(Problem(store, f"{name} is {t.dtype}, expected {want_dtype}", key, shard))
     if shape is not None and tuple(t.shape) != tuple(shape):
@@ -194,6 +197,8 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         c, f = vae.get("latent_channels"), vae.get("downsample")
         w, h = info["bucket"]
         shape = (c, h // f, w // f) if c and f else None
+        if shape is not None and "frames" in info:  # a clip of a video VAE: (C, F', h, w), F' = 1 + (F - 1) / t
+            shape = (c, 1 + (info["frames"] - 1) // vae.get("temporal_downsample", 1), *shape[1:])
         if store == "control":
             return {"control_latents": shape}
         # raw latents as the VAE returns them, (C, H/f, W/f) for every class (a 3D VAE's one frame squeezed out;
@@ -203,7 +208,8 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         else:
             names = ["latents"]
         names += [n + "_flipped" for n in names] if info.get("flip") else []
-        return dict.fromkeys(names, shape)
+        mask = {"alpha_mask": (h, w)} if fingerprint.get("alpha_mask") else {}  # pixels, the bucket's size
+        return dict.fromkeys(names, shape) | mask
     out: dict[str, tuple | None] = {}
     for enc in fingerprint.get("encoders", []):
         if enc.get("hidden"):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from cachebuild.cache.manifest import Manifest
@@ -33,6 +34,7 @@ class DeviceEncoder(Protocol):
 
     oom_splits: int
     upcasts: int
+    # fp32_conversions: int, where the encoder has a guard that counts them (engines read it with getattr)
 
     def encode_raw(self, pixels: torch.Tensor) -> list:
         """(B, H, W, 3) uint8 pixels on the device -> per item ``{name: device tensor}`` or a failure reason."""
@@ -66,6 +68,7 @@ class Encoded:
     items: list[ItemPlan]  # items that decoded, in order
     outputs: HostOutputs  # per item of ``items``: host tensors (once ``ready()``) or a failure reason
     failures: list[tuple[ItemPlan, str]]  # items that failed to decode
+    alpha: np.ndarray | None = None  # (B, H, W) uint8 per item of ``items``: its alpha channel, with --alpha-mask
 
 
 @dataclass
@@ -96,7 +99,7 @@ class StageTimes:
     """Seconds the device loop spent in each stage, and the writer in its own thread (benchmarks)."""
 
     decode: float = 0.0  # waiting for decoded batches
-    copy_in: float = 0.0  # host side of staging (pinning, queuing the copy)
+    copy_in: float = 0.0  # waiting for the staging thread (pinning, queuing the copy) to hand the batch over
     encode: float = 0.0  # the encoder call (on a GPU: until its outputs are known to be finite)
     copy_out: float = 0.0  # queuing the device-to-host copies
     write: float = 0.0  # in the writer thread: waiting for copies, casts, checks, shards, commits
@@ -120,6 +123,7 @@ def timed(times: StageTimes | None, name: str, it: Iterator):
 
 def merge_summary(into: RunSummary, part: RunSummary) -> None:
     """Add the counts of a sink's own summary (the writer thread's, a device process's) into the run's."""
-    for name in ("encoded", "failed_now", "shards_written", "bytes_written", "oom_splits", "fp32_redos"):
+    counts = ("encoded", "failed_now", "shards_written", "bytes_written", "oom_splits", "fp32_redos")
+    for name in (*counts, "fp32_conversions", "allocator_trims"):
         setattr(into, name, getattr(into, name) + getattr(part, name))
     into.failures += part.failures

@@ -83,7 +83,7 @@ class BatchSizer:
             return self.fixed
         if self.peak is None or self.budget is None:
             return CPU_AUTO_BATCH
-        key = f"{self.label}|{bucket[0]}x{bucket[1]}"
+        key = f"{self.label}|{'x'.join(map(str, bucket))}"  # (W, H), or (W, H, F) for clips
         found = self.known.get(key)
         if found and abs(found["budget"] - self.budget) <= BUDGET_TOLERANCE * found["budget"]:
             return int(found["batch"])
@@ -100,7 +100,8 @@ class BatchSizer:
 
         self.searches += 1
         n = search_batch_size(fits)
-        log.info("batch size for %dx%d on %s: %d (budget %.1f GiB)", *bucket, self.label, n, self.budget / 2**30)
+        shape = "x".join(map(str, bucket))
+        log.info("batch size for %s on %s: %d (budget %.1f GiB)", shape, self.label, n, self.budget / 2**30)
         return n
 
 

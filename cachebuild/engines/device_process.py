@@ -23,6 +23,8 @@ from cachebuild.images.plan import ItemPlan
 from cachebuild.images.workers import die_with_parent
 
 DRAIN = "drain"  # from the parent: nothing more for now; encode what you hold and commit your open shard
+DEVICE_COUNTS = ("oom_splits", "fp32_redos", "fp32_conversions", "allocator_trims")  # RunSummary counts a device
+# process adds up and sends with ("done", stats)
 
 
 @dataclass
@@ -65,23 +67,22 @@ def device_main(conn: Connection, parent_pid: int, spec: DeviceSpec) -> None:
 def _encode_share(conn: Connection, send, spec: DeviceSpec) -> dict:
     import torch
 
-    from cachebuild.encode import free_device_memory
+    from cachebuild.encode import free_device_memory, use_device
     from cachebuild.engines.device import prefer_expandable_segments
-    from cachebuild.engines.local import drive_device, open_sizer, sized
+    from cachebuild.engines.local import add_encoder_counts, drive_device, open_sizer, sized
     from cachebuild.engines.writer import WriterThread
     from cachebuild.images.load import iter_batches
 
-    device = torch.device(spec.device)
+    prefer_expandable_segments()  # before anything starts CUDA
+    device = use_device(torch.device(spec.device))  # first: a process for cuda:1 opens no context on GPU 0
     if device.type == "cpu":
         torch.set_num_threads(spec.threads)
-    prefer_expandable_segments()
     summary = RunSummary(spec.stages.store, spec.root)
     run = Run(None, summary, spec.batch_size, spec.vram_budget)
     run.report = lambda n, memory, _: send(("encoded", n, memory))
     sizer, budget = open_sizer(device, run, spec.stages.sizing_key, spec.known, lambda k, v: send(("meta", k, v)))
     encoder = spec.stages.open_encoder(device)
-    if device.type == "cuda":
-        sizer.peak = encoder.peak
+    sizer.peak = encoder.peak  # used only where device memory is measured
 
     def handle(sink, work) -> None:
         if work is DRAIN:
@@ -100,12 +101,14 @@ def _encode_share(conn: Connection, send, spec: DeviceSpec) -> dict:
                 return
             yield msg
 
-    with WriterThread(lambda: _remote_sink(spec, summary, send), handle) as writer:
+    with WriterThread(lambda: _remote_sink(spec, summary, send), handle, device) as writer:
         while more:
             decoded = iter_batches(sized(tasks(), sizer, device), spec.workers, spec.max_pixels)
             drive_device(decoded, encoder, device, writer.put, run, budget)
             writer.put(DRAIN)  # after every batch of this stretch: the open shard is committed
-    stats = {"oom_splits": encoder.oom_splits, "upcasts": encoder.upcasts}
+    add_encoder_counts(summary, encoder)
+    stats = {name: getattr(summary, name) for name in DEVICE_COUNTS}
+    sizer.peak = None  # it holds the encoder through its bound method
     del encoder
     free_device_memory(device)
     return stats

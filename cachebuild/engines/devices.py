@@ -267,8 +267,8 @@ class _Dispatcher:
             meta_key = AUTO_BATCH_META.format(store=store)
             run.manifest.set_meta(meta_key, (run.manifest.get_meta(meta_key) or {}) | {args[0]: args[1]})
         elif kind == "done":
-            run.summary.oom_splits += args[0]["oom_splits"]
-            run.summary.fp32_redos += args[0]["upcasts"]
+            for name, count in args[0].items():  # engines.device_process.DEVICE_COUNTS
+                setattr(run.summary, name, getattr(run.summary, name) + count)
             d.finished = True
         elif kind == "error":
             raise _unpickle_error(args[0])

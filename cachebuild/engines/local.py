@@ -4,11 +4,13 @@ An engine decides *where* a job's stages run; the stages themselves are the job'
 engine decodes the batches a bounded number ahead (``images.load.iter_batches``: ``workers +
 PREFETCH_BATCHES`` in flight) and drives the device so that it never waits for the host:
 
-* the next batch is staged (pinned, copied on a side stream) while the current one encodes;
+* the next batch is staged (pinned, copied on a side stream, in a staging thread) while the current one
+  encodes; the device is read once per batch (whether each item's outputs are finite);
 * outputs leave by non-blocking copies, and everything after them (casts, checks, shards, hashing, fsync,
   the manifest commit) happens in the writer thread (``engines.writer``), behind a bounded queue;
-* no cache flush on the way: cached device blocks are given back only past the memory budget, after a
-  batch-size search and at the end of the run, so "nothing of a run stays on the device" still holds.
+* no cache flush on the way: cached device blocks are given back only past the memory budget (plus a
+  margin, counted as ``allocator_trims``), after a batch-size search and at the end of the run, when nothing
+  holds the model any more: nothing of a run stays on the device.
 
 The batches are read in this process, so a planner may use the manifest; the writer commits through its
 own connection, so the manifest keeps one writer of shards. A decode worker that dies (OOM killer, codec
@@ -59,31 +61,30 @@ class LocalEngine:
             for loaded in iter_batches(batches, self.workers, self.max_pixels):
                 stages(loaded)
             return
-        from cachebuild.encode import free_device_memory, pick_device
+        from cachebuild.encode import free_device_memory, pick_device, use_device
         from cachebuild.engines.device import prefer_expandable_segments
 
         prefer_expandable_segments()
-        device = pick_device(self.device)
+        device = use_device(pick_device(self.device))
         known = run.manifest.get_meta(AUTO_BATCH_META.format(store=stages.store))
         sizer, budget = open_sizer(device, run, stages.sizing_key, known, _meta_recorder(run.manifest, stages.store))
         encoder = stages.open_encoder(device)
         run.summary.model_loaded = True
-        if device.type == "cuda":
-            sizer.peak = encoder.peak
+        sizer.peak = encoder.peak  # used only where device memory is measured (a budget is known)
         part = type(run.summary)(run.summary.store, run.summary.out)  # the writer thread's own counts
         run.live.append(part)
         try:
-            writer = WriterThreadFor(stages, run.manifest.root, part, run.times, run.manifest.remote)
+            writer = WriterThreadFor(stages, run.manifest.root, part, run.times, run.manifest.remote, device)
             with writer:
                 decoded = iter_batches(sized(batches, sizer, device), self.workers, self.max_pixels)
                 drive_device(decoded, encoder, device, writer.put, run, budget)
         finally:
             run.live.remove(part)
             merge_summary(run.summary, part)
-            run.summary.oom_splits += encoder.oom_splits
-            run.summary.fp32_redos += encoder.upcasts
+            add_encoder_counts(run.summary, encoder)
+            sizer.peak = None  # its bound method holds the encoder, and with it the model: let go before the trim
             del encoder
-            free_device_memory(device)
+            free_device_memory(device)  # nothing of the model is left on the device when the run returns
 
 
 def planning_batch(devices: list[str | None]) -> int:
@@ -95,43 +96,52 @@ def planning_batch(devices: list[str | None]) -> int:
     return AUTO_BATCH_MAX if any(pick_device(d).type == "cuda" for d in devices) else CPU_AUTO_BATCH
 
 
+def add_encoder_counts(summary, encoder) -> None:
+    """The encoder's guard counts into ``summary``."""
+    summary.oom_splits += encoder.oom_splits
+    summary.fp32_redos += encoder.upcasts
+    summary.fp32_conversions += getattr(encoder, "fp32_conversions", 0)
+
+
 def drive_device(
     decoded: Iterator[LoadedBatch], encoder, device, put: Callable[[Encoded], None], run: Run, budget: int | None
 ) -> None:
-    """The device loop: stage batch i + 1, encode batch i, queue its outputs' way to the host, hand it on."""
+    """The device loop: stage batch i + 1 (in the staging thread), encode batch i, queue its outputs' way to
+    the host, hand it on. The device is read once per batch (the encoder's finite flags); nothing else here
+    waits for it."""
     from cachebuild.encode import device_memory_bytes
-    from cachebuild.engines.device import DeviceStreams, HostOutputs, trim_if_over
+    from cachebuild.engines.device import DeviceStreams, HostOutputs, Stager, trim_if_over
 
     streams, times = DeviceStreams(device), run.times
-    staged_next = _stage(streams, timed(times, "decode", decoded), times)
-    while staged_next is not None:
-        loaded, staged = staged_next
-        staged_next = _stage(streams, timed(times, "decode", decoded), times)  # copies while this one encodes
-        outputs = HostOutputs([], None)
-        if staged is not None:
+    with Stager(streams) as stager:
+        ahead = _submit(stager, timed(times, "decode", decoded))
+        while ahead is not None:
             start = time.perf_counter()
-            raw = encoder.encode_raw(staged.wait())
-            start = times.add("encode", start) if times else start
-            outputs = streams.to_host(raw)
+            loaded, staged = ahead.result()  # normally staged already, while the previous batch encoded
             if times:
-                times.add("copy_out", start)
-        start = time.perf_counter()
-        put(Encoded(loaded.items, outputs, loaded.failures))
-        if times:
-            times.add("write_wait", start)
-            times.images += len(loaded.items)
-        trim_if_over(device, budget)
-        run.report(len(loaded.items) + len(loaded.failures), device_memory_bytes(device), ())
+                times.add("copy_in", start)
+            ahead = _submit(stager, timed(times, "decode", decoded))  # pinned and copied while this one encodes
+            outputs = HostOutputs([], None)
+            if staged is not None:
+                start = time.perf_counter()
+                raw = encoder.encode_raw(staged.wait())
+                start = times.add("encode", start) if times else start
+                outputs = streams.to_host(raw)
+                del raw
+                if times:
+                    times.add("copy_out", start)
+            start = time.perf_counter()
+            put(Encoded(loaded.items, outputs, loaded.failures, loaded.alpha))  # alpha masks never visit the device
+            if times:
+                times.add("write_wait", start)
+                times.images += len(loaded.items)
+            if trim_if_over(device, budget):
+                run.summary.allocator_trims += 1
+            run.report(len(loaded.items) + len(loaded.failures), device_memory_bytes(device), ())
 
 
-def _stage(streams, loaded: LoadedBatch | None, times: StageTimes | None):
-    if loaded is None:
-        return None
-    start = time.perf_counter()
-    staged = streams.stage(loaded.pixels) if loaded.pixels is not None else None
-    if times:
-        times.add("copy_in", start)
-    return loaded, staged
+def _submit(stager, loaded: LoadedBatch | None):
+    return None if loaded is None else stager.submit(loaded)
 
 
 def sized(batches: Iterable[list[ItemPlan]], sizer, device) -> Iterator[list[ItemPlan]]:
@@ -175,7 +185,7 @@ def _meta_recorder(manifest, store: str) -> Callable[[str, dict], None]:
 class WriterThreadFor:
     """The writer thread of a one-device run: its own manifest connection, its own ShardSink."""
 
-    def __init__(self, stages: Stages, root, summary, times: StageTimes | None = None, remote=None):
+    def __init__(self, stages: Stages, root, summary, times: StageTimes | None = None, remote=None, device=None):
         from cachebuild.engines.writer import WriterThread
 
         def write(sink, encoded: Encoded) -> None:
@@ -184,7 +194,7 @@ class WriterThreadFor:
             if times:
                 times.add("write", start)
 
-        self._thread = WriterThread(lambda: _local_sink(stages, root, summary, remote), write)
+        self._thread = WriterThread(lambda: _local_sink(stages, root, summary, remote), write, device)
 
     def put(self, encoded: Encoded) -> None:
         self._thread.put(encoded)

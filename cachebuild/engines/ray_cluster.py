@@ -30,7 +30,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -48,7 +48,7 @@ from cachebuild.cache.store import (
 from cachebuild.engines.base import Run, Stages
 from cachebuild.engines.local import AUTO_BATCH_META
 from cachebuild.errors import CachebuildError, CacheError
-from cachebuild.images.load import LoadedBatch, load_batch
+from cachebuild.images.load import LoadedBatch, join_batches, load_batch
 from cachebuild.images.plan import ItemPlan
 
 log = logging.getLogger(__name__)
@@ -245,13 +245,11 @@ def _take(batch: list[ItemPlan], ref, max_pixels: int) -> LoadedBatch:
         log.warning("a decode task died %d times; decoding its %d item(s) one by one", DECODE_RETRIES + 1, len(batch))
         loaded = _recover(batch, max_pixels)
     pixels = None if loaded.pixels is None else loaded.pixels.copy()  # the object store's copy is read-only
-    return LoadedBatch(loaded.items, pixels, loaded.failures)
+    return replace(loaded, pixels=pixels)
 
 
 def _recover(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
-    import numpy as np
-
-    ok, arrays, failures = [], [], []
+    parts, failures = [], []
     refs = [_decode_alone.remote([item], max_pixels) for item in batch]
     for item, ref in zip(batch, refs, strict=True):
         try:
@@ -260,10 +258,8 @@ def _recover(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
             failures.append((item, f"the decoder crashed on this file ({type(exc).__name__}); check or remove it"))
             continue
         failures += one.failures
-        if one.pixels is not None:
-            ok.append(item)
-            arrays.append(one.pixels[0])
-    return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)
+        parts.append(one)
+    return join_batches(parts, failures)
 
 
 @dataclass

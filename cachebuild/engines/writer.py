@@ -33,8 +33,11 @@ class WriterThread:
         ...     writer.put(encoded)
     """
 
-    def __init__(self, open_sink: Callable[[], AbstractContextManager], handle: Callable[[Any, Any], None]):
+    def __init__(
+        self, open_sink: Callable[[], AbstractContextManager], handle: Callable[[Any, Any], None], device=None
+    ):
         self._open_sink, self._handle = open_sink, handle
+        self._device = device  # a CUDA device the thread waits on (the copies off it): its current device
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE_BATCHES)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="cachebuild-writer", daemon=True)
@@ -78,6 +81,10 @@ class WriterThread:
 
     def _main(self) -> None:
         try:
+            if self._device is not None and self._device.type == "cuda":  # else GPU 0 would get a context
+                from cachebuild.encode import use_device
+
+                use_device(self._device)
             with self._open_sink() as sink:
                 while True:
                     work = self._queue.get()

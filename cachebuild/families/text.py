@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from cachebuild import keep
 from cachebuild.cache.manifest import Manifest
 from cachebuild.config import PRESET_FAMILY, PRESETS, DType, Offload, TextencConfig, TextFamily
 from cachebuild.encode import free_device_memory, resolve_dtype
 from cachebuild.errors import ConfigError, ModelLoadError
 from cachebuild.families import MODULES, family_module, rows
 from cachebuild.hub import local_or_hub, pipeline_folder, tokenizer_files, weight_files
-from cachebuild.offload import free_bytes, needed_bytes, should_offload, stream_from_host
+from cachebuild.offload import fp32_modules, free_bytes, needed_bytes, should_offload, stream_from_host
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +399,13 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload.NEVER) -> Iterator:
     """One encoder loaded for the duration of the block, freed from host and device after it: on ``device``, or
     kept in host memory and streamed to ``device`` block by block where ``offload`` says so (cachebuild.offload;
-    ``is_streamed(model)`` tells which)."""
-    if _choose_offload(spec, device, offload):
-        model = stream_from_host(load_encoder(spec, torch.device("cpu")), device)
-    else:
-        model = load_encoder(spec, device)
+    ``is_streamed(model)`` tells which). Under a current ``keep.ModelKeeper`` the encoder is loaded once and kept
+    there between blocks instead (a process that builds again and again as files arrive)."""
+    keeper = keep.current()
+    if keeper is not None:
+        yield keeper.get(("text", spec, str(device), offload), lambda: _load(spec, device, offload), device)
+        return
+    model = _load(spec, device, offload)
     try:
         yield model
     finally:
@@ -410,11 +413,18 @@ def resident(spec: EncoderSpec, device: torch.device, offload: Offload = Offload
         free_device_memory(device)
 
 
+def _load(spec: EncoderSpec, device: torch.device, offload: Offload):
+    if _choose_offload(spec, device, offload):
+        return stream_from_host(load_encoder(spec, torch.device("cpu")), device)
+    return load_encoder(spec, device)
+
+
 def _choose_offload(spec: EncoderSpec, device: torch.device, offload: Offload) -> bool:
     """Whether ``spec`` runs streamed from host memory, logged when it does (cachebuild.offload)."""
     if offload is Offload.NEVER:
         return False
-    needed, free = needed_bytes(weight_files(spec.folder), spec.dtype.torch), free_bytes(device)
+    keep_fp32 = fp32_modules(spec.cls, spec.dtype.torch)  # T5's wo stays fp32 in an fp16 load
+    needed, free = needed_bytes(weight_files(spec.folder), spec.dtype.torch, keep_fp32), free_bytes(device)
     if not should_offload(offload, device, needed, free):
         return False
     if offload is Offload.ALWAYS:

@@ -7,6 +7,7 @@ there is work to do.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +34,16 @@ PRESET_FACTORS: dict[str, dict] = {
     "lumina2": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's VAE
     "sana": {"scaling_factor": 0.41407, "shift_factor": None, "latent_channels": 32},  # DC-AE f32c32
 }
-POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # encode -> latent_dist
+VIDEO_CLASSES = ("AutoencoderKLWan",)  # video VAEs: clips go in as (B, 3, F, H, W); an image is a 1-frame clip
+POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2", *VIDEO_CLASSES)
 FRAME_CLASSES = ("AutoencoderKLQwenImage",)  # causal 3D VAEs: an image goes in as one frame, (B, 3, 1, H, W)
 DETERMINISTIC_CLASSES = ("AutoencoderDC",)  # encode -> one `latent`, no distribution: only --latents mean
-PACKED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLFlux2")  # their pipelines take 2x2 latent patches,
-# so a bucket side must be a multiple of twice the downsampling
+PACKED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderKLWan")  # their pipelines take 2x2
+# latent patches (Wan's transformer: patch (1, 2, 2)), so a bucket side must be a multiple of twice the downsampling
+NORMALIZED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")  # (z - latents_mean) / latents_std per
+# channel, the vectors in the config (or the class's defaults)
+VIDEO_FPS = {"AutoencoderKLWan": 16.0}  # the rate each video family trains at (musubi-tuner's TARGET_FPS_WAN,
+# the rate Wan's pipelines export at): what --fps alone resamples to
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class VaeFamily:
     shift_factor: float | None
     normalization: dict | None = field(default=None, hash=False)  # per-channel statistics replacing the scalar
     # factors: Qwen-Image's `latents_mean`/`latents_std`, Flux.2's batch-norm running stats (see normalization_of)
+    temporal_downsample: int = 1  # video VAEs: F frames -> 1 + (F - 1) / t latent frames (Wan: 4)
+    frame_modulus: int = 1  # video VAEs: a clip has k * m + 1 frames (Wan: 4k+1); 1: any count
+    default_fps: float | None = None  # video VAEs: the rate the family trains at (Wan: 16), for --fps alone
 
     @property
     def has_posterior(self) -> bool:
@@ -63,6 +72,21 @@ class VaeFamily:
         return self.cls in FRAME_CLASSES
 
     @property
+    def video(self) -> bool:
+        """A video VAE: every item is a clip, (F, H, W, 3) -> (C, F', h, w); an image is a 1-frame clip."""
+        return self.cls in VIDEO_CLASSES
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a clip of ``frames`` frames (a causal VAE: the first frame alone, then t at a time)."""
+        return 1 + (frames - 1) // self.temporal_downsample
+
+    def video_fingerprint(self) -> dict:
+        """The video factors for a cache's fingerprint; empty for image VAEs, whose caches keep matching."""
+        if not self.video:
+            return {}
+        return {"temporal_downsample": self.temporal_downsample, "frame_modulus": self.frame_modulus}
+
+    @property
     def pixel_multiple(self) -> int:
         """What a bucket side must be a multiple of for this VAE's pipeline."""
         return self.downsample * (2 if self.cls in PACKED_CLASSES else 1)
@@ -72,6 +96,8 @@ def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     """Latent channels, downsampling and scaling, from the VAE's config first and the preset second."""
     cfg = vae.config
     cls = cfg.get("_class_name", "AutoencoderKL")
+    if cls in VIDEO_CLASSES:
+        return _video_family(vae, cls)
     if cls in PACKED_CLASSES:
         return _normalized_family(vae, cls)
     fallback = PRESET_FACTORS.get(preset or "", {})
@@ -108,20 +134,34 @@ def _normalized_family(vae: ResolvedVae, cls: str) -> VaeFamily:
     return VaeFamily(cls, channels, downsample, 1.0, None, normalization_of(vae, cls, channels))
 
 
+def _video_family(vae: ResolvedVae, cls: str) -> VaeFamily:
+    """Wan's VAE: ``z_dim`` channels; each ``temperal_downsample`` entry is a 2x spatial stage, and a 2x temporal one
+    where True (Wan 2.1: [False, True, True], 8x spatial, 4x temporal); a ``patch_size`` (Wan 2.2 TI2V-5B: 2)
+    folds pixels into channels first, a further factor on each side."""
+    cfg = vae.config
+    stages = [bool(t) for t in cfg.get("temperal_downsample", (False, True, True))]
+    channels = int(cfg.get("z_dim", 16))
+    downsample = 2 ** len(stages) * int(cfg.get("patch_size") or 1)
+    temporal = 2 ** sum(stages)
+    return VaeFamily(
+        cls, channels, downsample, 1.0, None, normalization_of(vae, cls, channels), temporal, temporal, VIDEO_FPS[cls]
+    )
+
+
 def normalization_of(vae: ResolvedVae, cls: str, channels: int) -> dict:
     """The per-channel statistics the pipeline normalises with, as JSON-ready lists, read without building
     the model: Qwen-Image's from its config (``latents_mean``, ``latents_std``: ``(z - mean) / std`` per
     channel); Flux.2's from the ``bn`` buffers in its weights (``bn_running_mean``, ``bn_running_var``,
     ``batch_norm_eps``, over the 4C channels of 2x2 patches: ``(p - mean) / sqrt(var + eps)``)."""
     cfg = vae.config
-    if cls == "AutoencoderKLQwenImage":
+    if cls in NORMALIZED_CLASSES:  # Qwen-Image's and Wan's: the same fields, the same arithmetic
         mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
         if mean is None or std is None:  # a hand-written config: the class's own defaults apply
             import inspect
 
             import diffusers
 
-            params = inspect.signature(diffusers.AutoencoderKLQwenImage.__init__).parameters
+            params = inspect.signature(getattr(diffusers, cls).__init__).parameters
             mean, std = mean or params["latents_mean"].default, std or params["latents_std"].default
         if len(mean) != channels or len(std) != channels:
             raise ModelLoadError(f"the VAE config from {vae.source} has latents_mean/std not of z_dim {channels}")
@@ -164,7 +204,7 @@ def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     if cls is None:
         raise ModelLoadError(
             f"unsupported VAE class {family.cls}; cachebuild reads AutoencoderKL, AutoencoderTiny, "
-            "AutoencoderKLQwenImage, AutoencoderKLFlux2 and AutoencoderDC"
+            "AutoencoderKLQwenImage, AutoencoderKLFlux2, AutoencoderDC and AutoencoderKLWan"
         )
     try:
         if vae.file is None:
@@ -233,7 +273,9 @@ class VaeEncoder:
         self.mode = mode
         self.flip = flip
         self.seed = seed
-        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(self._raw(inputs[0], dt)), "VAE")
+        this = weakref.ref(self)  # the guard's forward must not hold the encoder: that cycle kept the VAE on the
+        # device after a run until Python's garbage collector happened to run
+        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(this()._raw(inputs[0], dt)), "VAE")
 
     @property
     def oom_splits(self) -> int:
@@ -243,18 +285,23 @@ class VaeEncoder:
     def upcasts(self) -> int:
         return self.guard.upcasts
 
+    @property
+    def fp32_conversions(self) -> int:
+        return self.guard.fp32_conversions
+
     def encode(self, keys: list[str], pixels: torch.Tensor) -> list[EncodedItem]:
         """Encode a batch of (B, H, W, 3) uint8 pixels; one result per key, in order."""
         raws = [r if isinstance(r, str) else {s: t.cpu() for s, t in r.items()} for r in self.encode_raw(pixels)]
         return [self.finish(key, raw) for key, raw in zip(keys, raws, strict=True)]
 
     def encode_raw(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor] | str]:
-        """The device half of ``encode``: (B, H, W, 3) uint8 pixels (on the host or already on the device) ->
-        per image ``{"": moments, "_flipped": moments}`` (float32, (2C or C, h, w), still on the device) or a
-        failure reason. The mirrored image is made on the device, never copied over a second time."""
+        """The device half of ``encode``: (B, H, W, 3) uint8 pixels, or (B, F, H, W, 3) clips for a video VAE (on
+        the host or already on the device) -> per item ``{"": moments, "_flipped": moments}`` (float32, (2C or C,
+        h, w) or (2C, F', h, w), still on the device) or a failure reason. The mirrored image is made on the device,
+        never copied over a second time."""
         pixels = pixels.to(self.device, non_blocking=True)
         raw = self.guard((pixels,))
-        raw_flipped = self.guard((pixels.flip(2),)) if self.flip else None
+        raw_flipped = self.guard((pixels.flip(-2),)) if self.flip else None  # W: (B, H, W, 3), (B, F, H, W, 3)
         results: list[dict[str, torch.Tensor] | str] = []
         for i in range(len(raw)):
             parts = {"": raw[i]} | ({"_flipped": raw_flipped[i]} if raw_flipped is not None else {})
@@ -271,19 +318,19 @@ class VaeEncoder:
             tensors |= self._finish(key, suffix, moments)
         return EncodedItem(tensors)
 
-    def peak(self, n: int, bucket: tuple[int, int]) -> int | None:
-        """Peak device bytes of encoding ``n`` zero images of ``bucket`` (W, H), mirrored copy included; None
-        when that runs out of memory or the device's memory is not measured (only CUDA's is)."""
+    def peak(self, n: int, bucket: tuple[int, ...]) -> int | None:
+        """Peak device bytes of encoding ``n`` zero images of ``bucket`` (W, H), or clips of (W, H, F), mirrored
+        copy included; None when that runs out of memory or the device's memory is not measured (only CUDA's is)."""
         if self.device.type != "cuda":
             return None
-        w, h = bucket
+        w, h, *frames = bucket
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            pixels = torch.zeros((n, h, w, 3), dtype=torch.uint8, device=self.device)
+            pixels = torch.zeros((n, *frames, h, w, 3), dtype=torch.uint8, device=self.device)
             out = self._raw(pixels, self.dtype)
             if self.flip:
-                out = self._raw(pixels.flip(2), self.dtype)
+                out = self._raw(pixels.flip(-2), self.dtype)
             del pixels, out
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -309,10 +356,13 @@ class VaeEncoder:
 
     def _raw(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 2C, H/f, W/f) float32 on the device (moments, or latents for Tiny); the
-        caller moves it off the device (``engines.device.copy_to_host``) without waiting for the copy."""
+        caller moves it off the device (``engines.device.copy_to_host``) without waiting for the copy. A video VAE
+        takes (B, F, H, W, 3) clips -> (B, 2C, F', H/f, W/f)."""
+        if self.family.video:
+            return self._raw_clips(pixels, dtype)
         with torch.inference_mode():
             x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W)
-            x = x.to(dtype).div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
+            x = x.float().div_(127.5).sub_(1.0).to(dtype)  # [0, 255] -> [-1, 1] in fp32, then rounded once
             enc = self.vae.encode(x[:, :, None] if self.family.frames else x)  # one frame: (B, 3, 1, H, W)
             if self.family.has_posterior:
                 out = enc.latent_dist.parameters
@@ -322,3 +372,21 @@ class VaeEncoder:
             result = out.float()
             del x, enc, out
         return result
+
+    def _raw_clips(self, clips: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, F, H, W, 3) uint8 -> (B, 2C, F', h, w) float32 moments on the device. The pixels are brought to
+        [-1, 1] in float32 and then cast, as the video pipelines' processor does before ``vae.encode``."""
+        with torch.inference_mode():
+            x = clips.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
+            x = (x.float() / 127.5 - 1.0).to(dtype).contiguous()
+            result = _encode_clip(self.vae, self.family, x).float()
+            del x
+        return result
+
+
+def _encode_clip(vae, family: VaeFamily, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) pixels in [-1, 1] -> (B, 2C, F', h, w) moments (mean ++ logvar along C), the whole clip in
+    one call: Wan's encoder runs its causal chunks (the first frame, then 4 at a time) with a feature cache, so its
+    device memory does not grow with F. The one place a clip meets its VAE (the other video VAEs and spatial
+    tiling plug in here)."""
+    return vae.encode(x).latent_dist.parameters

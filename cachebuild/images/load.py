@@ -5,15 +5,16 @@ batches ahead of the encoder. Each image becomes a (H, W, 3) uint8 array exactly
 A worker that dies costs at most the batches it held (``_Prefetch``), and workers die with the run
 (``workers.py``).
 
-Colour rules, applied in this order:
+Colour rules, applied in this order (the item's ``pixels`` say which; ``images.pixels`` has the why):
   * the first frame of an animated file;
   * EXIF orientation applied (the stored original size is the upright size), unless the item's ``exif`` is
     ``ignore``: then the pixels and size are as stored in the file, as sd-scripts and musubi-tuner read them;
-  * an embedded ICC profile converted to sRGB when Pillow has LittleCMS;
+  * the alpha channel taken aside, with ``--alpha-mask`` only;
+  * an embedded ICC profile converted to sRGB when Pillow has LittleCMS, with ``--color icc`` only;
   * 16-bit and 32-bit greyscale scaled to 8 bits by value range (I;16: v / 257; I: clipped to 0..65535 first);
-  * transparency (RGBA, LA, PA, and P/L/RGB/1 with a tRNS colour key) composited over white,
-    ``ALPHA_BACKGROUND``;
-  * every other mode (CMYK, L, 1, P, YCbCr, LAB, HSV) through Pillow's convert("RGB").
+  * transparency (RGBA, LA, PA, and P/L/RGB/1 with a tRNS colour key) composited over white or black with
+    ``--alpha white|black``; by default the alpha is dropped;
+  * every mode to RGB through Pillow's convert("RGB") (CMYK, L, 1, P, YCbCr, LAB, HSV, RGBA, ...).
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from cachebuild.config import ExifMode
+from cachebuild.config import ColorMode, ExifMode
 from cachebuild.errors import ItemError, StorageError
+from cachebuild.images.pixels import BACKGROUNDS, REFERENCE, Pixels, alpha_channel, composite
 from cachebuild.images.plan import ItemPlan
 from cachebuild.images.workers import describe_exit, run_alone, start_pool
 from cachebuild.storage import input_size, open_input, read_input
 
 log = logging.getLogger(__name__)
 
-ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white, the usual dataset-viewer background
 PREFETCH_BATCHES = 2  # decoded batches waiting for the encoder, beyond one per worker: keeps the device
 # fed through slow files while host memory stays at a few batches of pixels
 DRAFT_MIN_REDUCTION = 2  # use JPEG draft decoding when the source is at least this many times the target
@@ -47,7 +48,8 @@ BATCH_RETRIES_AFTER_CRASH = 1  # a batch unfinished when a worker died is decode
 # costs one process start
 ITEM_TRIES_AFTER_CRASH = 1  # then each of its items gets one fresh process: a file that kills its decoder
 # does so every time, so a second try would only repeat the crash
-LOADER_VERSION = 1  # bump when decoding changes the pixels handed to the encoder; part of the fingerprint
+LOADER_VERSION = 2  # bump when decoding changes the pixels handed to the encoder; part of the fingerprint.
+# 2: the default reads pixels as the trainers do (images.pixels); caches recorded at 1 keep their old rules
 
 _SRGB = None
 
@@ -57,8 +59,9 @@ class LoadedBatch:
     """Pixels for the items that decoded, and reasons for those that did not."""
 
     items: list[ItemPlan]  # items whose pixels are in ``pixels``, in order
-    pixels: np.ndarray | None  # (B, H, W, 3) uint8, H x W the bucket; None when no item decoded
+    pixels: np.ndarray | None  # (B, H, W, 3) uint8, H x W the bucket ((B, F, H, W, 3) for clips); None: none decoded
     failures: list[tuple[ItemPlan, str]]  # (item, reason)
+    alpha: np.ndarray | None = None  # (B, H, W) uint8, each item's alpha channel; only with --alpha-mask
 
 
 def read_size(path: str, max_pixels: int, exif: ExifMode = ExifMode.APPLY) -> tuple[int, int]:
@@ -81,7 +84,8 @@ def read_size(path: str, max_pixels: int, exif: ExifMode = ExifMode.APPLY) -> tu
 
 
 def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
-    """The bucket-sized (H, W, 3) uint8 pixels for one planned item.
+    """The bucket-sized (H, W, 3) uint8 pixels for one planned item; (H, W, 4), the alpha channel last, when the
+    item keeps its alpha mask (``item.pixels.alpha_mask``).
 
     Raises:
         ItemError: with a reason a person can act on.
@@ -94,8 +98,10 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
             _refuse_early_end(img, item.path)
             if item.exif is ExifMode.APPLY:
                 img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
-            img = _resize(img, item.resized)
+            alpha = alpha_channel(img) if item.pixels.alpha_mask else None
+            img = _resize(to_rgb(img, item.pixels), item.resized)
+            if alpha is not None:  # resized and cropped with the colours, as sd-scripts does its RGBA image
+                img = Image.merge("RGBA", (*img.split(), _resize(alpha, item.resized)))
         except ItemError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -103,25 +109,25 @@ def decode(item: ItemPlan, max_pixels: int) -> np.ndarray:
     left, top = item.crop
     bw, bh = item.bucket
     pixels = np.asarray(img, dtype=np.uint8)[top : top + bh, left : left + bw]
-    if pixels.shape != (bh, bw, 3):  # geometry bug guard: never hand the encoder a wrong-sized image
-        raise ItemError(f"internal: cropped to {pixels.shape}, expected {(bh, bw, 3)}")
+    want = (bh, bw, 4 if item.pixels.alpha_mask else 3)
+    if pixels.shape != want:  # geometry bug guard: never hand the encoder a wrong-sized image
+        raise ItemError(f"internal: cropped to {pixels.shape}, expected {want}")
     return pixels
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit sRGB-ish RGB, by the rules in this module's docstring."""
-    img = _apply_icc(img)
+def to_rgb(img: Image.Image, pixels: Pixels = REFERENCE) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, by the rules in this module's docstring and ``pixels``' modes."""
+    if pixels.color is ColorMode.ICC:
+        img = _apply_icc(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         scale = 257.0 if img.mode.startswith("I") else 1.0
         img = Image.fromarray(np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8), "L")
-    if "transparency" in img.info and img.mode in ("P", "L", "RGB", "1"):  # palette or colour-key (tRNS)
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if pixels.alpha in BACKGROUNDS:  # --alpha white|black; by default convert("RGB") drops the alpha
+        img = composite(img, pixels.alpha)
+    with warnings.catch_warnings():  # Pillow advises RGBA for a palette's transparency: dropping it is the point
+        warnings.simplefilter("ignore", UserWarning)
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def iter_batches(batches: Iterable[list[ItemPlan]], workers: int, max_pixels: int) -> Iterator[LoadedBatch]:
@@ -152,8 +158,8 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
     """Decode one bucket-homogeneous batch; a bad file fails alone."""
     ok, arrays, failures = [], [], []
     for item in batch:
-        try:
-            arrays.append(decode(item, max_pixels))
+        try:  # a plan may decode itself (video.plan.ClipPlan: a clip's frames); images.plan's are decoded here
+            arrays.append(item.decode(max_pixels) if hasattr(item, "decode") else decode(item, max_pixels))
             ok.append(item)
         except ItemError as exc:
             failures.append((item, str(exc)))
@@ -161,7 +167,22 @@ def load_batch(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
             raise
         except Exception as exc:  # per-item boundary: any decoder surprise fails this item only
             failures.append((item, f"could not decode: {type(exc).__name__}: {exc}"))
-    return LoadedBatch(ok, np.stack(arrays) if arrays else None, failures)
+    if not arrays:
+        return LoadedBatch(ok, None, failures)
+    stack = np.stack(arrays)  # (B, H, W, 3), or (B, H, W, 4) with the alpha channel kept
+    if stack.shape[-1] == 3:
+        return LoadedBatch(ok, stack, failures)
+    return LoadedBatch(ok, np.ascontiguousarray(stack[..., :3]), failures, np.ascontiguousarray(stack[..., 3]))
+
+
+def join_batches(parts: list[LoadedBatch], failures: list[tuple[ItemPlan, str]]) -> LoadedBatch:
+    """Decoded batches (a crashed batch's items, decoded one by one) as one, with ``failures`` for the items
+    that are in none of them."""
+    done = [p for p in parts if p.pixels is not None]
+    if not done:
+        return LoadedBatch([], None, failures)
+    alpha = np.concatenate([p.alpha for p in done]) if done[0].alpha is not None else None
+    return LoadedBatch([i for p in done for i in p.items], np.concatenate([p.pixels for p in done]), failures, alpha)
 
 
 class _Prefetch:
@@ -216,17 +237,15 @@ def _recover(batch: list[ItemPlan], max_pixels: int) -> LoadedBatch:
         if loaded is not None:
             return loaded
         log.warning("decoding a batch of %d killed its process again (%s)", len(batch), describe_exit(exitcode))
-    ok, arrays, failures = [], [], []
+    parts, failures = [], []
     for item in batch:
         loaded, exitcode = _load_item_alone(item, max_pixels)
         if loaded is None:
             failures.append((item, _crash_reason(exitcode)))
             continue
         failures.extend(loaded.failures)
-        if loaded.pixels is not None:
-            ok.extend(loaded.items)
-            arrays.append(loaded.pixels)
-    return LoadedBatch(ok, np.concatenate(arrays) if arrays else None, failures)
+        parts.append(loaded)
+    return join_batches(parts, failures)
 
 
 def _load_item_alone(item: ItemPlan, max_pixels: int) -> tuple[LoadedBatch | None, int | None]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cachebuild.config import BucketConfig, BucketRule, CropMode, ExifMode
 from cachebuild.errors import ItemError
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS, musubi_bucket, musubi_buckets
+from cachebuild.images.pixels import REFERENCE, Pixels
 from cachebuild.keys import item_seed
 
 
@@ -29,6 +30,7 @@ class ItemPlan:
     resized: tuple[int, int]  # size the whole image is resized to before the crop
     crop: tuple[int, int]  # (left, top) of the bucket inside the resized image
     exif: ExifMode = ExifMode.APPLY  # carried with the item so every decode process reads the file the same way
+    pixels: Pixels = REFERENCE  # likewise: colour, transparency and whether the alpha channel is kept
 
 
 class BucketPlan:
@@ -122,10 +124,11 @@ def plan_item(
     crop: CropMode,
     seed: int,
     exif: ExifMode = ExifMode.APPLY,
+    pixels: Pixels = REFERENCE,
 ) -> ItemPlan:
     bucket = plan.select(original)
     resized, cut = plan.resize_and_crop(original, bucket, crop, seed, key)
-    return ItemPlan(key, path, original, bucket, resized, cut, exif)
+    return ItemPlan(key, path, original, bucket, resized, cut, exif, pixels)
 
 
 def batch_by_bucket(items: Iterable[ItemPlan], batch_size: int) -> Iterator[list[ItemPlan]]:

@@ -39,7 +39,9 @@ from cachebuild.families.vae import DETERMINISTIC_CLASSES, VaeEncoder, VaeFamily
 from cachebuild.hub import ResolvedVae, resolve_vae
 from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
+from cachebuild.images.pixels import Pixels, run_pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
+from cachebuild.jobs import latents_clips as clips
 from cachebuild.jobs.control import check_control, encode_controls, paired_scan
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
@@ -54,13 +56,14 @@ PLAN_CHUNK_ITEMS = 8192  # pending items planned at a time (rows, header reads, 
 
 
 def build_latents(
-    cfg: LatentsConfig, progress: ProgressFn | None = None, times: StageTimes | None = None
+    cfg: LatentsConfig, progress: ProgressFn | None = None, times: StageTimes | None = None, engine=None
 ) -> RunSummary:
     """Build or finish the latent cache that ``cfg`` describes.
 
     Re-running with the same config after an interruption finishes the job; re-running a finished job
     loads no model and writes nothing. ``times``, when given, receives the seconds spent per stage (one
-    device only; the benchmarks print them).
+    device only; the benchmarks print them). ``engine``, when given, runs the stages in place of the engine
+    ``--devices`` and ``--engine`` ask for (a caller that drives several caches' encoders itself).
 
     Raises:
         ConfigError, ModelLoadError, FingerprintMismatch, CacheError: before any work is done.
@@ -84,8 +87,16 @@ def build_latents(
     summary = RunSummary(LATENTS, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
-        fingerprint = latents_fingerprint(cfg, family, dtype.value, manifest.files_sha256(vae.weight_files))
-        scan = scan_files(cfg.dataset, content_hash=cfg.hash_files, exclude=cfg.out)
+        # unset pixel options continue a cache from before them the old way (images.pixels); --rebuild starts anew
+        pixels, pixel_fields = run_pixels(
+            cfg.color, cfg.alpha, cfg.alpha_mask, None if cfg.rebuild else manifest.fingerprint(LATENTS)
+        )
+        weights = manifest.files_sha256(vae.weight_files)
+        fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields)
+        scan = scan_files(cfg.dataset, clips.media_extensions(family), content_hash=cfg.hash_files, exclude=cfg.out)
+        if family.video:  # each video becomes its clips (headers read once per new or changed file)
+            clips.check_fingerprint_first(manifest, fingerprint, cfg.rebuild)
+            scan = clips.expand_clips(manifest, scan, cfg, family)
         if cfg.control is not None:  # items are (image, condition image) pairs: jobs.control
             scan, controls = paired_scan(scan, cfg.control, cfg.hash_files)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
@@ -98,8 +109,9 @@ def build_latents(
             manifest.set_meta(f"source:{LATENTS}", source)
         tally = _Tally(total=manifest.counts(LATENTS)[PENDING])
         if tally.total:
-            engine = make_engine(cfg)
-            batches = _plan_batches(manifest, cfg, summary, tally, engine.plan_batch_size(cfg.batch_size))
+            engine = engine or make_engine(cfg)
+            batch = engine.plan_batch_size(cfg.batch_size)
+            batches = _plan_batches(manifest, cfg, family, summary, tally, batch, pixels)
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
             if first is not None:
                 stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family))
@@ -157,7 +169,7 @@ class LatentsStages:
         cfg, out_dtype = self.cfg, self.cfg.dtype_out.torch
         finisher = VaeEncoder(None, self.family, torch.device("cpu"), self.dtype, cfg.latents, cfg.flip, cfg.seed)
         failures = [(item.key, reason) for item, reason in encoded.failures]
-        for item, raw in zip(encoded.items, encoded.outputs.ready(), strict=True):
+        for i, (item, raw) in enumerate(zip(encoded.items, encoded.outputs.ready(), strict=True)):
             res = finisher.finish(item.key, raw)
             if res.tensors is None:
                 failures.append((item.key, res.reason))
@@ -166,8 +178,13 @@ class LatentsStages:
             if not all(torch.isfinite(t).all() for t in tensors.values()):
                 failures.append((item.key, f"latents overflow --dtype-out {cfg.dtype_out.value}; use fp32"))
                 continue
-            meta = _item_meta(item, cfg)
-            sink.add(item.key, tensors, meta, [(item.key, f"{item.bucket[0]}x{item.bucket[1]}", meta)])
+            if encoded.alpha is not None:  # (H, W) uint8 at the bucket's size, copied out of the batch's array
+                tensors["alpha_mask"] = torch.from_numpy(encoded.alpha[i].copy())
+            if self.family.video:
+                meta, bucket = clips.clip_meta(item, cfg.flip), clips.clip_bucket(item)
+            else:
+                meta, bucket = _item_meta(item, cfg), f"{item.bucket[0]}x{item.bucket[1]}"
+            sink.add(item.key, tensors, meta, [(item.key, bucket, meta)])
         sink.fail(failures)
 
 
@@ -180,8 +197,11 @@ def _reporter(run: Run, tally: _Tally, progress: ProgressFn | None):
     return report
 
 
-def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str) -> dict:
-    """Every setting that changes the bytes of a latent cache, and nothing else."""
+def latents_fingerprint(
+    cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str, pixel_fields: dict | None = None
+) -> dict:
+    """Every setting that changes the bytes of a latent cache, and nothing else. ``pixel_fields``: what
+    ``images.pixels.run_pixels`` gave for the cache (None: those of a new cache with ``cfg``'s options)."""
     b = cfg.buckets
     fp = {
         "vae": {
@@ -192,7 +212,8 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
             "scaling_factor": family.scaling_factor,
             "shift_factor": family.shift_factor,
         }
-        | (family.normalization or {}),  # only Qwen-Image's and Flux.2's VAEs add keys: older caches still match
+        | (family.normalization or {})  # only Qwen-Image's, Flux.2's and Wan's VAEs add keys: older caches still match
+        | family.video_fingerprint(),
         "buckets": _buckets_fingerprint(b),
         "crop": cfg.crop.value,
         "flip": cfg.flip,
@@ -208,7 +229,11 @@ def latents_fingerprint(cfg: LatentsConfig, family: VaeFamily, dtype: str, weigh
         fp["exif"] = cfg.exif.value  # only when ignored: caches built before the option (applied) still match
     if cfg.control is not None:
         fp["control"] = True  # items are pairs with their condition images (jobs.control)
-    return fp
+    if family.video:
+        fp["clips"] = clips.clips_fingerprint(cfg, family)  # video families only: image caches keep matching
+    if pixel_fields is None:
+        pixel_fields = run_pixels(cfg.color, cfg.alpha, cfg.alpha_mask, None)[1]
+    return fp | pixel_fields  # each only where set; a cache from before the modes keeps its loader_version
 
 
 @dataclass
@@ -220,7 +245,13 @@ class _Tally:
 
 
 def _plan_batches(
-    manifest: Manifest, cfg: LatentsConfig, summary: RunSummary, tally: _Tally, batch_size: int
+    manifest: Manifest,
+    cfg: LatentsConfig,
+    family: VaeFamily,
+    summary: RunSummary,
+    tally: _Tally,
+    batch_size: int,
+    pixels: Pixels,
 ) -> Iterator[list[ItemPlan]]:
     """Bucket batches of the pending items, planned one chunk of ``PLAN_CHUNK_ITEMS`` at a time, lazily.
 
@@ -231,13 +262,22 @@ def _plan_batches(
     bucket_plan = BucketPlan(cfg.buckets)
     with ThreadPoolExecutor(HEADER_THREADS) as pool:  # one pool for the run: no thread churn per chunk
         for page in manifest.item_pages(LATENTS, PENDING, PLAN_CHUNK_ITEMS):
-            plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary)
+            if family.video:  # clips and one-frame images, batched by (W, H, F)
+                plans = clips.plan_clip_chunk(manifest, cfg, family, page, pool, summary)
+            else:
+                plans = _plan_chunk(manifest, cfg, bucket_plan, pool, page, summary, pixels)
             tally.processed += len(page) - len(plans)  # unreadable headers are finished: failed
             yield from batch_by_bucket(plans, batch_size)
 
 
 def _plan_chunk(
-    manifest: Manifest, cfg: LatentsConfig, bucket_plan: BucketPlan, pool: ThreadPoolExecutor, pending, summary
+    manifest: Manifest,
+    cfg: LatentsConfig,
+    bucket_plan: BucketPlan,
+    pool: ThreadPoolExecutor,
+    pending,
+    summary,
+    pixels: Pixels,
 ) -> list[ItemPlan]:
     """Header reads (threaded) and geometry for one chunk of pending items; unreadable ones fail here."""
     root = cfg.dataset.resolve()
@@ -246,7 +286,7 @@ def _plan_chunk(
         path = str(root / fs_path(row.path))  # the stored text names the file's real bytes (keys.fs_path)
         try:
             size = read_size(path, cfg.max_pixels, cfg.exif)
-            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif), None
+            return plan_item(bucket_plan, row.key, path, size, cfg.crop, cfg.seed, cfg.exif, pixels), None
         except ItemError as exc:
             if isinstance(exc.__cause__, PermissionError):
                 return None, (row.key, f"permission denied reading {row.path}; fix its permissions")
@@ -273,6 +313,7 @@ def _item_meta(item: ItemPlan, cfg: LatentsConfig) -> dict:
 
 def _shard_header(cfg: LatentsConfig, family: VaeFamily) -> dict:
     extra = {"normalization": json.dumps(family.normalization)} if family.normalization else {}
+    extra |= family.video_fingerprint()
     return extra | {
         "store": LATENTS,
         "vae_class": family.cls,
@@ -313,6 +354,12 @@ def _check_against_family(cfg: LatentsConfig, family: VaeFamily) -> None:
         raise ConfigError(
             f"--latents sample draws from the VAE's posterior; {family.cls} has none (it encodes each image to one "
             "latent), so pass --latents mean"
+        )
+    clips.check_clip_options(cfg, family)
+    if family.video and (cfg.color or cfg.alpha or cfg.alpha_mask):  # clips: FFmpeg's RGB; images: convert("RGB")
+        raise ConfigError(
+            "--color, --alpha and --alpha-mask are for image families; a video family reads frames as FFmpeg "
+            "converts them to RGB and images as convert('RGB') does: drop them"
         )
     if cfg.latents is LatentsMode.MOMENTS and not family.has_posterior:
         raise ConfigError(f"--latents moments needs a VAE with a posterior; {family.cls} has none; use mean")

@@ -28,7 +28,7 @@ from cachebuild.cache.manifest import PENDING, TEXTENC, Manifest
 from cachebuild.cache.remote import open_output
 from cachebuild.cache.store import Progress, ProgressFn, RunSummary, ShardSink, finish_run, open_store
 from cachebuild.config import TextencConfig
-from cachebuild.encode import GuardedForward, pick_device
+from cachebuild.encode import GuardedForward, pick_device, use_device
 from cachebuild.errors import ConfigError
 from cachebuild.families import MODULES, family_module
 from cachebuild.families.text import (
@@ -65,7 +65,7 @@ def build_textenc(cfg: TextencConfig, progress: ProgressFn | None = None) -> Run
         20000
     """
     start = time.monotonic()
-    device = pick_device(cfg.device)
+    device = use_device(pick_device(cfg.device))  # cuda:k: no context on GPU 0
     family, specs = resolve_encoders(cfg, device)
     if cfg.dtype_out is None:  # the family's stored dtype, resolved before it enters the fingerprint
         cfg = dataclasses.replace(cfg, dtype_out=stored_dtype(family))

@@ -20,6 +20,8 @@ from cachebuild.storage import is_url
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".pgm", ".ppm"}
 )
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})  # read by FFmpeg where the family is video
+ANIMATION_EXTENSIONS = frozenset({".gif", ".webp"})  # clips where the family is video, when they hold several frames
 _KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"))
 
 

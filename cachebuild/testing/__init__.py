@@ -54,6 +54,7 @@ from cachebuild.testing.vaes import (
     make_tiny_qwen_vae,
     make_tiny_taesd,
     make_tiny_vae,
+    make_tiny_wan_vae,
 )
 
 __all__ = [
@@ -95,4 +96,5 @@ __all__ = [
     "make_tiny_tokenizer",
     "make_tiny_umt5",
     "make_tiny_vae",
+    "make_tiny_wan_vae",
 ]

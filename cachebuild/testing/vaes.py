@@ -142,3 +142,26 @@ def make_tiny_dc_vae(path: Path, latent_channels: int = 4, scaling_factor: float
     )
     vae.save_pretrained(path)
     return path
+
+
+def make_tiny_wan_vae(path: Path, z_dim: int = 4, seed: int = 0) -> Path:
+    """Save a tiny AutoencoderKLWan to ``path``: two spatial stages, both also temporal, so it keeps Wan's 4x
+    temporal compression and 4k+1 frame rule at 4x spatial; per-channel ``latents_mean``/``latents_std`` far from
+    0 and 1 so that normalisation shows."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=torch.linspace(-1.0, 1.0, z_dim).tolist(),
+        latents_std=torch.linspace(0.5, 3.0, z_dim).tolist(),
+        scale_factor_temporal=4,
+        scale_factor_spatial=4,
+    )
+    vae.save_pretrained(path)
+    return path

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cachebuild.config import ExifMode
+from cachebuild.config import AlphaMode, ColorMode, ExifMode
+from cachebuild.images.pixels import ALPHA_MODES, BEFORE_MODES, KEYED_MODES, recorded_pixels
 from cachebuild.keys import path_text
 
 Progress = Callable[[int, int], None]  # (items done, items in all), called once per item
@@ -76,3 +77,47 @@ def stored_image_problem(image: Path, original: tuple[int, int], exif: ExifMode,
     if size != original:
         return f"image is {size[0]}x{size[1]} now, {original[0]}x{original[1]} when cached; rebuild the cache"
     return None
+
+
+class PixelCheck:
+    """Exported items whose files this cache read otherwise than a trainer does (it reads ``convert("RGB")``):
+    an ICC profile converted (``--color icc``) or transparency composited (``--alpha white|black``), as every
+    cache built before those options did. Their latents are not the trainer's own; one warning names them."""
+
+    def __init__(self, fingerprint: dict):
+        self.pixels = recorded_pixels(fingerprint)
+        self.keys: list[str] = []
+        self.what: set[str] = set()
+
+    def check(self, key: str, image: Path) -> None:
+        """Look at ``image``'s header (only where the cache's rules differ from the trainer's)."""
+        icc, alpha = self.pixels.color is ColorMode.ICC, self.pixels.alpha is not AlphaMode.DROP
+        if not (icc or alpha):
+            return
+        from PIL import Image
+
+        try:
+            with Image.open(image) as img:
+                has_icc = bool(img.info.get("icc_profile")) and img.mode in ("RGB", "RGBA", "CMYK")
+                clear = img.mode in ALPHA_MODES or ("transparency" in img.info and img.mode in KEYED_MODES)
+        except Exception:  # an unreadable header is refused by the size check, with its reason
+            return
+        found = [w for w, hit in (("an ICC profile", icc and has_icc), ("transparency", alpha and clear)) if hit]
+        if found:
+            self.keys.append(key)
+            self.what.update(found)
+
+    def warning(self, trainer: str) -> str | None:
+        if not self.keys:
+            return None
+        p = self.pixels
+        flags = ["--color icc"] if p.color is ColorMode.ICC else []
+        flags += [f"--alpha {p.alpha.value}"] if p.alpha is not AlphaMode.DROP else []
+        rules = " ".join(flags)
+        if p == BEFORE_MODES:
+            rules = f"{rules} (the rules of caches built before those options)"
+        return (
+            f"{len(self.keys)} exported item(s) have {' or '.join(sorted(self.what))} that this cache read with "
+            f'{rules}, where {trainer} reads convert("RGB"), e.g. {self.keys[0]}: their latents differ from what '
+            f"{trainer} would cache; rebuild the latents with --rebuild and without --color/--alpha to match it"
+        )

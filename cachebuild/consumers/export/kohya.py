@@ -5,7 +5,8 @@ filled the way sd-scripts' caching strategies name and fill them (docs/export.md
 rule comes from):
 
   sd / sdxl: ``<stem>_<W:04d>x<H:04d>_<sd|sdxl>.npz`` with ``latents`` (C, H/8, W/8) float32, raw;
-             ``original_size`` [W, H]; ``crop_ltrb``; ``latents_flipped`` with --flip-aug caches.
+             ``original_size`` [W, H]; ``crop_ltrb``; ``latents_flipped`` with --flip-aug caches; ``alpha_mask``
+             (H, W) float32 alpha / 255 with --alpha-mask caches.
   flux:      ``<stem>_<W:04d>x<H:04d>_flux.npz`` with the same fields suffixed ``_<h>x<w>`` (latent height x
              width), latents scaled as sd-scripts' Flux autoencoder returns them: (z - shift) * scale.
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from cachebuild.config import ExifMode
-from cachebuild.consumers.export.files import stored_image_problem
+from cachebuild.consumers.export.files import PixelCheck, stored_image_problem
 from cachebuild.consumers.export.kohya_lumina import (
     ItemRefused,
     LuminaTokens,
@@ -165,10 +166,12 @@ def export_kohya(
     tokens = _lumina_tokens(reader.text_fingerprint, family, model, summary)  # before any file is written
     # stored paths are text; the files beside the images are named after the images' real bytes
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
+    pixels = PixelCheck(reader.fingerprint)
     for done, key in enumerate(reader, 1):
-        _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary)
+        _export_one(reader, key, paths.get(key), root, family, overwrite, seed, summary, pixels)
         if progress:
             progress(done, len(reader))
+    summary.warnings += [w for w in [pixels.warning("sd-scripts")] if w]
     if reader.text_fingerprint is not None:
         _export_text(open_cache(cache, text=True), paths, root, family, overwrite, summary, tokens)
     if summary.shadowed:
@@ -181,7 +184,7 @@ def export_kohya(
 
 
 def _export_one(
-    reader: CacheReader, key: str, rel: str | None, root: Path, family: str, overwrite: bool, seed: int, s
+    reader: CacheReader, key: str, rel: str | None, root: Path, family: str, overwrite: bool, seed: int, s, pixels
 ) -> None:
     info = reader.info(key)
     original = tuple(info["original_size"])
@@ -190,6 +193,7 @@ def _export_one(
     if reason:
         _skip(s, key, reason)
         return
+    pixels.check(key, image)
     target = image.with_name(os.path.basename(kohya_npz_name(rel, original, family)))
     written = _write_npz(target, kohya_arrays(reader, key, info, family, seed), root, overwrite, s)
     if written and family not in MULTI_RESOLUTION and image.with_suffix(".npz").exists():
@@ -323,6 +327,8 @@ def kohya_arrays(reader: CacheReader, key: str, info: dict, family: str, seed: i
         if family in SCALED:  # sd-scripts' Flux autoencoder returns scaled latents, and caches them so
             z = (z - reader.shift_factor) * reader.scaling_factor
         out["latents" + suffix] = z.numpy()  # (C, H/8, W/8) float32
+    if "alpha_mask" in tensors:  # sd-scripts' --alpha_mask: (H, W) float32 in [0, 1], unflipped (it flips it itself)
+        out["alpha_mask"] = tensors["alpha_mask"].numpy().astype(np.float32) / 255.0
     res = f"_{out['latents'].shape[1]}x{out['latents'].shape[2]}" if family in MULTI_RESOLUTION else ""  # h x w
     result = {name + res: a for name, a in out.items()}
     result["original_size" + res] = np.array(original)  # [W, H]

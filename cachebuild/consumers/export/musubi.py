@@ -34,6 +34,7 @@ import torch
 
 from cachebuild.config import ExifMode
 from cachebuild.consumers.export.files import (
+    PixelCheck,
     Progress,
     safetensors_bytes,
     same_safetensors,
@@ -192,14 +193,17 @@ def export_musubi(
     bucket_rule = _bucket_rule(reader.fingerprint)
     stems: dict[str, str] = {}
     keys = reader.keys()
+    pixels = PixelCheck(reader.fingerprint)
     for done, key in enumerate(keys, 1):
         reason = _refusal(reader, key, paths.get(key), image_root, bucket_rule, stems)
         if reason:
             summary.skipped.append({"key": key, "reason": reason})
         else:
+            pixels.check(key, image_root / paths[key])
             _export_item(reader, text, key, paths[key], arch_, root, overwrite, summary)
         if progress:
             progress(done, len(keys))
+    summary.warnings += [w for w in [pixels.warning("musubi-tuner")] if w]
     summary.seconds = time.monotonic() - start
     return summary
 
@@ -403,6 +407,8 @@ def _warn_settings(fingerprint: dict, s: ExportSummary, arch: MusubiArch) -> Non
         )
     if fingerprint.get("flip"):
         s.warnings.append("flipped latents are not exported: musubi has no flip augmentation in its cache")
+    if fingerprint.get("alpha_mask"):  # its image caching drops the alpha channel (encode_datasets, supports_alpha)
+        s.warnings.append("alpha masks are not exported: musubi-tuner keeps no loss mask for these architectures")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,0 +1,1 @@
+"""Video: clips (extraction, frame rules, fps), their headers, and decoding them in the decode workers."""
