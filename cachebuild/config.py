@@ -171,11 +171,21 @@ PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's d
 PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
 PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
 PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
-PRESETS |= {  # video: Wan's VAE (AutoencoderKLWan), clips through --frames
+PRESETS |= {  # the video families' diffusers repositories, as their pipelines' docstrings and docs name them
+    "wan2.1-t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "wan2.1-t2v-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "wan2.2-t2v-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "wan2.1-i2v-14b-480p": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    "wan2.1-i2v-14b-720p": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+    "wan2.2-i2v-a14b": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+    "wan2.2-ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "hunyuanvideo-1.5": "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
+    "hunyuanvideo-1.5-i2v": "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",
+    "ltx-2": "Lightricks/LTX-2",  # LTX2Pipeline's and LTX2ImageToVideoPipeline's docstrings: one repository
+    "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",  # FluxKontextPipeline's docstring
 }
-PRESET_FAMILY |= {"wan2.1-t2v-14b": "wan", "wan2.2-t2v-a14b": "wan"}
+PRESET_FAMILY |= {name: "wan" for name in PRESETS if name.startswith("wan2.")}
+PRESET_FAMILY["hunyuanvideo-1.5-i2v"] = "hunyuanvideo-1.5"
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:
@@ -303,10 +313,15 @@ class LatentsConfig:
     alpha_mask: bool = False  # also store each image's alpha channel at bucket size (sd-scripts' --alpha_mask)
     clips: ClipConfig = field(default_factory=ClipConfig)  # how videos become clips (video families only)
     read_timeout: float = READ_TIMEOUT_SECONDS  # one file's read (header or bytes) may take this long, then fails
+    control: Path | None = None  # flux-kontext: the folder of condition images, one per image key (jobs.control)
 
     def __post_init__(self) -> None:
         if self.read_timeout <= 0:
             raise ConfigError(f"--read-timeout must be positive (seconds), got {self.read_timeout}")
+        if self.control is not None and not self.control.is_dir():
+            raise ConfigError(f"--control {self.control} is not a folder; pass the folder of condition images")
+        if self.control is not None and self.engine is EngineKind.RAY:
+            raise ConfigError("--control encodes the condition images on this machine; drop --engine ray")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be auto or at least 1, got {self.batch_size}")
         if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
@@ -349,6 +364,10 @@ class TextFamily(str, Enum):
     SANA = "sana"  # Gemma2's last hidden state over instruction + caption, masked: row 0 and the caption's rows
     QWENIMAGE_EDIT = "qwen-image-edit"  # Qwen2.5-VL over the edit template with the item's --control image
     QWENIMAGE_EDIT_PLUS = "qwen-image-edit-plus"  # as qwen-image-edit; the image sized 384^2 for Qwen2.5-VL
+    WAN = "wan"  # UMT5 over the cleaned caption, masked: the real tokens (zeros past them at 512)
+    HUNYUANVIDEO15 = "hunyuanvideo-1.5"  # Qwen2.5-VL hidden_states[-3] over a system template; ByT5 over quotes
+    LTX2 = "ltx-2"  # Gemma 3, left-padded: every hidden state per channel, the real tokens
+    FLUX_KONTEXT = "flux-kontext"  # as flux: CLIP-L pooled and T5-XXL
     GENERIC = "generic"  # --text-encoder/--tokenizer/--layer/--max-length
 
 

@@ -39,6 +39,15 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kontext_cache(tmp_path_factory):
+    """A FLUX.1 Kontext cache with condition latents and text (tests.test_parity_flux_kontext.build_kontext_cache),
+    built once for the parity and the musubi export tests."""
+    from tests.test_parity_flux_kontext import build_kontext_cache
+
+    return build_kontext_cache(tmp_path_factory.mktemp("kontext"))
+
+
+@pytest.fixture(scope="session")
 def pixel_caches(tmp_path_factory, tiny_vae) -> dict[str, Path]:
     """Files whose pixels depend on how they are read, and caches of them by both rules (tests/test_pixels.py);
     shared by the pixel and the pixel export tests."""

@@ -63,7 +63,8 @@ def zimage(tmp_path_factory) -> Path:
 
 def musubi_load(folder: Path, arch: str, resolution=(64, 64), no_upscale=False) -> dict[tuple, list[dict]]:
     """musubi-tuner's ImageDataset.prepare_for_training and BucketBatchManager.__getitem__, restated: glob the
-    latent files, parse the size from the name, pair the _te file, recompute the bucket, collate by role."""
+    latent files, parse the size from the name, pair the _te file, recompute the bucket (split by the control
+    latents' keys without their dtype, where there are some), collate by role."""
     buckets: dict[tuple, list[dict]] = {}
     for path in sorted(folder.glob(f"*_{arch}.safetensors")):
         tokens = path.name.split("_")
@@ -84,9 +85,11 @@ def musubi_load(folder: Path, arch: str, resolution=(64, 64), no_upscale=False) 
                             content = content.rsplit("_", 1)[0]
                     batch[content] = f.get_tensor(key)
                     batch[content + ":key"] = key
-        buckets.setdefault(bucket, []).append(batch)
-    for items in buckets.values():  # musubi stacks a bucket's latents: their shapes must agree
-        torch.stack([it["latents"] for it in items])
+        controls = sorted(batch[k].rsplit("_", 1)[0] for k in batch if k.endswith(":key") and "_control" in k)
+        buckets.setdefault((*bucket, *controls), []).append(batch)
+    for items in buckets.values():  # musubi stacks a bucket's latents (and controls): their shapes must agree
+        for role in [r for r in items[0] if r.startswith("latents") and ":" not in r]:
+            torch.stack([it[role] for it in items])
     return buckets
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cachebuild.cache.manifest import Manifest
 from cachebuild.cli import cli
 from cachebuild.config import CAPTION_FILE_LIMIT_BYTES, CAPTION_MAX_BYTES
-from cachebuild.jobs import textenc
+from cachebuild.jobs import textenc_plan
 from cachebuild.sources import captions
 from cachebuild.testing import make_tiny_text_pipeline
 
@@ -26,7 +26,7 @@ def counted(monkeypatch) -> dict:
     """Bytes read per caption file, and the longest text handed to a tokenizer; a longer one than a caption may
     be fails at once (a run without the bound would take minutes and gigabytes in the tokenizer)."""
     seen = {"read": {}, "longest": 0}
-    real_open, real_tokenize = open, textenc.tokenize
+    real_open, real_tokenize = open, textenc_plan.tokenize
 
     def counting_open(path, mode="r", *args, **kwargs):
         fh = real_open(path, mode, *args, **kwargs)
@@ -48,7 +48,7 @@ def counted(monkeypatch) -> dict:
         return real_tokenize(tokenizer, spec, texts)
 
     monkeypatch.setattr(captions, "open", counting_open, raising=False)
-    monkeypatch.setattr(textenc, "tokenize", tokenize)
+    monkeypatch.setattr(textenc_plan, "tokenize", tokenize)
     return seen
 
 

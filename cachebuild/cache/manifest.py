@@ -30,7 +30,8 @@ SCHEMA_VERSION = 1
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
 LATENTS, TEXTENC = "latents", "textenc"  # store names: folders under the cache root, keys in every table
-STORES = (LATENTS, TEXTENC)
+CONTROL = "control"  # FLUX.1 Kontext's condition images' latents, by the latents' keys (jobs.control)
+STORES = (LATENTS, TEXTENC, CONTROL)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -208,7 +208,7 @@ def status(cache, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    for label, store in [("latents", info)] + ([("textenc", info["textenc"])] if "textenc" in info else []):
+    for label, store in [("latents", info)] + [(name, info[name]) for name in ("textenc", "control") if name in info]:
         items = store["items"]
         click.echo(
             f"{label}: {items['done']} done, {items['failed']} failed, {items['pending']} pending; "
@@ -315,7 +315,9 @@ def rebuild_manifest(cache, as_json):
     help="kohya: sd-scripts .npz beside the images; musubi: musubi-tuner's cache_directory; webdataset: tar shards.",
 )
 @click.option("--family", type=click.Choice(["sd", "sdxl", "flux", "sd3", "lumina"]), help="kohya: model family.")
-@click.option("--arch", type=click.Choice(["qi", "zi", "f2d", "f2k4b", "f2k9b"]), help="musubi: architecture.")
+@click.option(
+    "--arch", type=click.Choice(["qi", "qie", "zi", "fk", "f2d", "f2k4b", "f2k9b"]), help="musubi: architecture."
+)
 @click.option("--images", type=click.Path(path_type=Path), help="musubi: image folder (default: the one cached).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose contents differ.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample exported from a moments cache.")

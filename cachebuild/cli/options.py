@@ -184,6 +184,12 @@ latents_options = option_group(  # what is stored per image and how the encoder 
     click.option(
         "--max-pixels", default=178_956_970, show_default=True, help="Larger images fail as decompression bombs."
     ),
+    click.option(
+        "--control",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="flux-kontext: folder of condition images, one per image, keyed alike; encoded as the pipeline "
+        "encodes its reference image.",
+    ),
     click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan)."),
     click.option(
         "--read-timeout",
@@ -338,6 +344,7 @@ def latents_config(dataset: Path, o: dict):
         alpha_mask=bool(o.get("alpha_mask")),
         clips=clip_config(o),  # cli.clips
         read_timeout=o["read_timeout"],
+        control=o.get("control"),
         **build_settings(o),
     )
 

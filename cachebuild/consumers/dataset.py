@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Records as tensors, ready for the default collate: ``original_size``, ``crop``, ``bucket`` become
-    int64 tensors of shape (2,), so a batch has them as (B, 2); ``key`` stays a string."""
+    """Records as tensors, ready for the default collate: ``original_size``, ``crop``, ``bucket`` (and a FLUX.1
+    Kontext pair's ``control_size``) become int64 tensors of shape (2,), so a batch has them as (B, 2); ``key``
+    stays a string."""
 
     def __init__(self, cache: CacheReader, scale: bool, dtype: torch.dtype, t5_max_length: int | None = None):
         self.cache, self.scale, self.dtype, self.t5_max_length = cache, scale, dtype, t5_max_length
@@ -35,9 +36,10 @@ class LatentDataset(torch.utils.data.Dataset):
         for name, value in rec.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 rec[name] = value.to(self.dtype)
-        for name in ("latents", "latents_flipped"):
+        for name in ("latents", "latents_flipped", "control_latents"):
             if name in rec and self.scale:
                 rec[name] = (rec[name] - self.cache.shift_factor) * self.cache.scaling_factor  # raw -> scaled
-        for name in ("original_size", "crop", "bucket"):
-            rec[name] = torch.tensor(rec[name], dtype=torch.long)
+        for name in ("original_size", "crop", "bucket", "control_size"):
+            if name in rec:
+                rec[name] = torch.tensor(rec[name], dtype=torch.long)
         return rec

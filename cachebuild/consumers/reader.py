@@ -22,7 +22,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cachebuild.cache.manifest import LATENTS, TEXTENC, Manifest
+from cachebuild.cache.manifest import CONTROL, LATENTS, TEXTENC, Manifest
 from cachebuild.consumers.handles import ShardChecks, ShardDamaged, ShardFileHandles, memo_path
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read, not when a cache is opened
@@ -74,8 +74,9 @@ def _open_remote(url: UrlPath, seed: int | None, text: bool | None, checksums: b
 
     root = mirror_snapshot(url)
     reader = CacheReader(root, seed, text, checksums)
-    fetch = shard_fetchers(url, root, (LATENTS, TEXTENC))
+    fetch = shard_fetchers(url, root, (LATENTS, TEXTENC, CONTROL))
     reader._handles.fetch, reader._text_handles.fetch = fetch[LATENTS], fetch[TEXTENC]
+    reader._control_handles.fetch = fetch[CONTROL]
     return reader
 
 
@@ -99,7 +100,7 @@ class CacheReader:
         with Manifest.open(root, read_only=True) as manifest:
             records = {
                 store: {r["name"]: (r["bytes"], r["sha256"]) for r in manifest.shards(store)}
-                for store in (LATENTS, TEXTENC)
+                for store in (LATENTS, TEXTENC, CONTROL)
             }  # one short query per store: a row per shard
             conn = manifest.conn
             self.fingerprint = manifest.fingerprint(LATENTS)
@@ -116,6 +117,7 @@ class CacheReader:
                     f"{root} holds no text outputs; build them with: cachebuild textenc CAPTIONS --out {root}"
                 )
             text_rows = _text_rows(conn) if joined else []
+            self._control = {k: (shard, size) for k, shard, size in _control_rows(conn)}  # flux-kontext pairs
         self._text: dict[str, tuple[str, str, str]] = {k: (shard, tid, tokens) for k, shard, tid, tokens in text_rows}
         self._clips = "clips" in self.fingerprint  # a video cache: a clip's caption is its video's
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
@@ -131,6 +133,7 @@ class CacheReader:
         checks = {store: ShardChecks(records[store], memo) if checksums else None for store in records}
         self._handles = ShardFileHandles(root / LATENTS, checks=checks[LATENTS])
         self._text_handles = ShardFileHandles(root / TEXTENC, checks=checks[TEXTENC])
+        self._control_handles = ShardFileHandles(root / CONTROL, checks=checks[CONTROL])
         self._rng: tuple[int, torch.Generator] | None = None
 
     # -- mapping ---------------------------------------------------------------------------------------
@@ -172,6 +175,10 @@ class CacheReader:
             record |= {"source": info["source"], "start": info["start"], "frames": info["frames"], "fps": info["fps"]}
         if self.text_key(key) in self._text:
             record |= self.text_tensors(key, t5_max_length)
+        if key in self._control:  # the condition image's raw latents, (C, h, w) at its own (W, H)
+            shard, size = self._control[key]
+            record |= self._read(self._control_handles, CONTROL, key, shard, key, ["control_latents"])
+            record["control_size"] = tuple(int(v) for v in size.split("x"))
         return record
 
     def text_key(self, key: str) -> str:
@@ -224,7 +231,8 @@ class CacheReader:
             if enc.get("hidden") and enc.get("trim"):  # (T, D) real tokens -> (L, D) and its (L,) mask
                 # window: Sana's rows, not its tokens; drop_rows: Qwen-Image's template prefix is not stored
                 length = max_length or enc.get("window") or enc["max_length"] - enc.get("drop_rows", 0)
-                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], length)
+                left = enc.get("padding_side") == "left"  # LTX-2: zeros first, the rows at the end
+                stored[name], stored[name + "_mask"] = pad_tokens(stored[name], length, left)
             elif enc.get("hidden") and name == "t5":  # stored whole, unmasked: the mask only marks the real tokens
                 if max_length not in (None, enc["max_length"]):
                     raise ConfigError(
@@ -312,9 +320,14 @@ class CacheReader:
         rank: int = 0,
         world_size: int = 1,
     ) -> BucketBatchSampler:
-        """Batches of dataset indices that share one bucket; see :class:`BucketBatchSampler`."""
-        shapes: dict[str, tuple[int, int]] = {}
+        """Batches of dataset indices that share one bucket (and one condition image size, for FLUX.1 Kontext
+        pairs: their ``control_latents`` stack too); see :class:`BucketBatchSampler`."""
+        shapes: dict[str, tuple[int, ...]] = {}
         buckets = [shapes.setdefault(b, self.bucket(k)) for k in self._keys for b in (self._index[k][1],)]
+        if self._control:  # (W, H, control W, control H): "WxH" strings parsed once each, as the buckets are
+            sizes = [self._control[k][1] if k in self._control else "" for k in self._keys]
+            parsed = {b: tuple(int(v) for v in b.split("x")) if b else () for b in set(sizes)}
+            buckets = [b + parsed[c] for b, c in zip(buckets, sizes, strict=True)]
         from cachebuild.consumers.sampler import BucketBatchSampler
 
         return BucketBatchSampler(buckets, batch_size, shuffle, seed, drop_last, rank, world_size)
@@ -408,6 +421,7 @@ class CacheReader:
         state = self.__dict__.copy()
         # open handles never cross processes
         state["_handles"], state["_text_handles"] = self._handles.fresh(), self._text_handles.fresh()
+        state["_control_handles"] = self._control_handles.fresh()
         state["_rng"] = None
         return state
 
@@ -419,3 +433,8 @@ def _text_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str, str]]:
         "WHERE store=? AND status='done'",
         (TEXTENC,),
     ).fetchall()
+
+
+def _control_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    """(key, shard, "WxH") of every done condition image (``cachebuild latents --control``)."""
+    return conn.execute("SELECT key, shard, bucket FROM items WHERE store=? AND status='done'", (CONTROL,)).fetchall()

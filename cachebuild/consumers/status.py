@@ -37,6 +37,8 @@ def cache_status(out: Path) -> dict:
         if m.fingerprint("textenc") is not None:
             status["textenc"] = store_status(m, "textenc")
             status["textenc"]["unique"] = m.distinct_done("textenc", "text_id")  # embeddings stored
+        if m.fingerprint("control") is not None:  # flux-kontext's condition images (latents --control)
+            status["control"] = store_status(m, "control")
     return status
 
 
@@ -49,7 +51,11 @@ def _remote_status(out) -> dict:
     status = cache_status(root)
     status["cache"] = str(url)
     with Manifest.open(root, read_only=True) as m:
-        for store, part in (("latents", status), ("textenc", status.get("textenc"))):
+        for store, part in (
+            ("latents", status),
+            ("textenc", status.get("textenc")),
+            ("control", status.get("control")),
+        ):
             if part is not None:
                 part["bytes"] = remote_bytes(url, store, {s["name"] for s in m.shards(store)})
     return status

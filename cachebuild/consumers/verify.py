@@ -1,6 +1,6 @@
 """Verify a cache against its manifest, and optionally repair it so the next build re-encodes what is damaged.
 
-Checks, for every store in the cache (``latents``, ``textenc``):
+Checks, for every store in the cache (``latents``, ``textenc``, ``control``):
   * every registered shard exists, has the recorded size and SHA-256;
   * every done item names a registered shard, and that shard holds the item's tensors with the shape and
     dtype its record implies (latents: ``(C, H/f, W/f)`` of its bucket, a clip's ``(C, F', H/f, W/f)`` of its
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported when the first tensor is checked: a check
 
 log = logging.getLogger(__name__)
 
-STORES = ("latents", "textenc")
+STORES = ("latents", "textenc", "control")
 
 
 @dataclass(frozen=True)
@@ -200,13 +200,15 @@ def _check_one(t: torch.Tensor, name: str, shape, fingerprint: dict, store: str,
 
 def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | None]:
     """Tensor name -> expected shape (None: any) for one item's record."""
-    if store == "latents":
+    if store in ("latents", "control"):  # control: flux-kontext's condition latents at their own (W, H)
         vae = fingerprint.get("vae", {})
         c, f = vae.get("latent_channels"), vae.get("downsample")
         w, h = info["bucket"]
         shape = (c, h // f, w // f) if c and f else None
         if shape is not None and "frames" in info:  # a clip of a video VAE: (C, F', h, w), F' = 1 + (F - 1) / t
             shape = (c, 1 + (info["frames"] - 1) // vae.get("temporal_downsample", 1), *shape[1:])
+        if store == "control":
+            return {"control_latents": shape}
         # raw latents as the VAE returns them, (C, H/f, W/f) for every class (a 3D VAE's one frame squeezed out;
         # Flux.2's 2x2 patches are made on reading); moments only exist for VAEs with a posterior
         if fingerprint.get("latents") == "moments" and vae.get("class", "AutoencoderKL") != "AutoencoderTiny":

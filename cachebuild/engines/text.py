@@ -258,8 +258,11 @@ def batches(pads: list[tuple], lo: int, hi: int, size: int) -> Iterator[tuple[in
 
 def padded_length(spec: EncoderSpec, tokens: int) -> int:
     """Masked encoders run at the caption's length (and the rows kept past it) rounded up to PAD_MULTIPLE, not
-    at max length."""
-    return min(spec.max_length, -(-(tokens + spec.extra_rows) // PAD_MULTIPLE) * PAD_MULTIPLE)
+    at max length; a caption with no tokens (HunyuanVideo 1.5's ByT5 without quoted text) at PAD_MULTIPLE; a
+    left-padded encoder at max length, where the pipeline puts the real tokens."""
+    if spec.left_pad:
+        return spec.max_length
+    return min(spec.max_length, -(-max(1, tokens + spec.extra_rows) // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
 def _merge(outputs: list[dict | str], results: list[dict | str]) -> list[dict | str]:

@@ -26,7 +26,8 @@ MODULES |= {"qwen-image": "qwenimage", "flux2": "flux2", "lumina2": "lumina2", "
 MODULES |= {"flux2-klein": "flux2"}  # Flux.2 [klein]: Flux.2's VAE and its own Qwen3 text encoder
 MODULES["qwen-image-edit"] = "qwenimage_edit"  # the caption is encoded with its condition image
 MODULES["qwen-image-edit-plus"] = "qwenimage_edit_plus"
-MODULES["wan"] = "wan"  # latents of clips (Wan 2.1, Wan 2.2 A14B)
+MODULES["wan"] = "wan"  # latents of clips (Wan 2.1, Wan 2.2 A14B) and UMT5 text
+MODULES |= {"hunyuanvideo-1.5": "hunyuanvideo15", "ltx-2": "ltx2", "flux-kontext": "flux_kontext"}
 
 
 def pipeline_inputs_for(family: str) -> Callable[[dict, dict], dict]:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +74,14 @@ class EncoderSpec:
     window: int = 0  # > 0: max_length is the prefix's tokens + window - 2 and the rows kept are the first one
     # and, of the last window - 1 positions, those with real tokens (Sana's select_index; its transformer gets
     # (window, D) with the mask over them)
+    prepare: Callable[[str], str | None] | None = None  # the pipeline's own change to a caption before anything
+    # else (Wan's clean-up, HunyuanVideo 1.5's quoted text for ByT5); None from it: no tokens at all, stored as
+    # zero rows (the pipeline's zeros and zero mask)
+    left_pad: bool = False  # the pipeline pads on the left (LTX-2's Gemma 3): every caption runs at max_length, the
+    # real tokens at its end, so their positions are the pipeline's; trimmed, the last rows are kept
+    per_channel_layers: bool = False  # every hidden state, the embeddings included, side by side per channel:
+    # (L, D * (layers + 1)), column d * (layers + 1) + k holding hidden_states[k][d] (LTX-2's torch.stack(dim=-1)
+    # then flatten)
 
     @property
     def attention_mask(self) -> bool:
@@ -104,6 +112,12 @@ class EncoderSpec:
             extra["padding_side"] = "right"
         if self.window:
             extra["window"] = self.window
+        if self.prepare is not None:  # the function's qualified name: a changed rule needs a new name
+            extra["prepare"] = f"{self.prepare.__module__}.{self.prepare.__qualname__}"
+        if self.left_pad:
+            extra["padding_side"] = "left"
+        if self.per_channel_layers:
+            extra["per_channel_layers"] = True
         return extra | {
             "name": self.name,
             "class": self.cls,
@@ -212,7 +226,10 @@ def stored_rows(spec: EncoderSpec, n: int) -> int:
 
 
 def kept_rows(spec: EncoderSpec, h: torch.Tensor, n: int) -> torch.Tensor:
-    """The stored rows of one caption's (L, D) output run with its mask, ``n`` real tokens, right-padded."""
+    """The stored rows of one caption's (L, D) output run with its mask, ``n`` real tokens, right-padded (left-padded
+    for a ``left_pad`` encoder)."""
+    if spec.left_pad:
+        return h[h.shape[0] - n :].clone()
     if spec.window:  # row 0, then the real rows among the last window - 1 positions of max_length
         return torch.cat([h[:1], h[spec.max_length - spec.window + 1 : n]]).clone()
     return h[spec.drop_rows : n + spec.extra_rows].clone()
@@ -228,15 +245,19 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
         # position only, not over a 131k vocabulary
         llm = {"use_cache": False} if spec.body or spec.layers or spec.all_layers else {}
         llm |= {"logits_to_keep": 1} if spec.layers and not spec.body else {}
+        every_layer = spec.all_layers or spec.per_channel_layers
         with torch.inference_mode():
             out = net(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device) if spec.attention_mask else None,  # CLIP: causal, fed unmasked
-                output_hidden_states=spec.layer != -1 or spec.all_layers or bool(spec.layers),
+                output_hidden_states=spec.layer != -1 or every_layer or bool(spec.layers),
                 **llm,
             )
             results: list[dict] = [{} for _ in range(len(ids))]
-            if spec.hidden and spec.all_layers:  # (B, layers, L, D), stacked on the host: no device copy
+            if spec.hidden and spec.per_channel_layers:
+                for i, n in enumerate(mask.sum(dim=1).tolist()):
+                    results[i][spec.name] = _per_channel_rows(spec, out.hidden_states, i, n)
+            elif spec.hidden and spec.all_layers:  # (B, layers, L, D), stacked on the host: no device copy
                 h = torch.stack([x.float().cpu() for x in out.hidden_states[1:]], dim=1)
                 for i in range(len(ids)):
                     results[i][spec.name] = h[i]
@@ -260,16 +281,25 @@ def encoder_forward(model, spec: EncoderSpec, device: torch.device):
     return forward
 
 
+def _per_channel_rows(spec: EncoderSpec, states: tuple, i: int, n: int) -> torch.Tensor:
+    """(T, D * (layers + 1)) on the CPU in the compute dtype: item ``i``'s stored rows of every hidden state, side by
+    side per channel. The rows are cut on the device before stacking, and the result is not widened to float32: a
+    1024-token LTX-2 caption is 385 MB in bf16 (3840 x 49 values a token) and twice that in float32."""
+    rows = [kept_rows(spec, x[i], n) if spec.trim else x[i] for x in states]  # each (T, D)
+    return torch.stack(rows, dim=-1).flatten(1).cpu()
+
+
 def _stacked_layers(out, layers: tuple[int, ...]) -> torch.Tensor:
     """(B, L, len(layers) * D): per token, the listed hidden states side by side, as the Flux.2 pipelines stack
     them (``torch.stack(dim=1)``, then ``permute(0, 2, 1, 3)`` and reshape)."""
     return torch.cat([out.hidden_states[k] for k in layers], dim=-1)
 
 
-def pad_tokens(hidden: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_tokens(hidden: torch.Tensor, max_length: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A trimmed (T, D) T5 output padded with zeros to (max_length, D), and its (max_length,) attention mask.
 
-    Positions where the mask is 1 equal a masked encode at ``max_length``; longer outputs are cut.
+    Positions where the mask is 1 equal a masked encode at ``max_length``; longer outputs are cut. ``left``: the
+    rows go to the end and the zeros before them (a left-padded encoder's layout, LTX-2's).
 
     Example:
         >>> h, mask = pad_tokens(torch.ones(5, 4096), 512)
@@ -278,6 +308,9 @@ def pad_tokens(hidden: torch.Tensor, max_length: int) -> tuple[torch.Tensor, tor
     """
     n = min(hidden.shape[0], max_length)
     padded = hidden.new_zeros((max_length, hidden.shape[1]))
+    if left:
+        padded[max_length - n :] = hidden[:n]
+        return padded, token_mask(n, max_length).flip(0)
     padded[:n] = hidden[:n]
     return padded, token_mask(n, max_length)
 
@@ -295,6 +328,8 @@ def output_dims(spec: EncoderSpec) -> tuple[int, int]:
     hidden = cfg.get("hidden_size") or cfg.get("d_model") or 0
     if spec.all_layers:  # a stored row holds one D-wide row per layer
         return hidden * cfg.get("num_hidden_layers", 1), hidden
+    if spec.per_channel_layers:  # one D-wide row per hidden state, the embeddings' included
+        return hidden * (cfg.get("num_hidden_layers", 1) + 1), hidden
     hidden *= max(1, len(spec.layers))
     return hidden, cfg.get("projection_dim", hidden) if spec.pooled == "text_embeds" else hidden
 

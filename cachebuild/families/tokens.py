@@ -66,15 +66,21 @@ def processor_chat_template(folder: Path) -> str | None:
 
 
 def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length."""
+    """(input_ids (N, L), attention_mask (N, L), truncated per text) padded to the spec's max length; a text that
+    ``spec.prepare`` turns into None gets no tokens at all (padding and a zero mask)."""
+    empty: list[int] = []
+    if spec.prepare is not None:
+        prepared = [spec.prepare(text) for text in texts]
+        empty = [i for i, text in enumerate(prepared) if text is None]
+        texts = [text or "" for text in prepared]
     if spec.chat_template:
         texts = [chat_prompt(tokenizer, spec, text) for text in texts]
     if spec.lowercase:
         texts = [text.lower().strip() for text in texts]
     if spec.prefix:
         texts = [spec.prefix + text for text in texts]
-    if spec.right_pad:
-        tokenizer.padding_side = "right"
+    if spec.right_pad or spec.left_pad:  # the pipeline sets the side itself
+        tokenizer.padding_side = "left" if spec.left_pad else "right"
     if spec.prompt_template:
         texts = [spec.prompt_template.format(text) for text in texts]  # the caption's own braces stay as they are
     special = {}
@@ -87,7 +93,10 @@ def tokenize(tokenizer, spec: EncoderSpec, texts: list[str]) -> tuple[torch.Tens
     # truncated: more than max length tokens. Cut at one past it, so no list as long as the whole text is built
     # (the text itself is bounded by --caption-max-bytes: sources.captions)
     over = tokenizer(texts, max_length=spec.max_length + 1, truncation=True, verbose=False, **special)["input_ids"]
-    return enc["input_ids"], enc["attention_mask"], [len(ids) > spec.max_length for ids in over]
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    for i in empty:
+        ids[i], mask[i] = tokenizer.pad_token_id, 0
+    return ids, mask, [len(row) > spec.max_length and i not in empty for i, row in enumerate(over)]
 
 
 def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:
@@ -100,9 +109,11 @@ def chat_prompt(tokenizer, spec: EncoderSpec, text: str) -> str:
     if spec.processor:
         text = text.replace(IMAGE_TOKEN, "")
     messages = [{"role": "user", "content": text}]
-    if spec.system_message:  # Flux.2: contents as typed parts, as its format_input builds them
+    if spec.system_message and spec.processor:  # Flux.2: contents as typed parts, as its format_input builds them
         messages = [
             {"role": "system", "content": [{"type": "text", "text": spec.system_message}]},
             {"role": "user", "content": [{"type": "text", "text": text}]},
         ]
+    elif spec.system_message:  # plain strings (HunyuanVideo 1.5's format_text_input)
+        messages = [{"role": "system", "content": spec.system_message}, messages[0]]
     return tokenizer.apply_chat_template(messages, tokenize=False, **dict(spec.chat_template))

@@ -42,6 +42,7 @@ from cachebuild.images.pixels import Pixels, run_pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.images.reads import TimedReads
 from cachebuild.jobs import latents_clips as clips
+from cachebuild.jobs.control import check_control, encode_controls, paired_scan
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
 from cachebuild.storage import is_url
@@ -79,6 +80,7 @@ def build_latents(
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
+    check_control(cfg, vae, family)
     prefer_expandable_segments()  # before anything starts CUDA (resolve_dtype asks it about bf16)
     device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -95,7 +97,11 @@ def build_latents(
         if family.video:  # each video becomes its clips (headers read once per new or changed file)
             clips.check_fingerprint_first(manifest, fingerprint, cfg.rebuild)
             scan = clips.expand_clips(manifest, scan, cfg, family)
+        if cfg.control is not None:  # items are (image, condition image) pairs: jobs.control
+            scan, controls = paired_scan(scan, cfg.control, cfg.hash_files)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
+        if cfg.control is not None:  # before the targets: a pair whose condition fails is not encoded
+            encode_controls(manifest, cfg, (vae, family, fingerprint), dtype, device, (scan, controls), summary)
         del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
         source = {"dataset": str(cfg.dataset.resolve())}  # where the images are, for preview and export
@@ -221,6 +227,8 @@ def latents_fingerprint(
         fp["seed"] = cfg.seed  # only where randomness reaches the bytes
     if cfg.exif is ExifMode.IGNORE:
         fp["exif"] = cfg.exif.value  # only when ignored: caches built before the option (applied) still match
+    if cfg.control is not None:
+        fp["control"] = True  # items are pairs with their condition images (jobs.control)
     if family.video:
         fp["clips"] = clips.clips_fingerprint(cfg, family)  # video families only: image caches keep matching
     if pixel_fields is None:

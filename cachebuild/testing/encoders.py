@@ -176,3 +176,84 @@ def _llm_text_config(tok, init_scale: float, layers: int, **overrides) -> dict:
         eos_token_id=tok.eos_token_id,
     )
     return fields | overrides
+
+
+def make_tiny_umt5(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 2-layer ``UMT5EncoderModel`` (Wan's text encoder class: a relative position bias in every layer) for the
+    tiny ``t5`` tokenizer saved at ``tokenizer`` (the same ids as :func:`make_tiny_t5`'s); ``init_scale`` as for
+    :func:`make_tiny_clip`."""
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from cachebuild.testing.tokenizers import make_tiny_tokenizer
+
+    make_tiny_tokenizer(tokenizer, "t5")
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=len(WORDS) + 3, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        initializer_factor=init_scale,
+    )  # fmt: skip
+    UMT5EncoderModel(config).save_pretrained(path)
+    return path
+
+
+def make_tiny_byt5(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 2-layer, 24-wide ``T5EncoderModel`` over bytes and a ``ByT5Tokenizer`` saved at ``tokenizer`` (HunyuanVideo
+    1.5's glyph encoder: 256 bytes and its 3 + 125 special ids); ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tok = ByT5Tokenizer()
+    tok.save_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tok), d_model=24, d_kv=8, d_ff=37, num_layers=2, num_heads=3, relative_attention_num_buckets=8,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, initializer_factor=init_scale,
+    )  # fmt: skip
+    T5EncoderModel(config).save_pretrained(path)
+    return path
+
+
+def make_tiny_qwen25vl_text(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A 4-layer ``Qwen2_5_VLTextModel`` (HunyuanVideo 1.5's text encoder class: Qwen2.5-VL without its vision
+    tower or LM head) for the tokenizer at ``tokenizer``; 4 layers, so that ``hidden_states[-3]`` is neither the
+    embeddings nor the last; ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    text = _llm_text_config(tok, init_scale, 4, max_position_embeddings=2048, bos_token_id=None)
+    del text["head_dim"]  # 32 / 4 = 8; the rotary sections below sum to 8 / 2
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+    Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(**text)).save_pretrained(path)
+    return path
+
+
+def make_tiny_gemma3(path: Path, tokenizer: Path, seed: int = 0, init_scale: float = 1.0) -> Path:
+    """A ``Gemma3ForConditionalGeneration`` (LTX-2's text encoder class) for the tokenizer at ``tokenizer``: a 3-layer
+    Gemma 3 text model whose sliding window (16) is shorter than LTX-2's 1024 positions, and the one-layer SigLIP
+    tower the class needs; ``init_scale`` as for :func:`make_tiny_clip`."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    text = _llm_text_config(
+        tok, init_scale, 3, max_position_embeddings=2048, query_pre_attn_scalar=8, sliding_window=16
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4, image_token_index=len(tok)
+    )
+    Gemma3ForConditionalGeneration(config).save_pretrained(path)
+    return path

@@ -9,13 +9,17 @@ from pathlib import Path
 
 from cachebuild.testing.encoders import (
     KLEIN_TINY_LAYERS,
+    make_tiny_byt5,
     make_tiny_clip,
     make_tiny_gemma2,
+    make_tiny_gemma3,
     make_tiny_llama,
     make_tiny_mistral3,
     make_tiny_qwen3,
     make_tiny_qwen25vl,
+    make_tiny_qwen25vl_text,
     make_tiny_t5,
+    make_tiny_umt5,
 )
 from cachebuild.testing.tokenizers import (
     make_tiny_gemma_tokenizer,
@@ -65,6 +69,16 @@ TEXT_PIPELINES = {
     "qwen-image": ("QwenImagePipeline", [("text_encoder", "tokenizer", "qwen25vl")]),  # + vae/
     "lumina2": ("Lumina2Pipeline", [("text_encoder", "tokenizer", "gemma2")]),
     "sana": ("SanaPipeline", [("text_encoder", "tokenizer", "gemma2")]),
+    "wan": ("WanPipeline", [("text_encoder", "tokenizer", "umt5")]),
+    "hunyuanvideo-1.5": (
+        "HunyuanVideo15Pipeline",
+        [("text_encoder", "tokenizer", "qwen25vl_text"), ("text_encoder_2", "tokenizer_2", "byt5")],
+    ),
+    "ltx-2": ("LTX2Pipeline", [("text_encoder", "tokenizer", "gemma3")]),
+    "flux-kontext": (  # + vae/: the condition images' VAE
+        "FluxKontextPipeline",
+        [("text_encoder", "tokenizer", "clip"), ("text_encoder_2", "tokenizer_2", "t5")],
+    ),
 }
 COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's model_index.json names for it
     "clip": ("CLIPTextModel", "CLIPTokenizer"),
@@ -79,7 +93,13 @@ COMPONENT_CLASSES = {  # kind -> the (encoder, tokenizer) classes a pipeline's m
     "mistral3": ("Mistral3ForConditionalGeneration", "PixtralProcessor"),
     "qwen3_klein": ("Qwen3ForCausalLM", "Qwen2TokenizerFast"),
     "gemma2": ("Gemma2Model", "GemmaTokenizerFast"),
+    "umt5": ("UMT5EncoderModel", "T5TokenizerFast"),  # what the Wan repositories name
+    "qwen25vl_text": ("Qwen2_5_VLTextModel", "Qwen2Tokenizer"),
+    "byt5": ("T5EncoderModel", "ByT5Tokenizer"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "GemmaTokenizerFast"),
 }
+ENCODER_MAKERS = {"umt5": make_tiny_umt5, "byt5": make_tiny_byt5}  # kind -> maker(encoder, tokenizer, seed, scale)
+# of an encoder that saves its own tokenizer
 LLM_MAKERS = {  # kind -> (its tokenizer's maker, its encoder's maker, the encoder maker's own options)
     "qwen3": (make_tiny_qwen_tokenizer, make_tiny_qwen3, {}),
     "qwen25vl": (make_tiny_qwen_tokenizer, make_tiny_qwen25vl, {}),
@@ -88,8 +108,13 @@ LLM_MAKERS = {  # kind -> (its tokenizer's maker, its encoder's maker, the encod
     "qwen3_klein": (make_tiny_qwen_tokenizer, make_tiny_qwen3, {"layers": KLEIN_TINY_LAYERS}),
     "gemma2": (make_tiny_gemma_tokenizer, make_tiny_gemma2, {}),
     "mistral3": (make_tiny_mistral_tokenizer, make_tiny_mistral3, {}),
+    "qwen25vl_text": (make_tiny_qwen_tokenizer, make_tiny_qwen25vl_text, {}),
+    "gemma3": (make_tiny_gemma_tokenizer, make_tiny_gemma3, {}),
 }
-PIPELINE_VAES = {"qwen-image": ("AutoencoderKLQwenImage", make_tiny_qwen_vae)}  # family: its VAE, saved as vae/
+PIPELINE_VAES = {  # family: its VAE, saved as vae/
+    "qwen-image": ("AutoencoderKLQwenImage", make_tiny_qwen_vae),
+    "flux-kontext": ("AutoencoderKL", lambda p: make_tiny_vae(p, 16, 0.3611, 0.1159)),  # Flux.1's factors
+}
 
 
 def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) -> Path:
@@ -110,6 +135,8 @@ def make_tiny_text_pipeline(path: Path, family: str, init_scale: float = 1.0) ->
             make_tokenizer, make_encoder, options = LLM_MAKERS[kind]
             make_tokenizer(path / tok)
             make_encoder(path / enc, path / tok, seed=i, init_scale=init_scale, **options)
+        elif kind in ENCODER_MAKERS:
+            ENCODER_MAKERS[kind](path / enc, path / tok, seed=i, init_scale=init_scale)
         elif kind == "t5":
             make_tiny_t5(path / enc, seed=i, init_scale=init_scale)
             make_tiny_tokenizer(path / tok, "t5")

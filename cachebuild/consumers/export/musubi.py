@@ -9,6 +9,7 @@ Per architecture, as its ``dataset/cache_io.py`` and ``*_cache_latents.py`` writ
     qi     ``latents_1x<h>x<w>_bfloat16`` (C, 1, h, w): the posterior mode, ``(z - mean) / std`` per channel
     zi     ``latents_1x<h>x<w>_float32``  (C, h, w):    the posterior mode, raw (the trainer shifts and scales)
     f2*    ``latents_<h>x<w>_float32``    (4C, h/2, w/2): the mean patchified 2x2, batch-norm normalised
+    qie, fk: as qi and as Flux.1, with the condition image's latents beside them (:mod:`.musubi_pairs`)
     metadata ``architecture`` (full name), ``width``, ``height``, ``format_version`` "1.0.1"
   text ``<stem>_<arch>_te.safetensors``:
     qi ``varlen_vl_embed_<dtype>`` (T, D); zi ``varlen_llm_embed_<dtype>`` (T, D): real tokens only;
@@ -41,6 +42,7 @@ from cachebuild.consumers.export.files import (
     write_checked,
 )
 from cachebuild.consumers.export.kohya import ExportSummary
+from cachebuild.consumers.export.musubi_pairs import PAIRS, check_pairs, control_tensors, kontext_text_tensors
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
 from cachebuild.images.musubi_buckets import musubi_bucket, musubi_buckets
@@ -113,7 +115,28 @@ ARCHS = {
             ("flux2-klein", "flux2-klein-9b"),
             3 * 4096,  # Qwen3-8B, layers 9/18/27
         ),
-    )
+        # image pairs (musubi_pairs): Qwen-Image-Edit's files carry Qwen-Image's architecture name
+        MusubiArch(
+            "qie",
+            "qwen_image",
+            "qwen-image",
+            "AutoencoderKLQwenImage",
+            torch.bfloat16,
+            True,
+            "varlen_vl_embed",
+            ("qwen-image-edit", "qwen-image-edit-plus"),
+        ),
+        MusubiArch(
+            "fk",
+            "flux_kontext",
+            "flux-kontext",
+            "AutoencoderKL",
+            torch.float32,
+            True,
+            "t5_vec",
+            ("flux-kontext", "flux"),
+        ),
+    )  # fmt: skip
 }
 
 
@@ -158,12 +181,14 @@ def export_musubi(
     reader = open_cache(cache, text=False)
     arch_ = ARCHS[_pick_arch(arch, reader)]
     _check_vae(arch_, reader.fingerprint)
+    pair_warnings = check_pairs(arch_, reader) if arch_.name in PAIRS else []  # refusals before any file
     root = Path(to)
     root.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(arch_.name, str(root))
     image_root = _image_root(reader, images)
     text = _text_reader(cache, reader, arch_, summary)
-    _warn_settings(reader.fingerprint, summary)
+    _warn_settings(reader.fingerprint, summary, arch_)
+    summary.warnings += pair_warnings
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
     bucket_rule = _bucket_rule(reader.fingerprint)
     stems: dict[str, str] = {}
@@ -204,8 +229,10 @@ def musubi_latent_tensors(reader: CacheReader, key: str, arch: MusubiArch) -> di
 
 def musubi_text_tensors(reader: CacheReader, key: str, arch: MusubiArch) -> dict[str, torch.Tensor]:
     """``{key name: tensor}`` of one item's musubi text file, from the pipeline's ``prompt_embeds``."""
+    if arch.name == "fk":
+        return kontext_text_tensors(reader, key)
     inputs = reader.pipeline_inputs(key, family=reader.text_fingerprint.get("family"))
-    if arch.family == "qwen-image":  # musubi keeps up to encode_prompt's 1024 rows, past __call__'s 512 default
+    if arch.name == "qi":  # musubi keeps up to encode_prompt's 1024 rows, past __call__'s 512 default
         rec = reader.record(key)
         inputs = {"prompt_embeds": rec["qwen25vl"][rec["qwen25vl_mask"].bool()]}
     if "prompt_embeds" not in inputs:
@@ -228,6 +255,12 @@ _REAL_TEXT_DIMS = {a.text_dim: a.name for a in ARCHS.values() if a.text_dim}
 def _export_item(reader, text, key, rel, arch, root, overwrite, s) -> None:
     original = tuple(reader.info(key)["original_size"])
     tensors = musubi_latent_tensors(reader, key, arch)
+    if arch.name in PAIRS:
+        control = control_tensors(reader, text, key, arch)
+        if isinstance(control, str):
+            s.skipped.append({"key": key, "reason": control})
+            return
+        tensors |= control
     meta = {"architecture": arch.full, "width": str(original[0]), "height": str(original[1])}
     meta["format_version"] = FORMAT_VERSION
     _write(root / musubi_latent_name(rel, original, arch.name), tensors, meta, root, overwrite, s)
@@ -302,6 +335,10 @@ def _pick_arch(arch: str | None, reader: CacheReader) -> str:
         return arch
     cls = reader.fingerprint.get("vae", {}).get("class")
     text_family = (reader.text_fingerprint or {}).get("family")
+    if text_family in ARCHS["qie"].text_families:
+        return "qie"
+    if text_family == "flux-kontext" or reader.fingerprint.get("control"):
+        return "fk"
     if cls == "AutoencoderKLQwenImage":
         return "qi"
     if text_family == "z-image":
@@ -317,9 +354,9 @@ def _check_vae(arch: MusubiArch, fingerprint: dict) -> None:
     cls = vae.get("class", "AutoencoderKL")
     if cls != arch.vae_class:
         raise ConfigError(f"--arch {arch.name} needs latents of {arch.vae_class}; this cache has {cls}")
-    if arch.name == "zi" and (vae.get("shift_factor") is None or vae.get("latent_channels") != 16):
+    if arch.name in ("zi", "fk") and (vae.get("shift_factor") is None or vae.get("latent_channels") != 16):
         raise ConfigError(
-            "--arch zi needs Z-Image's 16-channel VAE (scale 0.3611, shift 0.1159); this cache has another"
+            f"--arch {arch.name} needs Flux.1's 16-channel VAE (scale 0.3611, shift 0.1159); this cache has another"
         )
 
 
@@ -360,10 +397,10 @@ def _bucket_rule(fingerprint: dict) -> tuple[tuple[int, int], bool, list[tuple[i
     return resolution, bool(b.get("no_upscale")), musubi_buckets(resolution)
 
 
-def _warn_settings(fingerprint: dict, s: ExportSummary) -> None:
+def _warn_settings(fingerprint: dict, s: ExportSummary, arch: MusubiArch) -> None:
     if fingerprint.get("buckets", {}).get("rule") != "musubi":
         s.warnings.append("built with kohya's bucket rule: items whose bucket musubi would pick otherwise are refused")
-    if fingerprint.get("latents") == "sample":
+    if fingerprint.get("latents") == "sample" and arch.name != "fk":  # Kontext's caching samples (musubi_pairs)
         s.warnings.append(
             "this cache holds posterior samples; musubi's own caching stores the mode (build with --latents mean "
             "to match it)"

@@ -1,0 +1,50 @@
+"""LTX-2 (``LTX2Pipeline``, ``LTX2ImageToVideoPipeline``): every hidden state of Gemma 3, per token.
+
+What ``encode_prompt`` returns (the image-to-video pipeline's text is the same): the caption, stripped, tokenized
+to 1024 tokens padded on the **left**, run through Gemma 3 with the mask; every hidden state (the embeddings and
+each of the 48 layers: 49) stacked per channel, ``prompt_embeds`` (1024, 3840 * 49), with ``prompt_attention_mask``
+(1024,) int64 (0 at the left padding). ``__call__`` hands both to ``LTX2TextConnectors``, whose first step
+normalises each layer over the real tokens only and zeroes the padding rows (``per_layer_masked_mean_norm``, or
+``per_token_rms_norm`` with the mask for LTX-2.3), then moves the real rows to the front and fills the rest with
+its learnt registers: the pipeline's rows at the padding reach nothing.
+
+What is stored, and why: all 49 layers of the real tokens only (``gemma3`` (T, 188160) in bf16, 376,320 bytes a
+token: 29 MB for a 77-token caption, 96 MB for 256 tokens, 385 MB only for one that fills all 1024). A smaller
+record would have to be taken inside the connectors: after their per-layer normalisation nothing shrinks, and
+after ``text_proj_in`` (to 3840 a token) the cache would hold the output of connector weights, which LTX-2
+trainings train and which differ between LTX-2 and LTX-2.3; the stored rows feed any connectors, and the reader
+pads them back on the left with zeros, which the connectors read as the pipeline's rows. The encoder runs at the
+full 1024 positions (as the pipeline does), since left padding moves the real tokens' positions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from cachebuild.config import DType
+
+if TYPE_CHECKING:
+    from cachebuild.families.text import EncoderSpec, SpecContext
+
+PIPELINES = {"LTX2Pipeline": "ltx-2", "LTX2ImageToVideoPipeline": "ltx-2"}
+STORED_DTYPE = DType.BF16  # Gemma 3's hidden states pass fp16's range (families.text.stored_dtype)
+MAX_LENGTH = 1024  # __call__'s max_sequence_length
+
+
+def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
+    """Gemma 3's hidden states, all of them per channel, left-padded and masked, the real rows kept; run through
+    the model's ``model`` (no LM head over a 262k vocabulary)."""
+    return [
+        ctx.llm("gemma3", "Gemma3ForConditionalGeneration", -1, MAX_LENGTH, True, left_pad=True,
+                per_channel_layers=True, body="model")
+    ]  # fmt: skip
+
+
+def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` (1024, D * (layers + 1)): zeros, then the stored rows; ``prompt_attention_mask`` (1024,)
+    int64, 1 at those rows: the layout ``encode_prompt`` returns."""
+    if "gemma3" not in rec:
+        return {}
+    return {"prompt_embeds": rec["gemma3"], "prompt_attention_mask": rec["gemma3_mask"]}
