@@ -74,6 +74,16 @@ class ExifMode(str, Enum):
         return cls((fingerprint or {}).get("exif", cls.APPLY.value))
 
 
+class TilingMode(str, Enum):
+    """Whether a video VAE encodes a clip in overlapping spatial tiles (families.video_vae); tiles lower device
+    memory and change the latents slightly, so what a run used is recorded in the fingerprint."""
+
+    AUTO = "auto"  # a new cache: untiled when the largest clip fits --vram-budget at batch 1, else tiled; a cache
+    # being finished: what it was started with
+    OFF = "off"  # never: the latents are exactly the untiled encode
+    ON = "on"  # always, with the VAE's own tile size and stride unless --tile-size/--tile-stride say otherwise
+
+
 PRESETS: dict[str, str] = {
     # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -222,6 +232,9 @@ class LatentsConfig:
     engine: EngineKind = EngineKind.LOCAL  # ray: a Ray cluster (engines.ray_cluster); the bytes are the same
     ray_address: str | None = None  # --engine ray: "auto" or a cluster address; None starts a local cluster
     exif: ExifMode = ExifMode.APPLY  # ignore: decode unrotated, as sd-scripts and musubi do (their exports need it)
+    tiling: TilingMode = TilingMode.AUTO  # video VAEs: spatial tiles (families.video_vae.resolve_tiling)
+    tile_size: int | None = None  # tiled: tile side in image pixels; None: the VAE's own (256; LTX-2 512)
+    tile_stride: int | None = None  # tiled: pixels between tile starts; None: the VAE's own (192; LTX-2 448)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -238,6 +251,7 @@ class LatentsConfig:
             raise ConfigError(f"dataset folder {self.dataset} does not exist or is not a folder")
         check_output(self.out, self.dtype_out, self.format, self.shard_mb)
         check_engine(self.engine, self.ray_address, self.devices, self.device)
+        check_tiles(self.tiling, self.tile_size, self.tile_stride)
 
     @property
     def shard_bytes(self) -> int:
@@ -345,6 +359,19 @@ class TextencConfig:
     @property
     def chunk_bytes(self) -> int:
         return int(self.chunk_mb * 1024 * 1024)
+
+
+def check_tiles(tiling: TilingMode, size: int | None, stride: int | None) -> None:
+    """Tile settings that can never apply; those that do not suit a VAE are refused once it is known."""
+    if tiling is TilingMode.OFF and (size is not None or stride is not None):
+        raise ConfigError("--tile-size/--tile-stride set the tiles of --tiling on or auto; drop them with --tiling off")
+    for name, value in (("--tile-size", size), ("--tile-stride", stride)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive number of pixels, got {value}")
+    if size is not None and stride is not None and stride >= size:
+        raise ConfigError(
+            f"--tile-stride ({stride}) must be below --tile-size ({size}): tiles overlap by the difference"
+        )
 
 
 def check_engine(engine: EngineKind, ray_address: str | None, devices: tuple[str, ...], device: str | None) -> None:

@@ -51,6 +51,9 @@ class VaeFamily:
     shift_factor: float | None
     normalization: dict | None = field(default=None, hash=False)  # per-channel statistics replacing the scalar
     # factors: Qwen-Image's `latents_mean`/`latents_std`, Flux.2's batch-norm running stats (see normalization_of)
+    temporal_downsample: int = 1  # video VAEs: F frames -> 1 + (F - 1) / t latent frames (Wan: 4)
+    frame_modulus: int = 1  # video VAEs: a clip has k * m + 1 frames (Wan: 4k+1); 1: any count
+    default_fps: float | None = None  # video VAEs: the rate the family trains at (Wan: 16), for --fps alone
 
     @property
     def has_posterior(self) -> bool:
@@ -136,7 +139,9 @@ def normalization_of(vae: ResolvedVae, cls: str, channels: int) -> dict:
     }
 
 
-def _read_buffers(vae: ResolvedVae, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _read_buffers(
+    vae: ResolvedVae, names: tuple[str, ...], what: str = "the batch-norm statistics Flux.2 normalises with"
+) -> dict[str, torch.Tensor]:
     """Named tensors from the VAE's safetensors weights, without reading the rest."""
     from safetensors import safe_open
 
@@ -149,8 +154,8 @@ def _read_buffers(vae: ResolvedVae, names: tuple[str, ...]) -> dict[str, torch.T
     missing = [n for n in names if n not in found]
     if missing:
         raise ModelLoadError(
-            f"the VAE weights from {vae.source} hold no {', '.join(missing)} (the batch-norm statistics Flux.2 "
-            "normalises with); pass the diffusers VAE folder (safetensors) of the model"
+            f"the VAE weights from {vae.source} hold no {', '.join(missing)} ({what}); pass the diffusers VAE folder "
+            "(safetensors) of the model"
         )
     return found
 

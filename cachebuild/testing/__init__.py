@@ -44,12 +44,14 @@ from cachebuild.testing.tokenizers import (
 )
 from cachebuild.testing.vaes import (
     TINY_VAE_LAYOUT,
+    TINY_VIDEO_VAES,
     make_synthetic_manifest,
     make_tiny_dc_vae,
     make_tiny_flux2_vae,
     make_tiny_qwen_vae,
     make_tiny_taesd,
     make_tiny_vae,
+    make_tiny_video_vae,
 )
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "QWEN_VISION_TOKENS",
     "TEXT_PIPELINES",
     "TINY_VAE_LAYOUT",
+    "TINY_VIDEO_VAES",
     "WORDS",
     "main",
     "make_synthetic_manifest",
@@ -87,4 +90,5 @@ __all__ = [
     "make_tiny_text_pipeline",
     "make_tiny_tokenizer",
     "make_tiny_vae",
+    "make_tiny_video_vae",
 ]

@@ -142,3 +142,77 @@ def make_tiny_dc_vae(path: Path, latent_channels: int = 4, scaling_factor: float
     )
     vae.save_pretrained(path)
     return path
+
+
+def _tiny_wan(torch, diffusers, ti2v: bool):
+    """Wan 2.1's layout at 8 base channels with both stages 2x in time (x4, as the real one) and x4 in space; the
+    TI2V-5B variant adds its residual blocks and 2x2 pixel patches (x8 in all). Statistics far from 0 and 1."""
+    z = 4
+    extra = (
+        dict(is_residual=True, patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=8) if ti2v else {}
+    )
+    return diffusers.AutoencoderKLWan(
+        base_dim=8,
+        z_dim=z,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=torch.linspace(-1.0, 1.0, z).tolist(),
+        latents_std=torch.linspace(0.5, 3.0, z).tolist(),
+        scale_factor_temporal=4,
+        **({"scale_factor_spatial": 4} | extra),
+    )
+
+
+def _tiny_hunyuanvideo15(torch, diffusers):
+    """Three blocks, the first two down in space and time: x4 in both (the real one: x16 in space)."""
+    return diffusers.AutoencoderKLHunyuanVideo15(
+        latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1, spatial_compression_ratio=4
+    )
+
+
+def _tiny_ltx2(torch, diffusers):
+    """2x2 pixel patches and three blocks (time; space-time; space-time): x8 in space and time (the real one: x32,
+    x8). Its per-channel statistics are buffers, as in the real weights: random here, so normalisation shows."""
+    vae = diffusers.AutoencoderKLLTX2Video(
+        latent_channels=4,
+        block_out_channels=(8, 16, 16),
+        decoder_block_out_channels=(8, 16, 16),
+        layers_per_block=(1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True),
+        decoder_spatio_temporal_scaling=(True, True, True),
+        decoder_inject_noise=(False, False, False, False),
+        downsample_type=("temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_residual=(True, True, True),
+        upsample_factor=(2, 2, 2),
+        patch_size=2,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=8,
+    )
+    vae.latents_mean.copy_(torch.randn(4))
+    vae.latents_std.copy_(torch.rand(4) * 2.0 + 0.5)
+    return vae
+
+
+TINY_VIDEO_VAES = ("wan2.1", "wan2.2-ti2v", "hunyuanvideo-1.5", "ltx-2")  # make_tiny_video_vae's kinds
+
+
+def make_tiny_video_vae(path: Path, kind: str, seed: int = 0) -> Path:
+    """Save a tiny video VAE of ``kind`` (one of :data:`TINY_VIDEO_VAES`) to ``path``: AutoencoderKLWan (Wan 2.1,
+    or Wan 2.2 TI2V-5B's residual, patched variant), AutoencoderKLHunyuanVideo15 or AutoencoderKLLTX2Video, with a
+    few hundred thousand parameters and each class's frame rule (4k+1 frames; 8k+1 for LTX-2)."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    makers = {
+        "wan2.1": lambda: _tiny_wan(torch, diffusers, ti2v=False),
+        "wan2.2-ti2v": lambda: _tiny_wan(torch, diffusers, ti2v=True),
+        "hunyuanvideo-1.5": lambda: _tiny_hunyuanvideo15(torch, diffusers),
+        "ltx-2": lambda: _tiny_ltx2(torch, diffusers),
+    }
+    if kind not in makers:
+        raise ValueError(f"no tiny video VAE of kind {kind!r}; choose one of {', '.join(TINY_VIDEO_VAES)}")
+    makers[kind]().save_pretrained(path)
+    return path
