@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from cachebuild.config import ModelSpec
 from cachebuild.families.video_vae import (
     encode_clip_raw,
     normalize_clip_latents,
@@ -28,8 +27,7 @@ from cachebuild.families.video_vae import (
     release_decoder,
     video_family,
 )
-from cachebuild.hub import resolve_vae
-from cachebuild.testing import TINY_VIDEO_VAES, make_tiny_video_vae
+from cachebuild.testing import TINY_VIDEO_VAES
 
 TOLERANCE = 1e-5  # relative difference allowed against the pipeline, in fp32
 WRONG = 1e-3  # a wrong normalisation, frame or order differs by far more than this (measured: 0.036 and up)
@@ -74,18 +72,9 @@ class CleanScheduler:
         return latents
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """{kind: (folder, family, loaded VAE in fp32)} for every tiny video VAE."""
-    import diffusers
-
-    root = tmp_path_factory.mktemp("video-vaes")
-    out = {}
-    for kind in TINY_VIDEO_VAES:
-        folder = make_tiny_video_vae(root / kind, kind)
-        family = video_family(resolve_vae(ModelSpec(vae=str(folder))))
-        out[kind] = (folder, family, getattr(diffusers, family.cls).from_pretrained(folder).eval())
-    return out
+@pytest.fixture
+def tiny(tiny_video_vaes):
+    return tiny_video_vaes
 
 
 _ENCODED: dict = {}  # (what, kind, clip bytes) -> tensor: the tests share encodes of the same clip

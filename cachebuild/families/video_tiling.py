@@ -18,7 +18,16 @@ from __future__ import annotations
 from cachebuild.config import TilingMode
 from cachebuild.errors import ConfigError
 from cachebuild.families.vae import VaeFamily
-from cachebuild.families.video_vae import HUNYUAN15, LTX2, VIDEO_CLASSES, WAN, Tiling, _overlap, _patch
+from cachebuild.families.video_vae import (
+    HUNYUAN15,
+    LTX2,
+    VIDEO_CLASSES,
+    WAN,
+    Tiling,
+    _config_value,
+    _overlap,
+    _patch,
+)
 
 GIB = 2**30
 
@@ -31,21 +40,23 @@ def default_tiling(family: VaeFamily, config: dict) -> Tiling:
 
 
 def make_tiling(family: VaeFamily, config: dict, tile: int | None = None, stride: int | None = None) -> Tiling:
-    """The VAE's tiles with ``tile``/``stride`` where given (the stride keeps the VAE's share of the tile).
+    """The VAE's tiles with ``tile``/``stride`` where given (an unset stride keeps the VAE's share of the tile).
 
     Raises:
-        ConfigError: sizes this VAE cannot tile with; the message names sizes it can.
+        ConfigError: sizes this VAE cannot tile with; the message says which it can.
     """
     base = default_tiling(family, config)
+    step = family.downsample  # tiles must cut the latent grid at whole cells (TI2V-5B: its 2x2 patches included)
     tile = tile or base.tile
-    stride = stride or (base.stride if tile == base.tile else tile * base.stride // base.tile)
-    step = family.downsample  # a tile must cut the latent grid at whole cells (TI2V-5B: its patch too)
-    fix = f"use multiples of {step}, such as --tile-size {max(step * 2, base.tile // step * step)}"
-    if tile % step or stride % step or stride >= tile or stride < step:
-        raise ConfigError(f"{family.cls} cannot tile {tile} px tiles every {stride} px; {fix} with a smaller stride")
-    if family.cls == HUNYUAN15 and int(tile * (1 - _overlap(tile, stride))) != stride:
+    stride = stride or (base.stride if tile == base.tile else tile * base.stride // base.tile // step * step)
+    fits = tile % step == 0 and stride % step == 0 and step <= stride < tile
+    if fits and family.cls == HUNYUAN15:  # it takes an overlap factor and tiles every int(tile * (1 - factor))
+        fits = int(tile * (1 - _overlap(tile, stride))) == stride
+    if not fits:
         raise ConfigError(
-            f"{family.cls} takes an overlap factor that cannot give a {stride} px stride on {tile}; {fix}"
+            f"{family.cls} cannot tile in {tile} px tiles every {stride} px: both must be multiples of {step} px "
+            f"(its latent cell) with the stride below the tile, such as --tile-size {base.tile} --tile-stride "
+            f"{base.stride} (its own)"
         )
     return Tiling(tile, stride)
 
@@ -76,6 +87,10 @@ def tiling_of_fingerprint(fingerprint: dict) -> Tiling | None:
     return None if entry is None else Tiling(int(entry["tile"]), int(entry["stride"]))
 
 
+AUTO_MIN_TILE_PX = 128  # auto halves the VAE's own tile until the largest clip fits, down to this: below it most
+# latent cells sit near a seam or a tile border (measured by benchmarks/bench_video_tiling.py)
+
+
 def resolve_tiling(
     mode: TilingMode,
     family: VaeFamily,
@@ -85,6 +100,7 @@ def resolve_tiling(
     dtype_bytes: int = 2,
     size: tuple[int | None, int | None] = (None, None),
     existing: dict | None = None,
+    weights: int | None = None,
 ) -> Tiling | None:
     """The tiling one run encodes every clip with: a pure function of the settings, the VAE and (auto, for a new
     cache) the budget, so a run's bytes never depend on which batch or device encoded a clip.
@@ -93,13 +109,19 @@ def resolve_tiling(
         mode: ``--tiling``. off: None; on: the VAE's tiles (or ``size``).
         family, config: the VAE's family and its config (the memory estimate reads its widths).
         largest: (frames, height, width) of the largest clip the run may encode (the longest ``--frames`` at the
-            bucket resolution).
-        budget: device bytes a clip may use at batch 1 (``--vram-budget``); None where memory is not measured.
+            largest bucket).
+        budget: device bytes for the model and one clip (``--vram-budget``); None where memory is not measured.
         size: ``(--tile-size, --tile-stride)``, None where not given.
         existing: the fingerprint of the cache being finished, if any: auto keeps what it was started with.
+        weights: the model's bytes on the device (default: the whole VAE's at ``dtype_bytes``).
 
     Returns:
-        auto: untiled when ``largest`` fits ``budget`` untiled at batch 1 (or there is no budget), else tiled.
+        auto: None (untiled, exact) when there is no budget or ``largest`` fits it untiled at batch 1; else the
+        VAE's own tiles (or ``size``), halved while the clip does not fit, down to ``AUTO_MIN_TILE_PX``.
+
+    Example:
+        >>> resolve_tiling(TilingMode.AUTO, family, vae.config, (81, 720, 1280), budget=10 * GIB)  # HunyuanVideo 1.5
+        Tiling(tile=128, stride=96)
     """
     if mode is TilingMode.OFF:
         return None
@@ -107,19 +129,33 @@ def resolve_tiling(
         return make_tiling(family, config, *size)
     if existing is not None:
         return tiling_of_fingerprint(existing)
-    tiled = make_tiling(family, config, *size)
+    candidates = [make_tiling(family, config, *size)]  # checked even when unused: a bad --tile-size fails first
     if budget is None:
         return None
-    untiled = estimate_clip_bytes(family, config, *largest, dtype_bytes=dtype_bytes) + weight_bytes(config, dtype_bytes)
-    return None if untiled <= budget else tiled
+    weights = weight_bytes(config, dtype_bytes) if weights is None else weights
+
+    def fits(tiling: Tiling | None) -> bool:
+        return weights + estimate_clip_bytes(family, config, *largest, 1, dtype_bytes, tiling) <= budget
+
+    if fits(None):
+        return None
+    while size[0] is None and candidates[-1].tile // 2 >= max(AUTO_MIN_TILE_PX, 2 * family.downsample):
+        candidates.append(make_tiling(family, config, candidates[-1].tile // 2))
+    return next((t for t in candidates if fits(t)), candidates[-1])  # none fits: the smallest, and the clips
+    # that cannot fit at batch 1 fail alone with too_large_reason
 
 
-# Activation bytes per image pixel of the encoded area (untiled: the frame; tiled: the largest tile), per value of
-# the compute dtype, for the released configs, measured by benchmarks/bench_video_memory.py --cpu (a trace of the
-# real-width encoders on fake tensors at 720p: storage bytes alive at the peak, the weights and the input left out).
-# Wan: per pixel of a 4-frame chunk (it does not grow with frames); the others: per pixel and frame.
-ACTIVATION_VALUES = {WAN: 3700.0, HUNYUAN15: 0.0, LTX2: 0.0}
-REFERENCE_WIDTH = {WAN: 96, HUNYUAN15: 128, LTX2: 256}  # first-stage channels of the released configs (TI2V-5B: 160)
+# Activation values per image pixel of the encoded area (untiled: the frame; tiled: the largest tile) for the
+# released configs, fitted to benchmarks/bench_video_memory.py --cpu (real widths on fake tensors at 720p: storage
+# alive at the peak beyond the weights, the input and the outputs; flash attention's allocation). Wan: per pixel of
+# its 4-frame chunk, which does not grow with frames; HunyuanVideo 1.5 and LTX-2: per pixel and frame. The second
+# number is the first stage's width they were measured at: another width scales them.
+ACTIVATIONS = {
+    (WAN, 1): (3717.0, 96),  # Wan 2.1 / 2.2 A14B, base_dim 96
+    (WAN, 2): (1890.0, 160),  # Wan 2.2 TI2V-5B, base_dim 160 on 2x2-patchified pixels
+    (HUNYUAN15, 1): (898.0, 128),  # block_out_channels[0] 128, full resolution: the heaviest per pixel
+    (LTX2, 1): (41.0, 256),  # 4x4-patchified first, so light per pixel
+}
 
 
 def estimate_clip_bytes(
@@ -133,21 +169,26 @@ def estimate_clip_bytes(
     tiling: Tiling | None = None,
 ) -> int:
     """Peak device bytes of encoding ``batch`` clips of ``frames`` x ``height`` x ``width``, beyond the weights
-    (add ``weight_bytes``): the input clip, the encoder's activations on the largest tile, the outputs.
+    (``weight_bytes``): the input clip (Wan with patches: and its patchified copy), the encoder's activations on
+    the largest tile, HunyuanVideo 1.5's attention mask, the moments (in the compute dtype, then float32).
 
-    An estimate for planning (``--batch-size auto``'s first guess, ``resolve_tiling``, the message of a clip that
-    cannot fit); the batch-size search measures the real peak on the device.
+    An estimate for planning (``resolve_tiling``, the reason a clip cannot fit, a first batch size); the batch-size
+    search measures the real peak on the device. ``benchmarks/bench_video_memory.py`` prints it beside a GPU's.
     """
     _, (th, tw) = tile_grid(family, config, tiling, height, width)
-    per_frame = 1 if VIDEO_CLASSES[family.cls].whole_clip else 0
-    scale = _width(family, config) / REFERENCE_WIDTH[family.cls]
-    area = ACTIVATION_VALUES[family.cls] * scale * th * tw * (frames if per_frame else 1)
+    patch = _patch(family, config)
+    values_per_px, reference = ACTIVATIONS[(family.cls, min(patch, 2))]
+    activations = values_per_px * _width(family, config) / reference * th * tw
+    if VIDEO_CLASSES[family.cls].whole_clip:
+        activations *= frames
     latent_frames = 1 + (frames - 1) // family.temporal_downsample
+    if family.cls == HUNYUAN15:  # its mid-block mask: (latent cells of a tile)^2 in the compute dtype
+        activations += (latent_frames * (th // family.downsample) * (tw // family.downsample)) ** 2
+    inputs = 3 * frames * height * width * (2 if patch > 1 else 1)
     cells = latent_frames * (height // family.downsample) * (width // family.downsample)
-    values = 3 * frames * height * width + area  # the input clip stays on the device throughout
-    if family.cls == HUNYUAN15:  # the causal attention mask over the tile's latent cells, L x L
-        values += (latent_frames * (th // family.downsample) * (tw // family.downsample)) ** 2
-    return int(batch * (values * dtype_bytes + 2 * family.latent_channels * cells * 4))  # + float32 moments
+    moments = 2 * family.latent_channels * cells * (2 if tiling is not None else 1)  # tiled: every tile's, then
+    # the blended result
+    return int(batch * ((activations + inputs + moments) * dtype_bytes + 2 * family.latent_channels * cells * 4))
 
 
 def weight_bytes(config: dict, dtype_bytes: int = 2) -> int:
@@ -173,6 +214,7 @@ def too_large_reason(family: VaeFamily, needed: int, budget: int, tiling: Tiling
 
 
 def _width(family: VaeFamily, config: dict) -> int:
-    if family.cls == WAN:
-        return int(config.get("base_dim", 96))
-    return int(config.get("block_out_channels", (REFERENCE_WIDTH[family.cls],))[0])
+    """The first stage's channels: ``base_dim`` (Wan), ``block_out_channels[0]`` (the class default if unset)."""
+    name = "base_dim" if family.cls == WAN else "block_out_channels"
+    value = config[name] if name in config else _config_value({}, family.cls, name)
+    return int(value if family.cls == WAN else value[0])

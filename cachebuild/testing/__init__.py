@@ -45,6 +45,8 @@ from cachebuild.testing.tokenizers import (
 from cachebuild.testing.vaes import (
     TINY_VAE_LAYOUT,
     TINY_VIDEO_VAES,
+    VIDEO_VAE_CONFIGS,
+    build_video_vae,
     make_synthetic_manifest,
     make_tiny_dc_vae,
     make_tiny_flux2_vae,
@@ -52,6 +54,7 @@ from cachebuild.testing.vaes import (
     make_tiny_taesd,
     make_tiny_vae,
     make_tiny_video_vae,
+    video_vae_family,
 )
 
 __all__ = [
@@ -68,7 +71,9 @@ __all__ = [
     "TEXT_PIPELINES",
     "TINY_VAE_LAYOUT",
     "TINY_VIDEO_VAES",
+    "VIDEO_VAE_CONFIGS",
     "WORDS",
+    "build_video_vae",
     "main",
     "make_synthetic_manifest",
     "make_tiny_clip",
@@ -91,4 +96,5 @@ __all__ = [
     "make_tiny_tokenizer",
     "make_tiny_vae",
     "make_tiny_video_vae",
+    "video_vae_family",
 ]

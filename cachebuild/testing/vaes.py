@@ -216,3 +216,70 @@ def make_tiny_video_vae(path: Path, kind: str, seed: int = 0) -> Path:
         raise ValueError(f"no tiny video VAE of kind {kind!r}; choose one of {', '.join(TINY_VIDEO_VAES)}")
     makers[kind]().save_pretrained(path)
     return path
+
+
+VIDEO_VAE_CONFIGS: dict[str, dict] = {  # the released video VAEs' configs (diffusers' conversion scripts), statistics
+    # left at the class's defaults or neutral: for measuring memory and tiling with random weights, never latents
+    "wan2.1": {"_class_name": "AutoencoderKLWan"},  # every field at the class's default: Wan 2.1's VAE
+    "wan2.2-ti2v": {  # scripts/convert_wan_to_diffusers.py: vae22_diffusers_config
+        "_class_name": "AutoencoderKLWan",
+        "base_dim": 160,
+        "decoder_base_dim": 256,
+        "z_dim": 48,
+        "is_residual": True,
+        "in_channels": 12,
+        "out_channels": 12,
+        "scale_factor_spatial": 16,
+        "patch_size": 2,
+        "latents_mean": [0.0] * 48,
+        "latents_std": [1.0] * 48,
+    },
+    "hunyuanvideo-1.5": {"_class_name": "AutoencoderKLHunyuanVideo15"},  # convert_vae: the class's defaults
+    "ltx-2": {  # scripts/convert_ltx2_to_diffusers.py: get_ltx2_video_vae_config("2.0")
+        "_class_name": "AutoencoderKLLTX2Video",
+        "latent_channels": 128,
+        "block_out_channels": (256, 512, 1024, 2048),
+        "decoder_block_out_channels": (256, 512, 1024),
+        "layers_per_block": (4, 6, 6, 2, 2),
+        "decoder_layers_per_block": (5, 5, 5, 5),
+        "spatio_temporal_scaling": (True, True, True, True),
+        "decoder_spatio_temporal_scaling": (True, True, True),
+        "decoder_inject_noise": (False, False, False, False),
+        "downsample_type": ("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        "upsample_residual": (True, True, True),
+        "upsample_factor": (2, 2, 2),
+        "timestep_conditioning": False,
+        "patch_size": 4,
+        "patch_size_t": 1,
+        "decoder_causal": False,
+        "spatial_compression_ratio": 32,
+        "temporal_compression_ratio": 8,
+    },
+}
+
+
+def build_video_vae(kind: str, dtype=None, device=None, seed: int = 0):
+    """A video VAE of the released config of ``kind`` (:data:`VIDEO_VAE_CONFIGS`) with random weights, in eval mode:
+    real widths and depths for measuring memory and what tiling changes (HunyuanVideo 1.5 and LTX-2 hold over a
+    billion parameters: about 5 GB in float32)."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    cfg = dict(VIDEO_VAE_CONFIGS[kind])
+    model = getattr(diffusers, cfg.pop("_class_name"))(**cfg)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def video_vae_family(kind: str):
+    """The ``VaeFamily`` of the released config of ``kind``, with no weight files: LTX-2's statistics (buffers in
+    its weights) are taken as zeros and ones, which changes no shape, memory or raw latent."""
+    from cachebuild.families.vae import VaeFamily
+    from cachebuild.families.video_vae import LTX2, video_family
+    from cachebuild.hub import ResolvedVae
+
+    config = VIDEO_VAE_CONFIGS[kind]
+    if config["_class_name"] == LTX2:
+        stats = {"latents_mean": [0.0] * 128, "latents_std": [1.0] * 128}
+        return VaeFamily(LTX2, 128, 32, 1.0, None, stats, temporal_downsample=8, frame_modulus=8, default_fps=24.0)
+    return video_family(ResolvedVae(kind, None, None, dict(config), ()))
