@@ -110,6 +110,19 @@ PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's d
 PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
 PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
 PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
+HUNYUANVIDEO15_REPO = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{}"  # diffusers' model docs; the pipeline
+# docstrings name the same repositories without "-Diffusers". One VAE for every variant; the transformers differ
+PRESETS |= {  # video VAEs (families.video_vae); their text encoders are not cached yet
+    "wan2.2-ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",  # diffusers' Wan docs
+    "hunyuanvideo-1.5": HUNYUANVIDEO15_REPO.format("480p_t2v"),  # the pipeline docstring's example
+    "hunyuanvideo-1.5-720p": HUNYUANVIDEO15_REPO.format("720p_t2v"),
+    "hunyuanvideo-1.5-i2v": HUNYUANVIDEO15_REPO.format("480p_i2v"),
+    "hunyuanvideo-1.5-720p-i2v": HUNYUANVIDEO15_REPO.format("720p_i2v"),
+    "ltx-2": "Lightricks/LTX-2",  # LTX2Pipeline's docstring
+}
+PRESET_FAMILY |= {"wan2.2-ti2v-5b": "wan"} | {
+    name: "hunyuanvideo-1.5" for name in ("hunyuanvideo-1.5-720p", "hunyuanvideo-1.5-i2v", "hunyuanvideo-1.5-720p-i2v")
+}
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:

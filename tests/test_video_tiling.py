@@ -166,3 +166,60 @@ def test_tile_options_that_cannot_apply_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"--tile-stride \(256\) must be below --tile-size \(256\)"):
         LatentsConfig(**base, tile_size=256, tile_stride=256)
     assert LatentsConfig(**base, tiling=TilingMode.ON, tile_size=384).tile_size == 384
+
+
+def test_cli_refuses_tiles_with_tiling_off(tmp_path):
+    from click.testing import CliRunner
+
+    from cachebuild.cli import cli
+
+    args = ["latents", str(tmp_path), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*args, "--tiling", "off", "--tile-size", "256"])
+    assert result.exit_code == 2 and "drop them with --tiling off" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", list(VIDEO_VAE_CONFIGS))
+def test_device_memory_against_frames(kind):
+    """The released configs (random weights, bf16) at 17, 33 and 81 frames of 320x512: torch.cuda's peak beyond the
+    weights is flat in frames for Wan and grows with them for the whole-clip encoders; the VAE's own tiles lower it;
+    the planning estimate stays within a factor of two. benchmarks/bench_video_memory.py prints the same at 720p."""
+    from cachebuild.encode import is_out_of_memory
+    from cachebuild.testing import build_video_vae
+
+    family, config = video_vae_family(kind), VIDEO_VAE_CONFIGS[kind]
+    vae = build_video_vae(kind, torch.bfloat16, "cuda")
+    peaks: dict[tuple[bool, int], int | None] = {}
+    for tiled in (False, True):
+        tiling = default_tiling(family, config) if tiled else None
+        for frames in (17, 33, 81):
+            frames = (frames - 1) // family.frame_modulus * family.frame_modulus + 1
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                x = torch.zeros(1, 3, frames, 320, 512, dtype=torch.bfloat16, device="cuda")
+                encode_clip_raw(vae, family, x, tiling)
+                del x
+                torch.cuda.synchronize()
+                peaks[(tiled, frames)] = torch.cuda.max_memory_allocated() - base
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                peaks[(tiled, frames)] = None
+            torch.cuda.empty_cache()
+            measured = peaks[(tiled, frames)]
+            if measured is not None:
+                estimate = estimate_clip_bytes(family, config, frames, 320, 512, tiling=tiling)
+                assert 0.5 < measured / estimate < 2.0, (tiled, frames, measured, estimate)
+    longest = max(f for _, f in peaks)
+    shortest = min(f for _, f in peaks)
+    tiled_long = peaks[(True, longest)]
+    assert tiled_long is not None
+    untiled_long, untiled_short = peaks[(False, longest)], peaks[(False, shortest)]
+    if kind.startswith("wan"):
+        assert untiled_long < 1.5 * untiled_short
+    else:
+        assert untiled_long is None or untiled_long > 2 * untiled_short
+        assert untiled_long is None or tiled_long < untiled_long

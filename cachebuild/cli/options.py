@@ -87,7 +87,8 @@ vae_options = option_group(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana), pipeline hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana; video: wan2.2-ti2v-5b, hunyuanvideo-1.5[-720p][-i2v], "
+        "ltx-2), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -170,6 +171,16 @@ latents_options = option_group(  # what is stored per image and how the encoder 
         "--ray-address",
         help="With --engine ray: auto (the cluster this machine belongs to) or an address; default: a local cluster.",
     ),
+    click.option(
+        "--tiling",
+        type=click.Choice(["auto", "off", "on"]),
+        default="auto",
+        show_default=True,
+        help="Video VAEs: encode in overlapping spatial tiles (less device memory, slightly different latents, "
+        "recorded); auto: only when the longest clip does not fit --vram-budget whole.",
+    ),
+    click.option("--tile-size", type=int, help="Tile side, pixels (default: the VAE's own: 256; LTX-2 512)."),
+    click.option("--tile-stride", type=int, help="Pixels between tile starts (default: the VAE's: 192; LTX-2 448)."),
 )
 
 
@@ -258,6 +269,7 @@ def latents_config(dataset: Path, o: dict):
         ExifMode,
         LatentsConfig,
         LatentsMode,
+        TilingMode,
         default_workers,
     )
     from cachebuild.engines.devices import parse_devices
@@ -288,6 +300,9 @@ def latents_config(dataset: Path, o: dict):
         max_pixels=o["max_pixels"],
         hash_files=o["hash_files"],
         exif=ExifMode(o.get("exif") or "apply"),
+        tiling=TilingMode(o.get("tiling") or "auto"),
+        tile_size=o.get("tile_size"),
+        tile_stride=o.get("tile_stride"),
         **build_settings(o),
     )
 
