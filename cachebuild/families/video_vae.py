@@ -15,8 +15,8 @@ channels C, spatial and temporal downsampling, frame rule, the pipeline's normal
   with mean/std buffers in the weights (not the config); the whole clip at once.
 
 Every pipeline takes the posterior's mode (``retrieve_latents(..., sample_mode="argmax")``). This module stores
-nothing and imports no job: the clip pipeline (``video/``, ``jobs/``) calls it. Tiling and the memory estimate
-are in ``families.video_tiling``.
+nothing and imports no job: the clip pipeline (``video/``, ``jobs/``) calls it. Which tiles a run uses, their
+fingerprint and the memory estimate are in ``families.video_tiling``.
 """
 
 from __future__ import annotations
