@@ -103,7 +103,13 @@ def test_tiling_is_recorded_only_where_used():
 
 @pytest.mark.parametrize(
     ("kind", "tile", "stride"),
-    [("wan2.1", 100, None), ("ltx-2", 512, 500), ("hunyuanvideo-1.5", 256, 256), ("wan2.2-ti2v", 520, None)],
+    [
+        ("wan2.1", 100, None),
+        ("ltx-2", 512, 500),
+        ("hunyuanvideo-1.5", 256, 256),
+        ("hunyuanvideo-1.5", 96, 16),  # its overlap factor 5/6 tiles every int(96 * (1 - 5/6)) = 15 px
+        ("wan2.2-ti2v", 520, None),
+    ],
 )
 def test_tiles_the_vae_cannot_take_are_refused_naming_its_own(kind, tile, stride):
     family = video_vae_family(kind)
