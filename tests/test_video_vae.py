@@ -258,3 +258,18 @@ def test_release_decoder_keeps_the_encode(kind, tiny):
     freed = release_decoder(light)
     assert freed > 0 and light.decoder is None and release_decoder(light) == 0
     assert torch.equal(encode_clip_raw(light, family, clip, None), want)
+
+
+def test_video_presets(tmp_path):
+    """The hub ids the pipelines' docs name; their text encoders are refused for now, in one line."""
+    from cachebuild.config import PRESETS
+    from cachebuild.errors import ConfigError
+    from cachebuild.families import text
+
+    assert PRESETS["wan2.2-ti2v-5b"] == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    assert PRESETS["ltx-2"] == "Lightricks/LTX-2"
+    hv = {"": "480p_t2v", "-720p": "720p_t2v", "-i2v": "480p_i2v", "-720p-i2v": "720p_i2v"}
+    for suffix, variant in hv.items():
+        assert PRESETS[f"hunyuanvideo-1.5{suffix}"] == f"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{variant}"
+        with pytest.raises(ConfigError, match="text encoders are not supported yet"):
+            text._detect_family(f"hunyuanvideo-1.5{suffix}", tmp_path)
