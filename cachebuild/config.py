@@ -138,6 +138,16 @@ class ClipConfig:
         return 129 if self.max_frames is None else self.max_frames  # musubi-tuner's max_frames default
 
 
+class TilingMode(str, Enum):
+    """Whether a video VAE encodes a clip in overlapping spatial tiles (families.video_vae); tiles lower device
+    memory and change the latents slightly, so what a run used is recorded in the fingerprint."""
+
+    AUTO = "auto"  # a new cache: untiled when the largest clip fits --vram-budget at batch 1, else tiled; a cache
+    # being finished: what it was started with
+    OFF = "off"  # never: the latents are exactly the untiled encode
+    ON = "on"  # always, with the VAE's own tile size and stride unless --tile-size/--tile-stride say otherwise
+
+
 PRESETS: dict[str, str] = {
     # --model NAME -> the public pipeline repository whose `vae` (and text encoders) are used
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -171,6 +181,8 @@ PRESETS["qwen-image-edit"] = "Qwen/Qwen-Image-Edit"  # QwenImageEditPipeline's d
 PRESETS["qwen-image-edit-2509"] = "Qwen/Qwen-Image-Edit-2509"  # QwenImageEditPlusPipeline's docstring
 PRESET_FAMILY["qwen-image-edit-2509"] = "qwen-image-edit-plus"
 PRESET_FAMILY |= {"flux2-klein-4b": "flux2-klein", "flux2-klein-9b": "flux2-klein"}
+HUNYUANVIDEO15_REPO = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-{}"  # diffusers' model docs; the pipeline
+# docstrings name the same repositories without "-Diffusers". One VAE for every variant; the transformers differ
 PRESETS |= {  # the video families' diffusers repositories, as their pipelines' docstrings and docs name them
     "wan2.1-t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "wan2.1-t2v-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
@@ -179,13 +191,17 @@ PRESETS |= {  # the video families' diffusers repositories, as their pipelines' 
     "wan2.1-i2v-14b-720p": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
     "wan2.2-i2v-a14b": "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
     "wan2.2-ti2v-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-    "hunyuanvideo-1.5": "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v",
-    "hunyuanvideo-1.5-i2v": "hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v",
+    "hunyuanvideo-1.5": HUNYUANVIDEO15_REPO.format("480p_t2v"),  # the pipeline docstring's example
+    "hunyuanvideo-1.5-720p": HUNYUANVIDEO15_REPO.format("720p_t2v"),
+    "hunyuanvideo-1.5-i2v": HUNYUANVIDEO15_REPO.format("480p_i2v"),
+    "hunyuanvideo-1.5-720p-i2v": HUNYUANVIDEO15_REPO.format("720p_i2v"),
     "ltx-2": "Lightricks/LTX-2",  # LTX2Pipeline's and LTX2ImageToVideoPipeline's docstrings: one repository
     "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",  # FluxKontextPipeline's docstring
 }
 PRESET_FAMILY |= {name: "wan" for name in PRESETS if name.startswith("wan2.")}
-PRESET_FAMILY["hunyuanvideo-1.5-i2v"] = "hunyuanvideo-1.5"
+PRESET_FAMILY |= {
+    name: "hunyuanvideo-1.5" for name in ("hunyuanvideo-1.5-720p", "hunyuanvideo-1.5-i2v", "hunyuanvideo-1.5-720p-i2v")
+}
 
 
 def check_output(out: Path, dtype_out: DType, fmt: StoreFormat, shard_mb: float) -> None:
@@ -314,6 +330,9 @@ class LatentsConfig:
     clips: ClipConfig = field(default_factory=ClipConfig)  # how videos become clips (video families only)
     read_timeout: float = READ_TIMEOUT_SECONDS  # one file's read (header or bytes) may take this long, then fails
     control: Path | None = None  # flux-kontext: the folder of condition images, one per image key (jobs.control)
+    tiling: TilingMode = TilingMode.AUTO  # video VAEs: spatial tiles (families.video_vae.resolve_tiling)
+    tile_size: int | None = None  # tiled: tile side in image pixels; None: the VAE's own (256; LTX-2 512)
+    tile_stride: int | None = None  # tiled: pixels between tile starts; None: the VAE's own (192; LTX-2 448)
 
     def __post_init__(self) -> None:
         if self.read_timeout <= 0:
@@ -336,6 +355,7 @@ class LatentsConfig:
             raise ConfigError(f"dataset folder {self.dataset} does not exist or is not a folder")
         check_output(self.out, self.dtype_out, self.format, self.shard_mb)
         check_engine(self.engine, self.ray_address, self.devices, self.device)
+        check_tiles(self.tiling, self.tile_size, self.tile_stride)
 
     @property
     def shard_bytes(self) -> int:
@@ -459,6 +479,19 @@ class TextencConfig:
     @property
     def chunk_bytes(self) -> int:
         return int(self.chunk_mb * 1024 * 1024)
+
+
+def check_tiles(tiling: TilingMode, size: int | None, stride: int | None) -> None:
+    """Tile settings that can never apply; those that do not suit a VAE are refused once it is known."""
+    if tiling is TilingMode.OFF and (size is not None or stride is not None):
+        raise ConfigError("--tile-size/--tile-stride set the tiles of --tiling on or auto; drop them with --tiling off")
+    for name, value in (("--tile-size", size), ("--tile-stride", stride)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be a positive number of pixels, got {value}")
+    if size is not None and stride is not None and stride >= size:
+        raise ConfigError(
+            f"--tile-stride ({stride}) must be below --tile-size ({size}): tiles overlap by the difference"
+        )
 
 
 def check_engine(engine: EngineKind, ray_address: str | None, devices: tuple[str, ...], device: str | None) -> None:

@@ -186,3 +186,22 @@ def leave_uncommitted_shard(out: Path, store: str = "latents", suffix: str = ".s
     name = shard_name(index, suffix)
     (out / store / name).write_bytes(b"renamed but never committed")
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_video_vaes(tmp_path_factory):
+    """{kind: (folder, family, VAE loaded in fp32)} for every tiny video VAE (cachebuild.testing.TINY_VIDEO_VAES)."""
+    import diffusers
+
+    from cachebuild.config import ModelSpec
+    from cachebuild.families.video_vae import video_family
+    from cachebuild.hub import resolve_vae
+    from cachebuild.testing import TINY_VIDEO_VAES, make_tiny_video_vae
+
+    root = tmp_path_factory.mktemp("video-vaes")
+    out = {}
+    for kind in TINY_VIDEO_VAES:
+        folder = make_tiny_video_vae(root / kind, kind)
+        family = video_family(resolve_vae(ModelSpec(vae=str(folder))))
+        out[kind] = (folder, family, getattr(diffusers, family.cls).from_pretrained(folder).eval())
+    return out

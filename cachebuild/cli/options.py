@@ -87,8 +87,9 @@ vae_options = option_group(  # where the VAE comes from: latents and preview
     click.option(
         "--model",
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
-        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana; video: wan2.1-t2v-14b, wan2.2-t2v-a14b), pipeline "
-        "hub id or local pipeline folder.",
+        "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana, flux-kontext; video: wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
+        "wan2.2-t2v-a14b, wan2.1-i2v-14b-480p|-720p, wan2.2-i2v-a14b, wan2.2-ti2v-5b, hunyuanvideo-1.5[-720p][-i2v], "
+        "ltx-2), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -206,6 +207,16 @@ latents_options = option_group(  # what is stored per image and how the encoder 
     ),
     ENGINE_OPTION,
     RAY_ADDRESS_OPTION,
+    click.option(
+        "--tiling",
+        type=click.Choice(["auto", "off", "on"]),
+        default="auto",
+        show_default=True,
+        help="Video VAEs: encode in overlapping spatial tiles (less device memory; the latents change, see "
+        "docs/cli.md; recorded); auto: only when the longest clip does not fit --vram-budget whole.",
+    ),
+    click.option("--tile-size", type=int, help="Tile side, pixels (default: the VAE's own: 256; LTX-2 512)."),
+    click.option("--tile-stride", type=int, help="Pixels between tile starts (default: the VAE's: 192; LTX-2 448)."),
 )
 
 
@@ -309,6 +320,7 @@ def latents_config(dataset: Path, o: dict):
         ExifMode,
         LatentsConfig,
         LatentsMode,
+        TilingMode,
         default_workers,
     )
     from cachebuild.engines.devices import parse_devices
@@ -345,6 +357,9 @@ def latents_config(dataset: Path, o: dict):
         clips=clip_config(o),  # cli.clips
         read_timeout=o["read_timeout"],
         control=o.get("control"),
+        tiling=TilingMode(o.get("tiling") or "auto"),
+        tile_size=o.get("tile_size"),
+        tile_stride=o.get("tile_stride"),
         **build_settings(o),
     )
 

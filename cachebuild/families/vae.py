@@ -176,7 +176,9 @@ def normalization_of(vae: ResolvedVae, cls: str, channels: int) -> dict:
     }
 
 
-def _read_buffers(vae: ResolvedVae, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def _read_buffers(
+    vae: ResolvedVae, names: tuple[str, ...], what: str = "the batch-norm statistics Flux.2 normalises with"
+) -> dict[str, torch.Tensor]:
     """Named tensors from the VAE's safetensors weights, without reading the rest."""
     from safetensors import safe_open
 
@@ -189,8 +191,8 @@ def _read_buffers(vae: ResolvedVae, names: tuple[str, ...]) -> dict[str, torch.T
     missing = [n for n in names if n not in found]
     if missing:
         raise ModelLoadError(
-            f"the VAE weights from {vae.source} hold no {', '.join(missing)} (the batch-norm statistics Flux.2 "
-            "normalises with); pass the diffusers VAE folder (safetensors) of the model"
+            f"the VAE weights from {vae.source} hold no {', '.join(missing)} ({what}); pass the diffusers VAE folder "
+            "(safetensors) of the model"
         )
     return found
 

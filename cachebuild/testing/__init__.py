@@ -48,13 +48,18 @@ from cachebuild.testing.tokenizers import (
 )
 from cachebuild.testing.vaes import (
     TINY_VAE_LAYOUT,
+    TINY_VIDEO_VAES,
+    VIDEO_VAE_CONFIGS,
+    build_video_vae,
     make_synthetic_manifest,
     make_tiny_dc_vae,
     make_tiny_flux2_vae,
     make_tiny_qwen_vae,
     make_tiny_taesd,
     make_tiny_vae,
+    make_tiny_video_vae,
     make_tiny_wan_vae,
+    video_vae_family,
 )
 
 __all__ = [
@@ -70,7 +75,10 @@ __all__ = [
     "QWEN_VISION_TOKENS",
     "TEXT_PIPELINES",
     "TINY_VAE_LAYOUT",
+    "TINY_VIDEO_VAES",
+    "VIDEO_VAE_CONFIGS",
     "WORDS",
+    "build_video_vae",
     "main",
     "make_synthetic_manifest",
     "make_tiny_byt5",
@@ -97,4 +105,6 @@ __all__ = [
     "make_tiny_umt5",
     "make_tiny_vae",
     "make_tiny_wan_vae",
+    "make_tiny_video_vae",
+    "video_vae_family",
 ]
