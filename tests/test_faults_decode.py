@@ -182,3 +182,33 @@ def test_ctrl_c_and_sigterm_end_in_one_line_with_no_child_left(tmp_path, tiny_va
     committed = done_count(out)
     assert committed > 0
     assert err.decode() == f"interrupted: {committed} items committed; run the same command to continue\n"
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_project_build_ends_in_one_line(tmp_path, tiny_vae, busy_dataset):
+    """`cachebuild build` answers SIGTERM as `latents` does: one line with the items its caches committed, 143."""
+    project = tmp_path / "cachebuild.toml"
+    project.write_text(
+        'device = "cpu"\nworkers = 2\nbatch_size = 1\ndtype = "fp32"\nshard_mb = 0.001\n'
+        f'[[dataset]]\nname = "busy"\npath = "{busy_dataset}"\nresolution = 64\nmin_bucket_reso = 32\n'
+        "max_bucket_reso = 128\nbucket_reso_steps = 32\n"
+        f'[[target]]\nname = "t"\nvae = "{tiny_vae}"\nout = "{tmp_path / "out"}"\n'
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cachebuild", "build", str(project), "-q"]
+    proc, children = _start_and_wait_for_workers(cmd, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while done_count(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        survivors = _survivors([*children, psutil.Process(proc.pid)] if proc.poll() is None else children, 5)
+        for p in survivors:
+            p.kill()
+    assert not survivors, [_cmdline(p) for p in survivors]
+    assert proc.returncode == 143, err
+    committed = done_count(out)
+    assert committed > 0
+    assert err.decode() == f"interrupted: {committed} items committed; run the same command to continue\n"
