@@ -64,14 +64,20 @@ def use_device(device: torch.device) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: DType, device: torch.device) -> DType:
+def resolve_dtype(dtype: DType, device: torch.device, wide_range: bool = False) -> DType:
     """DType.AUTO becomes bf16 on CUDA devices with bf16 in hardware (compute capability 8.0 on), fp16 on older
-    CUDA devices (overflowing items are redone in fp32), and fp32 everywhere else."""
+    CUDA devices (overflowing items are redone in fp32), and fp32 everywhere else.
+
+    ``wide_range``: the model's activations pass fp16's 65504 as a rule, not by accident (the LLM text encoders'
+    massive activations): on an older CUDA device fp16 would send nearly every item to the fp32 redo, whose
+    weights (a 7B model: 28 GB) rarely fit, so such a model runs in bf16 there too, emulated and slower, as its
+    pipeline computes it."""
     if dtype is not DType.AUTO:
         return dtype
     if device.type == "cuda":
         # the capability comes from the device's properties: no tensor is made, so no context opens on GPU 0
-        return DType.BF16 if torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY else DType.FP16
+        native = torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY
+        return DType.BF16 if native or wide_range else DType.FP16
     return DType.FP32
 
 

@@ -208,3 +208,23 @@ def test_use_device_makes_a_cuda_device_current_and_leaves_others_alone(monkeypa
     assert encode.use_device(torch.device("cuda:1")) == torch.device("cuda:1")
     assert encode.use_device(CPU) == CPU
     assert calls == [torch.device("cuda:1")]
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (7, 0)], ids=["T4", "V100"])
+def test_auto_dtype_keeps_bf16_for_llm_text_encoders_on_older_cards(monkeypatch, tmp_path, capability):
+    """An LLM text encoder's hidden states pass fp16's range as a rule: on a T4 or V100 `--dtype auto` runs it in
+    (emulated) bf16, as its pipeline does, rather than fp16 that would send every item to an fp32 redo; the
+    CLIP/T5 families keep fp16 there."""
+    from cachebuild.config import TextencConfig
+    from cachebuild.families.text import resolve_encoders
+    from cachebuild.testing import make_tiny_text_pipeline
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_dtype(DType.AUTO, torch.device("cuda"), wide_range=True) is DType.BF16
+    captions = tmp_path / "caps"
+    captions.mkdir()
+    for family, expected in (("z-image", DType.BF16), ("sdxl", DType.FP16)):
+        model = make_tiny_text_pipeline(tmp_path / family, family)
+        cfg = TextencConfig(captions, tmp_path / f"out-{family}", model=str(model), device="cuda")
+        _, specs = resolve_encoders(cfg, torch.device("cuda"))
+        assert {s.dtype for s in specs} == {expected}, family

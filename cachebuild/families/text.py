@@ -187,14 +187,15 @@ class SpecContext:
 
 def resolve_encoders(cfg: TextencConfig, device: torch.device) -> tuple[TextFamily, list[EncoderSpec]]:
     """The family and its encoders, located on local disk (hub ids fetched), nothing loaded yet."""
-    dtype = resolve_dtype(cfg.dtype, device)
-    t5_dtype = resolve_dtype(cfg.t5_dtype or cfg.dtype, device)
     if cfg.text_encoder is not None:
-        return TextFamily.GENERIC, [_generic_spec(cfg, dtype)]
+        return TextFamily.GENERIC, [_generic_spec(cfg, resolve_dtype(cfg.dtype, device))]
     root = pipeline_folder(cfg.model, cfg.revision)
     family = cfg.family or _detect_family(cfg.model, root)
     if family is TextFamily.GENERIC:
         raise ConfigError("--family generic needs --text-encoder (and --tokenizer, --layer, --max-length)")
+    # LLM families store bf16 because their hidden states pass fp16's range: they compute in bf16 on any card
+    dtype = resolve_dtype(cfg.dtype, device, wide_range=stored_dtype(family) is DType.BF16)
+    t5_dtype = resolve_dtype(cfg.t5_dtype or cfg.dtype, device)
     specs = family_module(family).encoder_specs(SpecContext(cfg, root, family, dtype, t5_dtype))
     for spec in specs:
         if not (spec.folder / "config.json").is_file() or not (spec.tokenizer).is_dir():
