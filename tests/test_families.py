@@ -63,4 +63,6 @@ def test_stored_dtype_is_fp16_unless_the_module_says_otherwise():
         TextFamily.SANA,
         TextFamily.QWENIMAGE_EDIT,
         TextFamily.QWENIMAGE_EDIT_PLUS,
+        TextFamily.HUNYUANVIDEO15,  # Qwen2.5-VL (its ByT5 too: one dtype per cache)
+        TextFamily.LTX2,  # Gemma 3
     }
