@@ -26,25 +26,35 @@ class Interrupted(KeyboardInterrupt):
 
 
 def run_build(build, cfg, quiet: bool, as_json: bool, unit: str, store: str) -> None:
-    """Run one build with a progress bar, print its summary and exit with its code; interrupted (SIGINT,
-    SIGTERM), print one line and exit 128 + the signal's number (130, 143)."""
+    """Run one build with a progress bar, print its summary and exit with its code; interrupted, as
+    ``until_interrupted`` says."""
+
+    def work():
+        with ProgressBar(quiet, unit=unit) as on_progress:
+            return build(cfg, on_progress)
+
+    def committed(start: float) -> int:
+        from cachebuild.cache.remote import committed_since
+
+        return committed_since(cfg.out, getattr(cfg, "manifest_dir", None), store, start)
+
+    summary = until_interrupted(work, committed)
+    print_summary(summary, as_json)
+    leave(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+
+
+def until_interrupted(work, committed):
+    """``work()``'s result; when SIGINT or SIGTERM stops it, one line with ``committed(start)`` (the items
+    committed since the Unix time it started) and exit 128 + the signal's number (130, 143)."""
     start = time.time()
     with stop_signals():
         try:
-            with ProgressBar(quiet, unit=unit) as on_progress:
-                summary = build(cfg, on_progress)
+            return work()
         except Interrupted as exc:
             signum = exc.signum
-        else:
-            signum = None
-    if signum is not None:  # outside the handler: the interrupted frames, and what they hold, are gone
-        from cachebuild.cache.remote import committed_since
-
-        n = committed_since(cfg.out, getattr(cfg, "manifest_dir", None), store, start)
-        click.echo(f"interrupted: {n} items committed; run the same command to continue", err=True)
-        leave(128 + signum)
-    print_summary(summary, as_json)
-    leave(EXIT_ITEMS_FAILED if summary.failed else EXIT_OK)
+    # outside the handler: the interrupted frames, and what they hold, are gone
+    click.echo(f"interrupted: {committed(start)} items committed; run the same command to continue", err=True)
+    leave(128 + signum)
 
 
 def leave(code: int) -> None:

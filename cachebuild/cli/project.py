@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from cachebuild.cli.options import option_group
-from cachebuild.cli.output import EXIT_ITEMS_FAILED, EXIT_OK, Interrupted, human_bytes, leave, stop_signals
+from cachebuild.cli.output import EXIT_ITEMS_FAILED, EXIT_OK, human_bytes, until_interrupted
 
 project_options = option_group(  # where the project comes from: a cachebuild.toml, or a trainer's dataset config
     click.option(
@@ -69,23 +69,13 @@ def load_source(project_file, from_musubi, arch, from_kohya, model, out, device)
 def run_project_build(project, quiet: bool, as_json: bool) -> None:
     """Build the project, print its summary and exit with its code; interrupted (SIGINT, SIGTERM), one line with
     the items its caches committed, exit 130 or 143, as ``latents`` and ``textenc`` do."""
-    import time
-
     from cachebuild.project.build import build_project
 
-    start = time.time()
-    with stop_signals():
-        try:
-            with ProjectProgress(quiet or as_json) as on_progress:
-                summary = build_project(project, on_progress)
-        except Interrupted as exc:
-            signum = exc.signum
-        else:
-            signum = None
-    if signum is not None:  # outside the handler: the interrupted frames, and what they hold, are gone
-        n = _committed_since(project, start)
-        click.echo(f"interrupted: {n} items committed; run the same command to continue", err=True)
-        leave(128 + signum)
+    def work():
+        with ProjectProgress(quiet or as_json) as on_progress:
+            return build_project(project, on_progress)
+
+    summary = until_interrupted(work, lambda start: _committed_since(project, start))
     if as_json:
         click.echo(json.dumps(asdict(summary), indent=2, default=str))
     else:
