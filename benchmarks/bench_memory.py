@@ -73,11 +73,11 @@ def parent(args: argparse.Namespace, work: Path) -> None:
     )
 
 
-def subset(source: Path, folder: Path, n: int) -> Path:
-    """A dataset folder holding hard links to the first ``n`` images of ``source``."""
+def subset(source: Path, folder: Path, n: int, pattern: str = "*.jpg") -> Path:
+    """A dataset folder holding hard links to the first ``n`` files of ``source`` that match ``pattern``."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for path in sorted(source.glob("*.jpg"))[:n]:
+    for path in sorted(source.glob(pattern))[:n]:
         os.link(path, folder / path.name)
     return folder
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_latents import RssSampler, in_workdir, maxrss_bytes
+from bench_memory import subset
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def parent(args: argparse.Namespace, work: Path) -> None:
           f"({time.perf_counter() - t:.1f} s)", file=sys.stderr)  # fmt: skip
     results = []
     for n in sizes:
-        dataset = subset(work / "videos", work / f"videos-{n}", -(-n // args.clips_per_video))
+        dataset = subset(work / "videos", work / f"videos-{n}", -(-n // args.clips_per_video), "*.mp4")
         out = work / f"cache-{n}"
         shutil.rmtree(out, ignore_errors=True)
         results.append(run_child(args, dataset, out, vae))
@@ -161,16 +162,6 @@ def write_moving_video(path: Path, n: int, size: tuple[int, int], seed: int) -> 
         frame[y : y + 16, x : x + 16] = 255
         frames[i] = (frame + rng.normal(0, 4, frame.shape)).clip(0, 255)
     write_video(path, frames, codec="libx264", options={"g": "16", "bf": "2"})
-
-
-def subset(source: Path, folder: Path, n: int) -> Path:
-    import os
-
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for path in sorted(source.glob("*.mp4"))[:n]:
-        os.link(path, folder / path.name)
-    return folder
 
 
 def run_child(args: argparse.Namespace, dataset: Path, out: Path, vae: Path) -> dict:
