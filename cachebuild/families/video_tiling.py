@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from cachebuild.config import TilingMode
 from cachebuild.errors import ConfigError
-from cachebuild.families.vae import VaeFamily
+from cachebuild.families.vae_family import VaeFamily
 from cachebuild.families.video_vae import (
     HUNYUAN15,
     LTX2,
