@@ -126,6 +126,10 @@ def encode_clip_raw(vae, family: VaeFamily, x: torch.Tensor, tiling: Tiling | No
     check_clip(family, frames, height, width)
     apply_tiling(vae, family, tiling)  # the VAE object is shared between calls: set every time
     with torch.inference_mode():
+        if family.cls == HUNYUAN15 and len(x) > 1:  # its mid-block attention builds a (B, L, L) mask that SDPA
+            # reads as (heads, L, L) against one head, so batches fail (diffusers 0.42.1): a clip at a time, as its
+            # pipelines and musubi-tuner encode one video
+            return torch.cat([vae.encode(clip[None]).latent_dist.parameters.float() for clip in x])
         moments = vae.encode(x).latent_dist.parameters  # LTX-2: 128 means ++ its one logvar channel repeated
         return moments.float()
 
