@@ -210,9 +210,13 @@ def too_large_reason(family: VaeFamily, needed: int, budget: int | None, tiling:
     frames, height, width = shape
     how = "untiled" if tiling is None else f"in {tiling.tile} px tiles"
     fix = "pass --tiling on" if tiling is None else "lower --tile-size, use shorter --frames or a lower --resolution"
-    limit = "more than the device had free" if budget is None else f"over the {budget / GIB:.1f} GiB budget"
-    need = f"a {frames}x{height}x{width} clip needs about {needed / GIB:.1f} GiB of device memory {how} at batch 1"
+    limit = "more than the device had free" if budget is None else f"over the {_size(budget)} budget"
+    need = f"a {frames}x{height}x{width} clip needs about {_size(needed)} of device memory {how} at batch 1"
     return f"{need}, {limit}; {fix}"
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.0f} MiB"
 
 
 def _width(family: VaeFamily, config: dict) -> int:
