@@ -230,3 +230,16 @@ def test_hunyuanvideo15_clips_carry_the_text_to_video_condition_and_their_videos
     assert got["prompt_embeds_mask_2"].any()  # the caption quotes "open": ByT5 rows
     assert not torch.equal(cache.pipeline_inputs("still")["prompt_embeds"], got["prompt_embeds"])
     assert cache.caption("walk@00010-005") == CAPTIONS["walk"]
+
+
+def test_each_family_is_refused_what_its_vae_cannot_take_before_any_work(video_family_caches, tmp_path):
+    """LTX-2's frame rule is 8k+1; TI2V-5B's sides are multiples of its 16x VAE's cell times the transformer's 2x2
+    patch (tiny: 8 x 2). Both refused in one line, nothing written."""
+    ltx2, ti2v = video_family_caches["ltx-2"], video_family_caches["wan2.2-ti2v"]
+    refused = CliRunner().invoke(cli, latents_args(ltx2.data, ltx2.vae, tmp_path / "a", "5,9"))
+    assert refused.exit_code == 2, refused.output
+    assert "--frames 5 breaks AutoencoderKLLTX2Video's frame rule (8k+1 frames); 5: use 1 or 9" in refused.output
+    args = [*latents_args(ti2v.data, ti2v.vae, tmp_path / "b", "5"), "--bucket-reso-steps", "8"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "(16 pixels); use a multiple such as 128" in refused.output, refused.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
