@@ -199,7 +199,8 @@ def test_ltx2_statistics_come_from_the_weights(video_family_caches):
     got = cache.pipeline_inputs("walk@00000-017", family="ltx-2")
     z = diffusers.LTX2Pipeline._normalize_latents(rec["latents"][None], vae.latents_mean, vae.latents_std, 1.0)
     frames, height, width = z.shape[2:]
-    assert (got["num_frames"], got["height"], got["width"], got["fps"]) == (frames, height, width, 16.0)
+    assert (got["latent_num_frames"], got["latent_height"], got["latent_width"]) == (frames, height, width)
+    assert got["frame_rate"] == 16.0  # the clip's (the source's, no --fps): the transformer's fps
     assert torch.allclose(diffusers.LTX2Pipeline._pack_latents(z)[0], got["latents"], rtol=1e-6, atol=1e-6)
     unpacked = diffusers.LTX2Pipeline._unpack_latents(got["latents"][None], frames, height, width)
     assert torch.allclose(unpacked, z, rtol=1e-6, atol=1e-6)

@@ -45,10 +45,11 @@ def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
 def pipeline_inputs(rec: dict, vae: dict) -> dict:
     """``latents`` (F' * h * w, C): the clip's raw latents normalised with the VAE's statistics and scaling factor
     (``LTX2Pipeline._normalize_latents``), packed into tokens as ``prepare_latents`` packs them (the transformer's
-    patch 1: frames, then rows, then columns); ``num_frames``, ``height``, ``width`` (F', h, w: ints) and ``fps``
-    (the clip's rate: a float), the other arguments the transformer takes for the video tokens (with ``fps`` it
-    places them: ``transformer.rope.prepare_video_coords(1, num_frames, height, width, device, fps=fps)``). The
-    pipelines encode no audio: audio latents and the audio arguments are not in a cache.
+    patch 1: frames, then rows, then columns); ``latent_num_frames``, ``latent_height``, ``latent_width`` (F', h, w:
+    ints) and ``frame_rate`` (the clip's rate: a float), which ``__call__`` hands the transformer as ``num_frames``,
+    ``height``, ``width`` and ``fps`` (with ``motion_speed`` 1); with them it places the tokens:
+    ``transformer.rope.prepare_video_coords(1, F', h, w, device, fps=frame_rate)``. The pipelines encode no audio:
+    audio latents and the audio arguments are not in a cache.
 
     ``prompt_embeds`` (1024, D * (layers + 1)): zeros, then the stored rows; ``prompt_attention_mask`` (1024,)
     int64, 1 at those rows: the layout ``encode_prompt`` returns."""
@@ -56,9 +57,10 @@ def pipeline_inputs(rec: dict, vae: dict) -> dict:
     if "latents" in rec:
         z = normalize_clip_latents(rec["latents"], vae)  # (C, F', h, w), float32
         frames, height, width = z.shape[1:]
-        out |= {"latents": pack_ltx2_latents(z), "num_frames": frames, "height": height, "width": width}
-        out["fps"] = float(rec.get("fps") or DEFAULT_FPS)  # a still (one frame, fps 0): its time position is 0 at
-        # any rate
+        out |= {"latents": pack_ltx2_latents(z), "latent_num_frames": frames}
+        out |= {"latent_height": height, "latent_width": width}
+        out["frame_rate"] = float(rec.get("fps") or DEFAULT_FPS)  # a still (one frame, fps 0): its time position
+        # is 0 at any rate
     if "gemma3" in rec:
         out |= {"prompt_embeds": rec["gemma3"], "prompt_attention_mask": rec["gemma3_mask"]}
     return out

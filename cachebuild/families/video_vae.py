@@ -145,16 +145,16 @@ def normalize_clip_latents(z: torch.Tensor, vae: dict) -> torch.Tensor:
       (``LTX2ConditionPipeline.prepare_latents``, image-to-video) leave ``scaling_factor`` out; it is 1.0 in
       the released weights' config, where the two agree.
     """
-    cls, z = vae["class"], z.float()
+    cls, z = vae.get("class"), z.float()
+    if cls not in VIDEO_CLASSES:
+        raise ValueError(f"the cache's latents are {cls}'s, not a video VAE's ({', '.join(VIDEO_CLASSES)})")
     if cls == HUNYUAN15:
         return z * float(vae["scaling_factor"])
     mean = torch.tensor(vae["latents_mean"], dtype=torch.float32).view(-1, 1, 1, 1)
     std = torch.tensor(vae["latents_std"], dtype=torch.float32).view(-1, 1, 1, 1)
     if cls == WAN:
         return (z - mean) * (1.0 / std)
-    if cls == LTX2:
-        return (z - mean) * float(vae["scaling_factor"]) / std
-    raise ValueError(f"{cls} is not a video VAE ({', '.join(VIDEO_CLASSES)})")
+    return (z - mean) * float(vae["scaling_factor"]) / std  # LTX-2
 
 
 def pack_ltx2_latents(z: torch.Tensor) -> torch.Tensor:
