@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -141,3 +142,24 @@ def test_the_estimate_counts_the_encoder_alone():
     decoder = sum(p.numel() for p in model.decoder.parameters()) * 2
     assert weight_bytes(config, 2, encoder_only=True) == weight_bytes(config, 2) - decoder
     assert weight_bytes(config, 2, encoder_only=True) < 0.35 * weight_bytes(config, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["hunyuanvideo-1.5", "ltx-2"])
+def test_auto_batch_on_cuda_sizes_each_clip_shape_and_keeps_the_latents(kind, video_family_caches, tmp_path):
+    """--batch-size auto on a CUDA device searches each (W, H, F) shape once (remembered in the manifest) and the
+    latents equal the CPU cache's within the noise of the device's kernels (cuDNN runs float32 convolutions in
+    TF32 on Ampere and later by default)."""
+    built = video_family_caches[kind]
+    out = tmp_path / "cuda"
+    args = built.args(built.data, built.vae, out, "9,17" if kind == "ltx-2" else "5,9")
+    args[args.index("--device") + 1] = "cuda"
+    assert CliRunner().invoke(cli, [*args, "--batch-size", "auto"]).exit_code == 0
+    with Manifest.open(out, read_only=True) as m:
+        searched = m.get_meta("auto_batch:latents") or {}
+    cache = open_cache(out)
+    assert {key.rsplit("|", 1)[1] for key in searched} == {"x".join(map(str, cache.bucket(k))) for k in cache}
+    gpu, cpu = read_cache(out), read_cache(built.cache)
+    assert sorted(gpu) == sorted(cpu)
+    for key in cpu:
+        assert relative_difference(gpu[key]["latents"], cpu[key]["latents"]) < 5e-3, key
