@@ -209,7 +209,11 @@ def too_large_reason(family: VaeFamily, needed: int, budget: int | None, tiling:
     device's memory was not measured (the clip ran out of it)."""
     frames, height, width = shape
     how = "untiled" if tiling is None else f"in {tiling.tile} px tiles"
-    fix = "pass --tiling on" if tiling is None else "lower --tile-size, use shorter --frames or a lower --resolution"
+    fix = (
+        "encode in tiles (--tiling on, with a new --out or --rebuild)"
+        if tiling is None
+        else ("lower --tile-size, use shorter --frames or a lower --resolution")
+    )
     limit = "more than the device had free" if budget is None else f"over the {_size(budget)} budget"
     need = f"a {frames}x{height}x{width} clip needs about {_size(needed)} of device memory {how} at batch 1"
     return f"{need}, {limit}; {fix}"

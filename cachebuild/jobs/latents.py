@@ -172,7 +172,7 @@ class LatentsStages:
         cfg, budget = self.cfg, None
         if self.family.video:  # caching never decodes; a video VAE's decoder is most of its weights
             release_decoder(model)
-            budget = run_budget(cfg)  # for the reason a clip too large for the device fails with
+            budget = run_budget(cfg, device)  # for the reason a clip too large for the device fails with
         return VaeEncoder(model, self.family, device, self.dtype, cfg.latents, cfg.flip, cfg.seed, self.tiling, budget)
 
     def write(self, sink: ShardSink, encoded: Encoded) -> None:

@@ -4,9 +4,9 @@ every clip.
 ``--tiling off`` and ``on`` are settings; ``auto`` on a cache being finished keeps what the cache was started with
 (its fingerprint says), so a resumed or extended cache never mixes tiled and untiled latents. Only ``auto`` on a
 new cache (or ``--rebuild``) looks at the data: the largest clip the scan holds, at the bucket it will be cut to,
-against the device-memory budget (``--vram-budget``, or on CUDA the free memory less the batch-size search's
-margin), counting the encoder's weights only (the decoder is released before caching). The choice itself is
-``families.video_tiling.resolve_tiling``; this module gathers its inputs.
+against the device-memory budget (``--vram-budget``, or on CUDA the first device's free memory less the
+batch-size search's margin), counting the encoder's weights only (the decoder is released before caching). The
+choice itself is ``families.video_tiling.resolve_tiling``; this module gathers its inputs.
 """
 
 from __future__ import annotations
@@ -64,27 +64,24 @@ class RunTiling:
         return self.tiling
 
 
-def run_budget(cfg: LatentsConfig) -> int | None:
-    """The device bytes a clip may take at batch 1: ``--vram-budget``, else on CUDA the free memory of the run's
-    devices (the smallest) less the margin the batch-size search keeps; None where memory is not measured (a CPU,
-    MPS, a Ray cluster's devices)."""
+def run_budget(cfg: LatentsConfig, device=None) -> int | None:
+    """The device bytes a clip may take at batch 1: ``--vram-budget``, else on a CUDA device its free memory less
+    the margin the batch-size search keeps; None where memory is not measured (a CPU, MPS). ``device``: the one to
+    measure; by default the run's first, the one its compute dtype was resolved on (with ``--engine ray`` there is
+    none here: None)."""
     if cfg.vram_budget_bytes is not None:
         return cfg.vram_budget_bytes
-    from cachebuild.config import EngineKind
-
-    if cfg.engine is EngineKind.RAY:
-        return None
     import torch
 
+    from cachebuild.config import EngineKind
     from cachebuild.encode import pick_device
     from cachebuild.engines.batchsize import default_budget
 
-    budgets = []
-    for name in cfg.devices or (cfg.device,):
-        device = pick_device(name)
-        if device.type == "cuda":
-            budgets.append(default_budget(*torch.cuda.mem_get_info(device)))
-    return min(budgets) if budgets else None
+    if device is None:
+        if cfg.engine is EngineKind.RAY:
+            return None
+        device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
+    return default_budget(*torch.cuda.mem_get_info(device)) if device.type == "cuda" else None
 
 
 def largest_clip(
