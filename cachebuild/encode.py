@@ -123,8 +123,18 @@ class GuardedForward:
     decides). Calling the guard returns, per item, that output or a failure reason (a str).
     """
 
-    def __init__(self, module, device: torch.device, dtype: torch.dtype, forward: Callable, what: str):
+    def __init__(
+        self,
+        module,
+        device: torch.device,
+        dtype: torch.dtype,
+        forward: Callable,
+        what: str,
+        alone: Callable | None = None,
+    ):
         self.module, self.device, self.dtype, self.forward, self.what = module, device, dtype, forward, what
+        self.alone = alone  # alone(inputs) -> the reason an item that runs out of memory by itself fails with (a
+        # video clip: the memory it needs); None: the generic one
         self.oom_splits = 0  # how often a batch was split after an out-of-memory error
         self.upcasts = 0  # how many items needed the fp32 redo
         self.fp32_conversions = 0  # how often the weights were converted to fp32 for a redo (once, where kept)
@@ -160,6 +170,8 @@ class GuardedForward:
     def _split(self, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, n: int) -> list:
         free_device_memory(self.device)
         if n == 1:
+            if self.alone is not None:
+                return [self.alone(inputs)]
             return [
                 f"out of device memory even for this item alone in the {self.what}; lower --resolution, "
                 "--max-bucket-reso or the max length, or use --dtype bf16"

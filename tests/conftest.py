@@ -205,3 +205,13 @@ def tiny_video_vaes(tmp_path_factory):
         family = video_family(resolve_vae(ModelSpec(vae=str(folder))))
         out[kind] = (folder, family, getattr(diffusers, family.cls).from_pretrained(folder).eval())
     return out
+
+
+@pytest.fixture(scope="session")
+def video_family_caches(tmp_path_factory):
+    """Caches of one lossless video and a still for Wan 2.2 TI2V-5B, HunyuanVideo 1.5 (with text) and LTX-2, built
+    through the CLI once (tests.test_parity_video_families.build_video_family_caches): for the parity, tiling and
+    musubi export tests."""
+    from tests.test_parity_video_families import build_video_family_caches
+
+    return build_video_family_caches(tmp_path_factory.mktemp("video-families"))

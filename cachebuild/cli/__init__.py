@@ -98,13 +98,14 @@ def cli(verbose: int) -> None:
 def latents(dataset, quiet, as_json, **opts):
     """Encode every image under DATASET into VAE latents in --out.
 
-    For a video VAE (Wan), videos become clips (--frames, --extract), one item each, and images one-frame items.
-    Killed or crashed? Run the same command again: it continues where it stopped.
+    For a video VAE (Wan, HunyuanVideo 1.5, LTX-2), videos become clips (--frames, --extract), one item each,
+    and images one-frame items. Killed or crashed? Run the same command again: it continues where it stopped.
 
     \b
     Example:
       cachebuild latents ./dataset --model sdxl --out ./cache --batch-size 8
       cachebuild latents ./clips --model wan2.1-t2v-14b --frames 17,33,81 --out ./cache
+      cachebuild latents ./clips --model ltx-2 --frames 49,97 --extract chunk --out ./cache
     """
     from cachebuild.jobs.latents import build_latents
 
@@ -316,7 +317,9 @@ def rebuild_manifest(cache, as_json):
 )
 @click.option("--family", type=click.Choice(["sd", "sdxl", "flux", "sd3", "lumina"]), help="kohya: model family.")
 @click.option(
-    "--arch", type=click.Choice(["qi", "qie", "zi", "fk", "f2d", "f2k4b", "f2k9b"]), help="musubi: architecture."
+    "--arch",
+    type=click.Choice(["qi", "qie", "zi", "fk", "f2d", "f2k4b", "f2k9b", "hv15"]),
+    help="musubi: architecture.",
 )
 @click.option("--images", type=click.Path(path_type=Path), help="musubi: image folder (default: the one cached).")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose contents differ.")
@@ -330,15 +333,16 @@ def export(cache, to, fmt, family, arch, images, overwrite, seed, quiet, as_json
 
     kohya: sd-scripts `<stem>_<W>x<H>_<family>.npz` beside the images in --to, for --cache_latents_to_disk.
     musubi: musubi-tuner `<stem>_<W>x<H>_<arch>.safetensors` and `<stem>_<arch>_te.safetensors` in --to, its
-    cache_directory. webdataset: tar shards of per-sample tensors and JSON in --to. Identical files are
-    skipped; differing ones are left alone (exit 3) unless --overwrite; a folder at a file's name is never
-    replaced (exit 3).
+    cache_directory (hv15 clips: `<video>_<start>-<frames>_<W>x<H>_hv15.safetensors`, text per video).
+    webdataset: tar shards of per-sample tensors and JSON in --to. Identical files are skipped; differing ones
+    are left alone (exit 3) unless --overwrite; a folder at a file's name is never replaced (exit 3).
 
     \b
     Example:
       cachebuild export ./cache --format kohya --to ./dataset
       cachebuild export ./cache --format kohya --to ./dataset --model lumina2
       cachebuild export ./cache --format musubi --arch zi --to ./musubi_cache
+      cachebuild export ./cache --format musubi --arch hv15 --to ./musubi_cache
       cachebuild export ./cache --format webdataset --to ./shards
     """
     with ExportProgress(quiet or as_json) as on_progress:

@@ -23,7 +23,8 @@ _OPTIONS = (  # how videos become clips (video VAEs: Wan), in the order --help s
         "--fps",
         is_flag=False,
         flag_value="family",
-        help="Video: resample to this rate by dropping frames; alone, to the family's (Wan 16). Default: every frame.",
+        help="Video: resample to this rate by dropping frames; alone, to the family's (Wan 16, HunyuanVideo 1.5 and "
+        "LTX-2 24). Default: every frame.",
     ),
     click.option("--source-fps", type=float, help="Video, with --fps: the source rate, instead of its timestamps."),
 )

@@ -213,7 +213,7 @@ latents_options = option_group(  # what is stored per image and how the encoder 
         default="auto",
         show_default=True,
         help="Video VAEs: encode in overlapping spatial tiles (less device memory; the latents change, see "
-        "docs/cli.md; recorded); auto: only when the longest clip does not fit --vram-budget whole.",
+        "docs/cli.md; recorded); auto: a new cache only where its largest clip does not fit --vram-budget whole.",
     ),
     click.option("--tile-size", type=int, help="Tile side, pixels (default: the VAE's own: 256; LTX-2 512)."),
     click.option("--tile-stride", type=int, help="Pixels between tile starts (default: the VAE's: 192; LTX-2 448)."),

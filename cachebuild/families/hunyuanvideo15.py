@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cachebuild.config import DType
+from cachebuild.families.video_vae import normalize_clip_latents
 
 if TYPE_CHECKING:
     from cachebuild.families.text import EncoderSpec, SpecContext
@@ -47,6 +48,21 @@ MAX_LENGTH = 1000 + DROP  # tokenizer_max_length + crop_start
 LAYER = -3  # hidden_states[-(num_hidden_layers_to_skip + 1)], num_hidden_layers_to_skip = 2
 BYT5_MAX_LENGTH = 256  # tokenizer_2_max_length
 GLYPHS = re.compile(r"\"(.*?)\"|“(.*?)”")  # extract_glyph_texts's pattern
+IMAGE_TOKENS, IMAGE_DIM = 729, 1152  # vision_num_semantic_tokens; vision_states_dim: the transformer config's
+# image_embed_dim (the released models' 1152, the pipeline's own default without a transformer)
+
+
+def text_to_video_condition(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What ``HunyuanVideo15Pipeline`` hands its transformer beside the latents of a text-to-video clip
+    (``prepare_cond_latents_and_mask`` and ``__call__``): ``cond_latents_concat`` zeros like ``z`` (C, F', h, w),
+    ``mask_concat`` zeros (1, F', h, w), ``image_embeds`` zeros (729, 1152), which the transformer reads as "no
+    image" (``is_t2v = torch.all(image_embeds == 0)``). float32; the pipeline makes them in the transformer's
+    dtype."""
+    return {
+        "cond_latents_concat": torch.zeros_like(z),
+        "mask_concat": torch.zeros((1, *z.shape[1:]), dtype=z.dtype),
+        "image_embeds": torch.zeros((IMAGE_TOKENS, IMAGE_DIM), dtype=z.dtype),
+    }
 
 
 def user_text(caption: str) -> str:
@@ -80,10 +96,19 @@ def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
 
 
 def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
-    """``prompt_embeds`` (1000, D), ``prompt_embeds_mask``, ``prompt_embeds_2`` (256, D2), ``prompt_embeds_mask_2``:
+    """``latents`` (C, F', h, w): the clip's raw latents times ``scaling_factor``, as
+    ``HunyuanVideo15ImageToVideoPipeline._get_image_latents`` scales what the VAE gives, with the text-to-video
+    condition ``HunyuanVideo15Pipeline.__call__`` builds beside them (:func:`text_to_video_condition`; the
+    transformer's ``hidden_states`` is ``latents``, ``cond_latents_concat`` and ``mask_concat`` concatenated along
+    C: 65 channels for the released model).
+
+    ``prompt_embeds`` (1000, D), ``prompt_embeds_mask``, ``prompt_embeds_2`` (256, D2), ``prompt_embeds_mask_2``:
     zeros past the real rows (where the pipeline has the encoders' outputs at padding, which the transformer
     zeroes), the masks in the embeddings' dtype as ``encode_prompt`` casts them."""
     out = {}
+    if "latents" in rec:
+        z = normalize_clip_latents(rec["latents"], vae)  # (C, F', h, w), float32
+        out |= {"latents": z} | text_to_video_condition(z)
     for name, suffix in (("qwen25vl", ""), ("byt5", "_2")):
         if name in rec:
             out["prompt_embeds" + suffix] = rec[name]

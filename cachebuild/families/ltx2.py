@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from cachebuild.config import DType
+from cachebuild.families.video_vae import normalize_clip_latents, pack_ltx2_latents
 
 if TYPE_CHECKING:
     from cachebuild.families.text import EncoderSpec, SpecContext
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
 PIPELINES = {"LTX2Pipeline": "ltx-2", "LTX2ImageToVideoPipeline": "ltx-2"}
 STORED_DTYPE = DType.BF16  # Gemma 3's hidden states pass fp16's range (families.text.stored_dtype)
 MAX_LENGTH = 1024  # __call__'s max_sequence_length
+DEFAULT_FPS = 24.0  # __call__'s frame_rate default
 
 
 def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
@@ -42,9 +42,25 @@ def encoder_specs(ctx: SpecContext) -> list[EncoderSpec]:
     ]  # fmt: skip
 
 
-def pipeline_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
-    """``prompt_embeds`` (1024, D * (layers + 1)): zeros, then the stored rows; ``prompt_attention_mask`` (1024,)
+def pipeline_inputs(rec: dict, vae: dict) -> dict:
+    """``latents`` (F' * h * w, C): the clip's raw latents normalised with the VAE's statistics and scaling factor
+    (``LTX2Pipeline._normalize_latents``), packed into tokens as ``prepare_latents`` packs them (the transformer's
+    patch 1: frames, then rows, then columns); ``latent_num_frames``, ``latent_height``, ``latent_width`` (F', h, w:
+    ints) and ``frame_rate`` (the clip's rate: a float), which ``__call__`` hands the transformer as ``num_frames``,
+    ``height``, ``width`` and ``fps`` (with ``motion_speed`` 1); with them it places the tokens:
+    ``transformer.rope.prepare_video_coords(1, F', h, w, device, fps=frame_rate)``. The pipelines encode no audio:
+    audio latents and the audio arguments are not in a cache.
+
+    ``prompt_embeds`` (1024, D * (layers + 1)): zeros, then the stored rows; ``prompt_attention_mask`` (1024,)
     int64, 1 at those rows: the layout ``encode_prompt`` returns."""
-    if "gemma3" not in rec:
-        return {}
-    return {"prompt_embeds": rec["gemma3"], "prompt_attention_mask": rec["gemma3_mask"]}
+    out: dict = {}
+    if "latents" in rec:
+        z = normalize_clip_latents(rec["latents"], vae)  # (C, F', h, w), float32
+        frames, height, width = z.shape[1:]
+        out |= {"latents": pack_ltx2_latents(z), "latent_num_frames": frames}
+        out |= {"latent_height": height, "latent_width": width}
+        out["frame_rate"] = float(rec.get("fps") or DEFAULT_FPS)  # a still (one frame, fps 0): its time position
+        # is 0 at any rate
+    if "gemma3" in rec:
+        out |= {"prompt_embeds": rec["gemma3"], "prompt_attention_mask": rec["gemma3_mask"]}
+    return out

@@ -8,7 +8,7 @@ there is work to do.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +16,17 @@ import torch
 from cachebuild.config import DType, LatentsMode
 from cachebuild.encode import GuardedForward, is_out_of_memory
 from cachebuild.errors import ModelLoadError
+from cachebuild.families.vae_family import (  # noqa: F401 (VaeFamily and the class kinds are imported from here)
+    DETERMINISTIC_CLASSES,
+    FRAME_CLASSES,
+    NORMALIZED_CLASSES,
+    PACKED_CLASSES,
+    POSTERIOR_CLASSES,
+    VIDEO_CLASSES,
+    VaeFamily,
+    read_buffers,
+)
+from cachebuild.families.video_vae import Tiling, encode_clip_raw, video_family
 from cachebuild.hub import ResolvedVae
 from cachebuild.keys import item_seed
 
@@ -34,70 +45,14 @@ PRESET_FACTORS: dict[str, dict] = {
     "lumina2": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latent_channels": 16},  # Flux.1's VAE
     "sana": {"scaling_factor": 0.41407, "shift_factor": None, "latent_channels": 32},  # DC-AE f32c32
 }
-VIDEO_CLASSES = ("AutoencoderKLWan",)  # video VAEs: clips go in as (B, 3, F, H, W); an image is a 1-frame clip
-POSTERIOR_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2", *VIDEO_CLASSES)
-FRAME_CLASSES = ("AutoencoderKLQwenImage",)  # causal 3D VAEs: an image goes in as one frame, (B, 3, 1, H, W)
-DETERMINISTIC_CLASSES = ("AutoencoderDC",)  # encode -> one `latent`, no distribution: only --latents mean
-PACKED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderKLWan")  # their pipelines take 2x2
-# latent patches (Wan's transformer: patch (1, 2, 2)), so a bucket side must be a multiple of twice the downsampling
-NORMALIZED_CLASSES = ("AutoencoderKLQwenImage", "AutoencoderKLWan")  # (z - latents_mean) / latents_std per
-# channel, the vectors in the config (or the class's defaults)
-VIDEO_FPS = {"AutoencoderKLWan": 16.0}  # the rate each video family trains at (musubi-tuner's TARGET_FPS_WAN,
-# the rate Wan's pipelines export at): what --fps alone resamples to
-
-
-@dataclass(frozen=True)
-class VaeFamily:
-    """What a trainer needs to know about latents from this VAE."""
-
-    cls: str  # "AutoencoderKL", "AutoencoderTiny", "AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderDC"
-    latent_channels: int  # C of the stored (C, H/f, W/f) latents
-    downsample: int  # f: pixels per latent cell along each side
-    scaling_factor: float  # raw -> scaled: (z - shift_factor) * scaling_factor (1.0 where `normalization` rules)
-    shift_factor: float | None
-    normalization: dict | None = field(default=None, hash=False)  # per-channel statistics replacing the scalar
-    # factors: Qwen-Image's `latents_mean`/`latents_std`, Flux.2's batch-norm running stats (see normalization_of)
-    temporal_downsample: int = 1  # video VAEs: F frames -> 1 + (F - 1) / t latent frames (Wan: 4)
-    frame_modulus: int = 1  # video VAEs: a clip has k * m + 1 frames (Wan: 4k+1); 1: any count
-    default_fps: float | None = None  # video VAEs: the rate the family trains at (Wan: 16), for --fps alone
-
-    @property
-    def has_posterior(self) -> bool:
-        """AutoencoderKL and its Qwen-Image and Flux.2 variants return a distribution; AutoencoderTiny does not."""
-        return self.cls in POSTERIOR_CLASSES
-
-    @property
-    def frames(self) -> bool:
-        """A video VAE: images are encoded as one frame, (B, 3, 1, H, W) -> (B, 2C, 1, h, w)."""
-        return self.cls in FRAME_CLASSES
-
-    @property
-    def video(self) -> bool:
-        """A video VAE: every item is a clip, (F, H, W, 3) -> (C, F', h, w); an image is a 1-frame clip."""
-        return self.cls in VIDEO_CLASSES
-
-    def latent_frames(self, frames: int) -> int:
-        """Latent frames of a clip of ``frames`` frames (a causal VAE: the first frame alone, then t at a time)."""
-        return 1 + (frames - 1) // self.temporal_downsample
-
-    def video_fingerprint(self) -> dict:
-        """The video factors for a cache's fingerprint; empty for image VAEs, whose caches keep matching."""
-        if not self.video:
-            return {}
-        return {"temporal_downsample": self.temporal_downsample, "frame_modulus": self.frame_modulus}
-
-    @property
-    def pixel_multiple(self) -> int:
-        """What a bucket side must be a multiple of for this VAE's pipeline."""
-        return self.downsample * (2 if self.cls in PACKED_CLASSES else 1)
 
 
 def family_of(vae: ResolvedVae, preset: str | None) -> VaeFamily:
     """Latent channels, downsampling and scaling, from the VAE's config first and the preset second."""
     cfg = vae.config
     cls = cfg.get("_class_name", "AutoencoderKL")
-    if cls in VIDEO_CLASSES:
-        return _video_family(vae, cls)
+    if cls in VIDEO_CLASSES:  # Wan (2.1, 2.2 A14B, TI2V-5B), HunyuanVideo 1.5, LTX-2: families.video_vae
+        return video_family(vae)
     if cls in PACKED_CLASSES:
         return _normalized_family(vae, cls)
     fallback = PRESET_FACTORS.get(preset or "", {})
@@ -134,27 +89,13 @@ def _normalized_family(vae: ResolvedVae, cls: str) -> VaeFamily:
     return VaeFamily(cls, channels, downsample, 1.0, None, normalization_of(vae, cls, channels))
 
 
-def _video_family(vae: ResolvedVae, cls: str) -> VaeFamily:
-    """Wan's VAE: ``z_dim`` channels; each ``temperal_downsample`` entry is a 2x spatial stage, and a 2x temporal one
-    where True (Wan 2.1: [False, True, True], 8x spatial, 4x temporal); a ``patch_size`` (Wan 2.2 TI2V-5B: 2)
-    folds pixels into channels first, a further factor on each side."""
-    cfg = vae.config
-    stages = [bool(t) for t in cfg.get("temperal_downsample", (False, True, True))]
-    channels = int(cfg.get("z_dim", 16))
-    downsample = 2 ** len(stages) * int(cfg.get("patch_size") or 1)
-    temporal = 2 ** sum(stages)
-    return VaeFamily(
-        cls, channels, downsample, 1.0, None, normalization_of(vae, cls, channels), temporal, temporal, VIDEO_FPS[cls]
-    )
-
-
 def normalization_of(vae: ResolvedVae, cls: str, channels: int) -> dict:
     """The per-channel statistics the pipeline normalises with, as JSON-ready lists, read without building
     the model: Qwen-Image's from its config (``latents_mean``, ``latents_std``: ``(z - mean) / std`` per
     channel); Flux.2's from the ``bn`` buffers in its weights (``bn_running_mean``, ``bn_running_var``,
     ``batch_norm_eps``, over the 4C channels of 2x2 patches: ``(p - mean) / sqrt(var + eps)``)."""
     cfg = vae.config
-    if cls in NORMALIZED_CLASSES:  # Qwen-Image's and Wan's: the same fields, the same arithmetic
+    if cls in NORMALIZED_CLASSES:  # Qwen-Image's
         mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
         if mean is None or std is None:  # a hand-written config: the class's own defaults apply
             import inspect
@@ -167,34 +108,13 @@ def normalization_of(vae: ResolvedVae, cls: str, channels: int) -> dict:
             raise ModelLoadError(f"the VAE config from {vae.source} has latents_mean/std not of z_dim {channels}")
         return {"latents_mean": [float(v) for v in mean], "latents_std": [float(v) for v in std]}
     patch = [int(v) for v in cfg.get("patch_size", (2, 2))]
-    stats = _read_buffers(vae, ("bn.running_mean", "bn.running_var"))
+    stats = read_buffers(vae, ("bn.running_mean", "bn.running_var"))
     return {
         "patch_size": patch,
         "bn_running_mean": stats["bn.running_mean"].float().tolist(),
         "bn_running_var": stats["bn.running_var"].float().tolist(),
         "batch_norm_eps": float(cfg.get("batch_norm_eps", 1e-4)),
     }
-
-
-def _read_buffers(
-    vae: ResolvedVae, names: tuple[str, ...], what: str = "the batch-norm statistics Flux.2 normalises with"
-) -> dict[str, torch.Tensor]:
-    """Named tensors from the VAE's safetensors weights, without reading the rest."""
-    from safetensors import safe_open
-
-    found: dict[str, torch.Tensor] = {}
-    for path in vae.weight_files:
-        if path.suffix != ".safetensors":
-            continue
-        with safe_open(str(path), framework="pt") as f:
-            found |= {n: f.get_tensor(n) for n in names if n in f.keys()}  # noqa: SIM118 (not a dict)
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ModelLoadError(
-            f"the VAE weights from {vae.source} hold no {', '.join(missing)} ({what}); pass the diffusers VAE folder "
-            "(safetensors) of the model"
-        )
-    return found
 
 
 def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
@@ -206,7 +126,7 @@ def load_vae(vae: ResolvedVae, family: VaeFamily, dtype, device):
     if cls is None:
         raise ModelLoadError(
             f"unsupported VAE class {family.cls}; cachebuild reads AutoencoderKL, AutoencoderTiny, "
-            "AutoencoderKLQwenImage, AutoencoderKLFlux2, AutoencoderDC and AutoencoderKLWan"
+            f"AutoencoderKLQwenImage, AutoencoderKLFlux2, AutoencoderDC and {', '.join(VIDEO_CLASSES)}"
         )
     try:
         if vae.file is None:
@@ -266,7 +186,16 @@ class VaeEncoder:
     """
 
     def __init__(
-        self, vae, family: VaeFamily, device: torch.device, dtype: DType, mode: LatentsMode, flip: bool, seed: int
+        self,
+        vae,
+        family: VaeFamily,
+        device: torch.device,
+        dtype: DType,
+        mode: LatentsMode,
+        flip: bool,
+        seed: int,
+        tiling: Tiling | None = None,
+        budget: int | None = None,
     ):
         self.vae = vae
         self.family = family
@@ -275,9 +204,14 @@ class VaeEncoder:
         self.mode = mode
         self.flip = flip
         self.seed = seed
+        self.tiling = tiling  # a video VAE's spatial tiles for every clip of the run (video_tiling.resolve_tiling)
+        self.budget = budget  # the run's device-memory budget, bytes (None: not measured), for a clip's failure
         this = weakref.ref(self)  # the guard's forward must not hold the encoder: that cycle kept the VAE on the
         # device after a run until Python's garbage collector happened to run
-        self.guard = GuardedForward(vae, device, self.dtype, lambda inputs, dt: list(this()._raw(inputs[0], dt)), "VAE")
+        alone = (lambda inputs: this()._too_large(inputs[0])) if family.video else None
+        self.guard = GuardedForward(
+            vae, device, self.dtype, lambda inputs, dt: list(this()._raw(inputs[0], dt)), "VAE", alone
+        )
 
     @property
     def oom_splits(self) -> int:
@@ -376,19 +310,24 @@ class VaeEncoder:
         return result
 
     def _raw_clips(self, clips: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, F, H, W, 3) uint8 -> (B, 2C, F', h, w) float32 moments on the device. The pixels are brought to
-        [-1, 1] in float32 and then cast, as the video pipelines' processor does before ``vae.encode``."""
+        """(B, F, H, W, 3) uint8 -> (B, 2C, F', h, w) float32 moments on the device, in the run's tiles. The pixels
+        are brought to [-1, 1] in float32 and then cast, as the video pipelines' processor does before
+        ``vae.encode``; ``video_vae.encode_clip_raw`` is the one place a clip meets its VAE."""
         with torch.inference_mode():
             x = clips.to(self.device, non_blocking=True).permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
             x = (x.float() / 127.5 - 1.0).to(dtype).contiguous()
-            result = _encode_clip(self.vae, self.family, x).float()
+            result = encode_clip_raw(self.vae, self.family, x, self.tiling)
             del x
         return result
 
+    def _too_large(self, clip: torch.Tensor) -> str:
+        """Why a (1, F, H, W, 3) clip that ran out of device memory alone fails: the memory it needs at batch 1
+        (the encoder's weights on the device and ``video_tiling.estimate_clip_bytes``), and the fix."""
+        from cachebuild.families.video_tiling import estimate_clip_bytes, too_large_reason
 
-def _encode_clip(vae, family: VaeFamily, x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, F, H, W) pixels in [-1, 1] -> (B, 2C, F', h, w) moments (mean ++ logvar along C), the whole clip in
-    one call: Wan's encoder runs its causal chunks (the first frame, then 4 at a time) with a feature cache, so its
-    device memory does not grow with F. The one place a clip meets its VAE (the other video VAEs and spatial
-    tiling plug in here)."""
-    return vae.encode(x).latent_dist.parameters
+        _, frames, height, width, _ = clip.shape
+        weights = sum(p.numel() * p.element_size() for p in self.vae.parameters())
+        clip_bytes = estimate_clip_bytes(
+            self.family, self.vae.config, frames, height, width, 1, self.dtype.itemsize, self.tiling
+        )
+        return too_large_reason(self.family, weights + clip_bytes, self.budget, self.tiling, (frames, height, width))

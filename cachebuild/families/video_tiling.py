@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from cachebuild.config import TilingMode
 from cachebuild.errors import ConfigError
-from cachebuild.families.vae import VaeFamily
+from cachebuild.families.vae_family import VaeFamily
 from cachebuild.families.video_vae import (
     HUNYUAN15,
     LTX2,
@@ -191,26 +191,36 @@ def estimate_clip_bytes(
     return int(batch * ((activations + inputs + moments) * dtype_bytes + 2 * family.latent_channels * cells * 4))
 
 
-def weight_bytes(config: dict, dtype_bytes: int = 2) -> int:
+def weight_bytes(config: dict, dtype_bytes: int = 2, encoder_only: bool = False) -> int:
     """The VAE's parameter bytes at the compute dtype, from the parameter count its config implies (built on the
-    meta device: no memory, no weights read)."""
+    meta device: no memory, no weights read); ``encoder_only``: without the decoder, as a VAE loaded for caching
+    holds it (``video_vae.release_decoder``)."""
     import diffusers
     import torch
 
     with torch.device("meta"):
         model = getattr(diffusers, config["_class_name"]).from_config(config)
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+    params = model.named_parameters()
+    return sum(p.numel() for name, p in params if not (encoder_only and name.startswith("decoder."))) * dtype_bytes
 
 
-def too_large_reason(family: VaeFamily, needed: int, budget: int, tiling: Tiling | None, shape) -> str:
-    """The failure reason of a clip that does not fit at batch 1: what it needs, and the fix."""
+def too_large_reason(family: VaeFamily, needed: int, budget: int | None, tiling: Tiling | None, shape) -> str:
+    """The failure reason of a clip that does not fit at batch 1: what it needs, and the fix. ``budget`` None: the
+    device's memory was not measured (the clip ran out of it)."""
     frames, height, width = shape
     how = "untiled" if tiling is None else f"in {tiling.tile} px tiles"
-    fix = "pass --tiling on" if tiling is None else "lower --tile-size, use shorter --frames or a lower --resolution"
-    return (
-        f"a {frames}x{height}x{width} clip needs about {needed / GIB:.1f} GiB of device memory {how} at batch 1, "
-        f"over the {budget / GIB:.1f} GiB budget; {fix}"
+    fix = (
+        "encode in tiles (--tiling on, with a new --out or --rebuild)"
+        if tiling is None
+        else ("lower --tile-size, use shorter --frames or a lower --resolution")
     )
+    limit = "more than the device had free" if budget is None else f"over the {_size(budget)} budget"
+    need = f"a {frames}x{height}x{width} clip needs about {_size(needed)} of device memory {how} at batch 1"
+    return f"{need}, {limit}; {fix}"
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 2**20:.0f} MiB"
 
 
 def _width(family: VaeFamily, config: dict) -> int:

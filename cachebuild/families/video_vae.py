@@ -27,35 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from cachebuild.errors import ModelLoadError
-from cachebuild.families.vae import VaeFamily, _read_buffers
+from cachebuild.families.vae_family import (  # noqa: F401 (the class table is imported from here too)
+    HUNYUAN15,
+    LTX2,
+    VIDEO_CLASSES,
+    WAN,
+    VaeFamily,
+    read_buffers,
+)
 from cachebuild.hub import ResolvedVae
-
-WAN, HUNYUAN15, LTX2 = "AutoencoderKLWan", "AutoencoderKLHunyuanVideo15", "AutoencoderKLLTX2Video"
-
-
-@dataclass(frozen=True)
-class VideoClass:
-    """What a video VAE class means for its pipeline, beyond the config's numbers."""
-
-    fps: float  # the rate the family trains at: what --fps alone resamples to
-    transformer_patch: int  # latent cells per side of the transformer's patch: a bucket side is a multiple of
-    # this times the VAE's downsampling
-    whole_clip: bool  # the encoder takes the whole clip at once (memory grows with frames); False: causal chunks
-    tile: int  # the VAE's own tile side (``tile_sample_min_height``), image pixels
-    stride: int  # and the distance between tile starts (``tile_sample_stride_height``; HunyuanVideo 1.5: tile x
-    # (1 - ``tile_overlap_factor``))
-
-
-VIDEO_CLASSES: dict[str, VideoClass] = {
-    # Wan: musubi-tuner's TARGET_FPS_WAN and the rate the pipelines' examples export at; transformer patch
-    # (1, 2, 2), so WanPipeline asks for sides in multiples of 16 (32 for TI2V-5B's 16x VAE)
-    WAN: VideoClass(fps=16.0, transformer_patch=2, whole_clip=False, tile=256, stride=192),
-    # HunyuanVideo 1.5: musubi-tuner's TARGET_FPS_HUNYUAN_VIDEO_1_5 and the I2V pipeline's example (the T2V
-    # example exports at 15); its transformer's patch is 1
-    HUNYUAN15: VideoClass(fps=24.0, transformer_patch=1, whole_clip=True, tile=256, stride=192),
-    # LTX-2: LTX2Pipeline's frame_rate default (its transformer's positions depend on it); patch 1, sides of 32
-    LTX2: VideoClass(fps=24.0, transformer_patch=1, whole_clip=True, tile=512, stride=448),
-}
 
 
 def is_video_vae(cls: str) -> bool:
@@ -89,7 +69,7 @@ def video_family(vae: ResolvedVae) -> VaeFamily:
         n = sum(scaling) if isinstance(scaling, (list, tuple)) else len(_config_value(cfg, cls, "layers_per_block")) - 1
         space = cfg.get("spatial_compression_ratio") or int(_config_value(cfg, cls, "patch_size")) * 2**n
         time = cfg.get("temporal_compression_ratio") or int(_config_value(cfg, cls, "patch_size_t")) * 2**n
-        found = _read_buffers(vae, ("latents_mean", "latents_std"), "the per-channel statistics LTX-2 normalises with")
+        found = read_buffers(vae, ("latents_mean", "latents_std"), "the per-channel statistics LTX-2 normalises with")
         stats = _vectors(vae, cls, channels, found["latents_mean"].tolist(), found["latents_std"].tolist())
         return _family(cls, channels, int(space), int(time), float(_config_value(cfg, cls, "scaling_factor")), stats)
     raise ModelLoadError(f"{cls or 'the VAE'} from {vae.source} is not a video VAE ({', '.join(VIDEO_CLASSES)})")
@@ -97,8 +77,8 @@ def video_family(vae: ResolvedVae) -> VaeFamily:
 
 def pixel_multiple(family: VaeFamily) -> int:
     """What a clip's bucket side must be a multiple of for the family's pipeline (Wan 2.1: 16, TI2V-5B: 32,
-    HunyuanVideo 1.5: 16, LTX-2: 32)."""
-    return family.downsample * VIDEO_CLASSES[family.cls].transformer_patch
+    HunyuanVideo 1.5: 16, LTX-2: 32): ``VaeFamily.pixel_multiple``, which the bucket checks read."""
+    return family.pixel_multiple
 
 
 def check_clip(family: VaeFamily, frames: int, height: int, width: int) -> None:
@@ -146,6 +126,10 @@ def encode_clip_raw(vae, family: VaeFamily, x: torch.Tensor, tiling: Tiling | No
     check_clip(family, frames, height, width)
     apply_tiling(vae, family, tiling)  # the VAE object is shared between calls: set every time
     with torch.inference_mode():
+        if family.cls == HUNYUAN15 and len(x) > 1:  # its mid-block attention builds a (B, L, L) mask that SDPA
+            # reads as (heads, L, L) against one head, so batches fail (diffusers 0.42.1): a clip at a time, as its
+            # pipelines and musubi-tuner encode one video
+            return torch.cat([vae.encode(clip[None]).latent_dist.parameters.float() for clip in x])
         moments = vae.encode(x).latent_dist.parameters  # LTX-2: 128 means ++ its one logvar channel repeated
         return moments.float()
 
@@ -161,16 +145,16 @@ def normalize_clip_latents(z: torch.Tensor, vae: dict) -> torch.Tensor:
       (``LTX2ConditionPipeline.prepare_latents``, image-to-video) leave ``scaling_factor`` out; it is 1.0 in
       the released weights' config, where the two agree.
     """
-    cls, z = vae["class"], z.float()
+    cls, z = vae.get("class"), z.float()
+    if cls not in VIDEO_CLASSES:
+        raise ValueError(f"the cache's latents are {cls}'s, not a video VAE's ({', '.join(VIDEO_CLASSES)})")
     if cls == HUNYUAN15:
         return z * float(vae["scaling_factor"])
     mean = torch.tensor(vae["latents_mean"], dtype=torch.float32).view(-1, 1, 1, 1)
     std = torch.tensor(vae["latents_std"], dtype=torch.float32).view(-1, 1, 1, 1)
     if cls == WAN:
         return (z - mean) * (1.0 / std)
-    if cls == LTX2:
-        return (z - mean) * float(vae["scaling_factor"]) / std
-    raise ValueError(f"{cls} is not a video VAE ({', '.join(VIDEO_CLASSES)})")
+    return (z - mean) * float(vae["scaling_factor"]) / std  # LTX-2
 
 
 def pack_ltx2_latents(z: torch.Tensor) -> torch.Tensor:

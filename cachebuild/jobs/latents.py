@@ -35,6 +35,8 @@ from cachebuild.engines.device import prefer_expandable_segments
 from cachebuild.engines.local import LocalEngine
 from cachebuild.errors import ConfigError, ItemError, StorageError
 from cachebuild.families.vae import DETERMINISTIC_CLASSES, VaeEncoder, VaeFamily, family_of, load_vae
+from cachebuild.families.video_tiling import tiling_fingerprint
+from cachebuild.families.video_vae import Tiling, release_decoder
 from cachebuild.hub import ResolvedVae, resolve_vae
 from cachebuild.images.load import LOADER_VERSION, read_size
 from cachebuild.images.musubi_buckets import MUSUBI_STEPS
@@ -43,6 +45,7 @@ from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_i
 from cachebuild.images.reads import TimedReads
 from cachebuild.jobs import latents_clips as clips
 from cachebuild.jobs.control import check_control, encode_controls, paired_scan
+from cachebuild.jobs.latents_tiling import RunTiling, run_budget
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
 from cachebuild.storage import is_url
@@ -87,16 +90,19 @@ def build_latents(
     summary = RunSummary(LATENTS, str(cfg.out))
     with open_output(cfg.out, cfg.manifest_dir) as manifest:  # a URL: cache.remote
         manifest.lock()
-        # unset pixel options continue a cache from before them the old way (images.pixels); --rebuild starts anew
-        pixels, pixel_fields = run_pixels(
-            cfg.color, cfg.alpha, cfg.alpha_mask, None if cfg.rebuild else manifest.fingerprint(LATENTS)
-        )
+        # unset pixel options (and --tiling auto) continue a cache the way it was started; --rebuild starts anew
+        existing = None if cfg.rebuild else manifest.fingerprint(LATENTS)
+        pixels, pixel_fields = run_pixels(cfg.color, cfg.alpha, cfg.alpha_mask, existing)
         weights = manifest.files_sha256(vae.weight_files)
-        fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields)
+        tiles = RunTiling(cfg, family, vae.config, dtype, existing)
+        fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields, tiles.tiling)
         scan = scan_files(cfg.dataset, clips.media_extensions(family), content_hash=cfg.hash_files, exclude=cfg.out)
         if family.video:  # each video becomes its clips (headers read once per new or changed file)
             clips.check_fingerprint_first(manifest, fingerprint, cfg.rebuild)
             scan = clips.expand_clips(manifest, scan, cfg, family)
+            if tiles.sized_by_clips:  # a new cache under --tiling auto: tiles only if its largest clip needs them
+                fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields, tiles.size_for(
+                    manifest, scan))  # fmt: skip
         if cfg.control is not None:  # items are (image, condition image) pairs: jobs.control
             scan, controls = paired_scan(scan, cfg.control, cfg.hash_files)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
@@ -114,7 +120,7 @@ def build_latents(
             batches = _plan_batches(manifest, cfg, family, summary, tally, batch, pixels)
             first = next(batches, None)  # plans the first chunk; None when no pending header could be read
             if first is not None:
-                stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family))
+                stages = LatentsStages(cfg, vae, family, dtype, _shard_header(cfg, family), tiling=tiles.tiling)
                 run = Run(manifest, summary, cfg.batch_size, cfg.vram_budget_bytes, times=times)
                 run.report = _reporter(run, tally, progress)
                 engine.run(itertools.chain([first], batches), stages, run)
@@ -147,6 +153,7 @@ class LatentsStages:
     dtype: DType  # the compute dtype, resolved for the run's device
     header: dict
     store: str = LATENTS
+    tiling: Tiling | None = None  # a video VAE's tiles for every clip of the run (jobs.latents_tiling)
 
     @property
     def fmt(self) -> str:
@@ -162,7 +169,11 @@ class LatentsStages:
 
     def open_encoder(self, device: torch.device) -> VaeEncoder:
         model = load_vae(self.vae, self.family, self.dtype.torch, device)
-        return VaeEncoder(model, self.family, device, self.dtype, self.cfg.latents, self.cfg.flip, self.cfg.seed)
+        cfg, budget = self.cfg, None
+        if self.family.video:  # caching never decodes; a video VAE's decoder is most of its weights
+            release_decoder(model)
+            budget = run_budget(cfg, device)  # for the reason a clip too large for the device fails with
+        return VaeEncoder(model, self.family, device, self.dtype, cfg.latents, cfg.flip, cfg.seed, self.tiling, budget)
 
     def write(self, sink: ShardSink, encoded: Encoded) -> None:
         """Per item: the stored tensors (sampled with the item's seed), cast to --dtype-out, checked finite."""
@@ -198,10 +209,12 @@ def _reporter(run: Run, tally: _Tally, progress: ProgressFn | None):
 
 
 def latents_fingerprint(
-    cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str, pixel_fields: dict | None = None
-) -> dict:
+    cfg: LatentsConfig, family: VaeFamily, dtype: str, weights: str, pixel_fields: dict | None = None,
+    tiling: Tiling | None = None,
+) -> dict:  # fmt: skip
     """Every setting that changes the bytes of a latent cache, and nothing else. ``pixel_fields``: what
-    ``images.pixels.run_pixels`` gave for the cache (None: those of a new cache with ``cfg``'s options)."""
+    ``images.pixels.run_pixels`` gave for the cache (None: those of a new cache with ``cfg``'s options);
+    ``tiling``: a video run's tiles (``jobs.latents_tiling``), recorded only where used."""
     b = cfg.buckets
     fp = {
         "vae": {
@@ -231,6 +244,7 @@ def latents_fingerprint(
         fp["control"] = True  # items are pairs with their condition images (jobs.control)
     if family.video:
         fp["clips"] = clips.clips_fingerprint(cfg, family)  # video families only: image caches keep matching
+        fp |= tiling_fingerprint(tiling)  # only when tiled: untiled caches (those built before tiles) still match
     if pixel_fields is None:
         pixel_fields = run_pixels(cfg.color, cfg.alpha, cfg.alpha_mask, None)[1]
     return fp | pixel_fields  # each only where set; a cache from before the modes keeps its loader_version

@@ -51,8 +51,8 @@ def check_clip_options(cfg: LatentsConfig, family: VaeFamily) -> None:
     if not family.video:
         if clips != ClipConfig():
             raise ConfigError(
-                f"--frames, --extract, --stride, --samples, --max-frames and --fps are for video VAEs (Wan); "
-                f"{family.cls} encodes images: drop them"
+                "--frames, --extract, --stride, --samples, --max-frames and --fps are for video VAEs (Wan, "
+                f"HunyuanVideo 1.5, LTX-2); {family.cls} encodes images: drop them"
             )
         return
     if is_url(cfg.dataset):

@@ -169,11 +169,14 @@ def _tiny_wan(torch, diffusers, ti2v: bool):
     )
 
 
-def _tiny_hunyuanvideo15(torch, diffusers):
+def _tiny_hunyuanvideo15(torch, diffusers, channels: int = 4):
     """Three blocks, the first two down in space and time: x4 in both (the real one: x16 in space)."""
     return diffusers.AutoencoderKLHunyuanVideo15(
-        latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1, spatial_compression_ratio=4
-    )
+        latent_channels=channels,
+        block_out_channels=(8, 16, max(16, 2 * channels)),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+    )  # its encoder averages the last block's channels in groups down to 2C: at least 2C of them
 
 
 def _tiny_ltx2(torch, diffusers):
@@ -203,10 +206,11 @@ def _tiny_ltx2(torch, diffusers):
 TINY_VIDEO_VAES = ("wan2.1", "wan2.2-ti2v", "hunyuanvideo-1.5", "ltx-2")  # make_tiny_video_vae's kinds
 
 
-def make_tiny_video_vae(path: Path, kind: str, seed: int = 0) -> Path:
+def make_tiny_video_vae(path: Path, kind: str, seed: int = 0, latent_channels: int = 4) -> Path:
     """Save a tiny video VAE of ``kind`` (one of :data:`TINY_VIDEO_VAES`) to ``path``: AutoencoderKLWan (Wan 2.1,
     or Wan 2.2 TI2V-5B's residual, patched variant), AutoencoderKLHunyuanVideo15 or AutoencoderKLLTX2Video, with a
-    few hundred thousand parameters and each class's frame rule (4k+1 frames; 8k+1 for LTX-2)."""
+    few hundred thousand parameters and each class's frame rule (4k+1 frames; 8k+1 for LTX-2). ``latent_channels``:
+    4, or for HunyuanVideo 1.5 its real 32 (what musubi-tuner's hv15 trainer takes; about 2M parameters)."""
     import diffusers
     import torch
 
@@ -214,11 +218,13 @@ def make_tiny_video_vae(path: Path, kind: str, seed: int = 0) -> Path:
     makers = {
         "wan2.1": lambda: _tiny_wan(torch, diffusers, ti2v=False),
         "wan2.2-ti2v": lambda: _tiny_wan(torch, diffusers, ti2v=True),
-        "hunyuanvideo-1.5": lambda: _tiny_hunyuanvideo15(torch, diffusers),
+        "hunyuanvideo-1.5": lambda: _tiny_hunyuanvideo15(torch, diffusers, latent_channels),
         "ltx-2": lambda: _tiny_ltx2(torch, diffusers),
     }
     if kind not in makers:
         raise ValueError(f"no tiny video VAE of kind {kind!r}; choose one of {', '.join(TINY_VIDEO_VAES)}")
+    if latent_channels != 4 and kind != "hunyuanvideo-1.5":
+        raise ValueError(f"the tiny {kind} VAE has 4 latent channels; only hunyuanvideo-1.5 takes others")
     makers[kind]().save_pretrained(path)
     return path
 

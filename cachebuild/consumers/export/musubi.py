@@ -140,6 +140,9 @@ ARCHS = {
 }
 
 
+CLIP_ARCHS = ("hv15",)  # video architectures, exported by modules of their own (musubi_hv15)
+
+
 def musubi_latent_name(path: str, original_size: tuple[int, int], arch: str) -> str:
     """``<stem>_<W:04d>x<H:04d>_<arch>.safetensors``: the latent cache musubi names after image ``path``."""
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -164,7 +167,7 @@ def export_musubi(
     Args:
         cache: the cache folder.
         to: musubi's cache directory for this dataset (created if missing; flat, as musubi reads it).
-        arch: qi, zi, f2d, f2k4b or f2k9b; None tells it from the cache where it can.
+        arch: qi, zi, f2d, f2k4b, f2k9b, qie, fk or hv15; None tells it from the cache where it can.
         overwrite: replace existing files whose contents differ.
         images: the image folder, to read each image's EXIF orientation and size as musubi will; default the
             folder the cache was built from.
@@ -179,7 +182,12 @@ def export_musubi(
     """
     start = time.monotonic()
     reader = open_cache(cache, text=False)
-    arch_ = ARCHS[_pick_arch(arch, reader)]
+    name = _pick_arch(arch, reader)
+    if name == "hv15":  # HunyuanVideo 1.5's clips: a module of their own
+        from cachebuild.consumers.export.musubi_hv15 import export_hv15
+
+        return export_hv15(cache, to, overwrite=overwrite, progress=progress)
+    arch_ = ARCHS[name]
     _check_vae(arch_, reader.fingerprint)
     pair_warnings = check_pairs(arch_, reader) if arch_.name in PAIRS else []  # refusals before any file
     root = Path(to)
@@ -330,8 +338,10 @@ def _image_problem(image: Path, original: tuple[int, int], exif: ExifMode = Exif
 
 def _pick_arch(arch: str | None, reader: CacheReader) -> str:
     if arch is not None:
-        if arch not in ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)} for musubi export, got {arch!r}")
+        if arch not in ARCHS and arch not in CLIP_ARCHS:
+            raise ConfigError(
+                f"--arch must be one of {', '.join([*ARCHS, *CLIP_ARCHS])} for musubi export, got {arch!r}"
+            )
         return arch
     cls = reader.fingerprint.get("vae", {}).get("class")
     text_family = (reader.text_fingerprint or {}).get("family")
@@ -341,6 +351,8 @@ def _pick_arch(arch: str | None, reader: CacheReader) -> str:
         return "fk"
     if cls == "AutoencoderKLQwenImage":
         return "qi"
+    if cls == "AutoencoderKLHunyuanVideo15":
+        return "hv15"
     if text_family == "z-image":
         return "zi"
     for a in ARCHS.values():  # a Flux.2 text cache names its variant
