@@ -131,3 +131,32 @@ def test_a_decode_read_that_blocks_fails_the_item(tmp_path, locked):
     loaded = load_batch([item], max_pixels=10**6)  # in a decode worker, once its header was read in time
     assert loaded.pixels is None
     assert loaded.failures[0][1].startswith("reading the file took longer than --read-timeout 0.5 s")
+
+
+def test_a_video_whose_header_read_blocks_fails_alone(tmp_path, tiny_wan_vae):
+    """A video's header is probed within --read-timeout too: the stalled one fails with the reason, the other
+    video's clips are encoded."""
+    import numpy as np
+
+    from cachebuild.testing.videos import write_video
+
+    ds = tmp_path / "clips"
+    frames = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    for name in ("a.mkv", "locked.mkv"):
+        write_video(ds / name, frames)
+    lease = Lease(ds / "locked.mkv")
+    try:
+        out = tmp_path / "cache"
+        cmd = [sys.executable, "-m", "cachebuild", "latents", str(ds), "--vae", str(tiny_wan_vae), "--out", str(out)]
+        cmd += ["--frames", "5", "--resolution", "32", "--min-bucket-reso", "16", "--bucket-reso-steps", "16"]
+        cmd += ["--workers", "0", "--device", "cpu", "-q", "--read-timeout", "1"]
+        run = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=WAIT_SECONDS)
+    finally:
+        lease.release()
+    assert run.returncode == 3, run.stderr
+    with Manifest.open(out, create=False) as m:
+        rows = list(m.items("latents"))
+    failed = [r for r in rows if r.status == "failed"]
+    assert [r.key for r in rows if r.status == "done"] == ["a@00000-005"]
+    assert [r.key for r in failed] == ["locked"], rows
+    assert failed[0].reason.startswith("reading the file took longer than --read-timeout 1 s"), failed[0].reason

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from fractions import Fraction
 
@@ -25,6 +24,7 @@ from cachebuild.errors import ConfigError, FingerprintMismatch, ItemError
 from cachebuild.families.vae import VaeFamily
 from cachebuild.images.load import read_size
 from cachebuild.images.plan import BucketPlan
+from cachebuild.images.reads import ReadTimedOut, TimedReads
 from cachebuild.keys import clip_key, fs_path, split_clip_key
 from cachebuild.sources.scan import ANIMATION_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from cachebuild.storage import is_url
@@ -129,8 +129,14 @@ def expand_clips(manifest: Manifest, scan: ScanResult, cfg: LatentsConfig, famil
             return entry | {"reason": f"could not read the video header: {type(exc).__name__}: {exc}"}
         return entry | {"header": header.as_json()}
 
-    with ThreadPoolExecutor(PROBE_THREADS) as pool:
-        fresh = dict(zip((f.path for f in stale), pool.map(read, stale), strict=True))
+    with TimedReads(PROBE_THREADS, cfg.read_timeout) as reads:  # a stalled file fails alone (images.reads)
+        results = reads.map(read, stale, what=lambda f: f.path)
+    fresh = {}
+    for f, result in zip(stale, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, ReadTimedOut):
+            raise result  # read() keeps every other failure as the file's reason: a bug
+        timed_out = {"fp": f.fingerprint, "settings": settings, "reason": str(result)}
+        fresh[f.path] = timed_out if isinstance(result, ReadTimedOut) else result
     remembered |= fresh
     manifest.set_meta_many(
         {HEADER_META + p: v for p, v in fresh.items()}, HEADER_META, [HEADER_META + p for p in remembered]
