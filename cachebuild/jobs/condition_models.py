@@ -34,7 +34,7 @@ class ConditionModels:
         self.root = cfg.dataset.resolve()
         self.vae_guard: GuardedForward | None = None
         self.encoder_guard: GuardedForward | None = None
-        self.processor = None
+        self.processor = _load_processor(conditions.encoder) if conditions.encoder is not None else None  # JSON only
         self.loads = 0
 
     def encode(self, row: ItemRow, info: dict, clips: dict, control: Path | None):
@@ -103,11 +103,6 @@ class ConditionModels:
     def _encoder_pixels(self, images: list) -> torch.Tensor | None:
         if self.conditions.encoder is None or not images:
             return None
-        if self.processor is None:
-            import transformers
-
-            cls, _, processor_cls, folder = self.conditions.encoder
-            self.processor = getattr(transformers, processor_cls).from_pretrained(folder)
         return self.module.encoder_pixels(self.processor, images)
 
     def _vae(self) -> GuardedForward:
@@ -152,6 +147,22 @@ def _load_encoder(encoder: tuple, dtype: torch.dtype, device: torch.device):
     except Exception as exc:  # transformers raises many types; one message naming the source
         raise ModelLoadError(f"could not load the image encoder from {folder}: {exc}") from exc
     return model.to(device).eval().requires_grad_(False)
+
+
+def _load_processor(encoder: tuple):
+    """The pipeline's image processor (the class its ``model_index.json`` names, as ``from_pretrained`` of the
+    pipeline loads it: without torchvision, transformers' PIL variant of it, which it says once; quietened here)."""
+    import transformers
+
+    _, _, cls, folder = encoder
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return getattr(transformers, cls).from_pretrained(folder)
+    except Exception as exc:  # transformers raises many types; one message naming the source
+        raise ModelLoadError(f"could not load the image processor from {folder}: {exc}") from exc
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
 
 
 def _open_image(path: Path, max_pixels: int, exif: ExifMode):
