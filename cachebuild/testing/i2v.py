@@ -53,13 +53,17 @@ def make_tiny_siglip(encoder: Path, processor: Path, seed: int = 0, init_scale: 
     return encoder
 
 
-def make_tiny_i2v_pipeline(path: Path, name: str, seed: int = 0) -> Path:
+def make_tiny_i2v_pipeline(path: Path, name: str, seed: int = 0, wan_channels: int | None = None) -> Path:
     """A pipeline folder of :data:`TINY_I2V` ``name`` holding what its conditions need: ``vae/`` and the image
     encoder (``image_encoder/`` with ``image_processor/`` for Wan 2.1, ``feature_extractor/`` for HunyuanVideo 1.5).
-    No text encoders: ``make_tiny_text_pipeline`` makes those."""
+    No text encoders: ``make_tiny_text_pipeline`` makes those. ``wan_channels``: a Wan 2.1 VAE of that many latent
+    channels (the real 16, for the musubi export) in place of the tiny one's 4."""
     cls, vae_kind, encoder, extra = TINY_I2V[name]
     path.mkdir(parents=True, exist_ok=True)
-    make_tiny_video_vae(path / "vae", vae_kind, seed)
+    if wan_channels is not None:
+        _make_wan_vae(path / "vae", wan_channels, seed)
+    else:
+        make_tiny_video_vae(path / "vae", vae_kind, seed)
     index: dict = {"_class_name": cls, "vae": ["diffusers", _vae_class(path / "vae")]} | extra
     if vae_kind == "ltx-2":
         config_file = path / "vae" / "config.json"
@@ -75,6 +79,20 @@ def make_tiny_i2v_pipeline(path: Path, name: str, seed: int = 0) -> Path:
     elif cls == "WanImageToVideoPipeline":  # Wan 2.2's I2V repositories name no image encoder
         index |= {"image_encoder": [None, None], "image_processor": [None, None]}
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def _make_wan_vae(path: Path, channels: int, seed: int) -> Path:
+    """A tiny ``AutoencoderKLWan`` (x4 in space and time) with ``channels`` latent channels."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    diffusers.AutoencoderKLWan(
+        base_dim=8, z_dim=channels, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+        latents_mean=torch.linspace(-1.0, 1.0, channels).tolist(), latents_std=torch.linspace(0.5, 3.0, channels).tolist(),
+        scale_factor_temporal=4, scale_factor_spatial=4,
+    ).save_pretrained(path)  # fmt: skip
     return path
 
 

@@ -140,7 +140,7 @@ ARCHS = {
 }
 
 
-CLIP_ARCHS = ("hv15",)  # video architectures, exported by modules of their own (musubi_hv15)
+CLIP_ARCHS = ("hv15", "wan")  # video architectures, exported by modules of their own (musubi_hv15)
 
 
 def musubi_latent_name(path: str, original_size: tuple[int, int], arch: str) -> str:
@@ -167,7 +167,8 @@ def export_musubi(
     Args:
         cache: the cache folder.
         to: musubi's cache directory for this dataset (created if missing; flat, as musubi reads it).
-        arch: qi, zi, f2d, f2k4b, f2k9b, qie, fk or hv15; None tells it from the cache where it can.
+        arch: qi, zi, f2d, f2k4b, f2k9b, qie, fk, hv15 or wan (clips: modules of their own); None tells it from
+            the cache where it can.
         overwrite: replace existing files whose contents differ.
         images: the image folder, to read each image's EXIF orientation and size as musubi will; default the
             folder the cache was built from.
@@ -187,6 +188,10 @@ def export_musubi(
         from cachebuild.consumers.export.musubi_hv15 import export_hv15
 
         return export_hv15(cache, to, overwrite=overwrite, progress=progress)
+    if name == "wan":  # Wan's clips: a module of their own
+        from cachebuild.consumers.export.musubi_wan import export_musubi_wan
+
+        return export_musubi_wan(cache, to, overwrite, images, progress)
     arch_ = ARCHS[name]
     _check_vae(arch_, reader.fingerprint)
     pair_warnings = check_pairs(arch_, reader) if arch_.name in PAIRS else []  # refusals before any file
@@ -353,6 +358,8 @@ def _pick_arch(arch: str | None, reader: CacheReader) -> str:
         return "qi"
     if cls == "AutoencoderKLHunyuanVideo15":
         return "hv15"
+    if cls == "AutoencoderKLWan":
+        return "wan"
     if text_family == "z-image":
         return "zi"
     for a in ARCHS.values():  # a Flux.2 text cache names its variant
