@@ -90,8 +90,8 @@ def _make_wan_vae(path: Path, channels: int, seed: int) -> Path:
     torch.manual_seed(seed)
     diffusers.AutoencoderKLWan(
         base_dim=8, z_dim=channels, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-        latents_mean=torch.linspace(-1.0, 1.0, channels).tolist(), latents_std=torch.linspace(0.5, 3.0, channels).tolist(),
-        scale_factor_temporal=4, scale_factor_spatial=4,
+        latents_mean=torch.linspace(-1.0, 1.0, channels).tolist(),
+        latents_std=torch.linspace(0.5, 3.0, channels).tolist(), scale_factor_temporal=4, scale_factor_spatial=4,
     ).save_pretrained(path)  # fmt: skip
     return path
 
