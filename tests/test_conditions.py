@@ -126,3 +126,34 @@ def test_options_that_cannot_apply_are_refused(setup, tmp_path, tiny_wan_vae):
     result = CliRunner().invoke(cli, ["latents", str(data), "--model", str(ti2v), "--out", str(out), *ARGS,
                                       "--last-frame"])  # fmt: skip
     assert result.exit_code == 2 and "no last frame" in result.output
+
+
+def test_stored_sizes_at_the_real_model_sizes():
+    """What README and docs/format.md say a clip's conditions take, from the released VAEs' and image encoders'
+    configs (CLIP-ViT-H/14 at 224, SigLIP so400m-patch14 at 384): the shapes verify expects, in fp16."""
+    from cachebuild.families import hunyuanvideo15_i2v, i2v, wan_i2v
+    from cachebuild.testing import video_vae_family
+
+    clip = wan_i2v.encoder_tokens({"vision_config": {"image_size": 224, "patch_size": 14, "hidden_size": 1280}})
+    siglip = hunyuanvideo15_i2v.encoder_tokens({"image_size": 384, "patch_size": 14, "hidden_size": 1152})
+    assert clip == (257, 1280) and siglip == (729, 1152)
+    cases = {  # (kind, VAE, (W, H, F), image encoder tokens) -> KiB per clip of each tensor
+        ("wan-i2v", "wan2.1", (832, 480, 81), clip): {"condition_latents": 4095.0, "image_embeds": 642.5},
+        ("wan-i2v", "wan2.1", (1280, 720, 81), clip): {"condition_latents": 9450.0, "image_embeds": 642.5},
+        ("wan-ti2v", "wan2.2-ti2v", (1280, 704, 121), None): {"condition_latents": 330.0},
+        ("hunyuanvideo-1.5-i2v", "hunyuanvideo-1.5", (848, 480, 121), siglip): {
+            "condition_latents": 99.375, "image_embeds": 1640.25},
+        ("hunyuanvideo-1.5-i2v", "hunyuanvideo-1.5", (1280, 720, 121), siglip): {
+            "condition_latents": 225.0, "image_embeds": 1640.25},
+        ("ltx-2-i2v", "ltx-2", (768, 512, 121), None): {"condition_latents": 96.0},
+        ("ltx-2-i2v", "ltx-2", (1280, 704, 121), None): {"condition_latents": 220.0},
+    }  # fmt: skip
+    for (kind, vae, (w, h, frames), tokens), want in cases.items():
+        family = video_vae_family(vae)
+        fingerprint = {
+            "vae": {"latent_channels": family.latent_channels, "downsample": family.downsample,
+                    "temporal_downsample": family.temporal_downsample},
+            "condition": {"kind": kind},
+        } | ({"image_encoder": {"tokens": list(tokens)}} if tokens else {})  # fmt: skip
+        shapes = i2v.expected_shapes(fingerprint, {"bucket": [w, h], "frames": frames})
+        assert {name: torch.Size(s).numel() * 2 / 1024 for name, s in shapes.items()} == want, (kind, w, h)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from cachebuild.families.i2v import CONDITION_LATENTS, latent_frames
+from cachebuild.families.video_vae import pack_ltx2_latents
 
 CRF = {"gemma3": 33, "gemma4": 18, "gemma4_unified": 18}  # resolve_default_image_crf, by the text encoder's type
 DEFAULT_CRF = 33  # DEFAULT_IMAGE_CRF: LTX-2 (Gemma 3)
@@ -53,13 +54,14 @@ def prepare(kind: str, images: list, shape: tuple[int, int, int], crf: int = DEF
 
 
 def condition_inputs(rec: dict, vae: dict) -> dict[str, torch.Tensor]:
-    """``init_latents`` (C, F', h, w): the image's normalised latents repeated over the clip's latent frames, and
-    ``conditioning_mask`` (F' * h * w,): 1 at latent frame 0's tokens; what ``prepare_latents`` builds before it
-    mixes in noise (``init_latents * mask + noise * (1 - mask)``, then packed), without the batch dimension."""
+    """``init_latents`` (F' * h * w, C): the image's normalised latents repeated over the clip's latent frames,
+    packed into tokens like the clip's ``latents``; ``conditioning_mask`` (F' * h * w,): 1 at latent frame 0's
+    tokens. ``prepare_latents`` hands on ``pack(init_latents * mask + noise * (1 - mask))`` and the mask; without
+    the batch dimension."""
     mean = torch.tensor(vae["latents_mean"], dtype=torch.float32).view(-1, 1, 1, 1)
     std = torch.tensor(vae["latents_std"], dtype=torch.float32).view(-1, 1, 1, 1)
     z = (rec[CONDITION_LATENTS].float() - mean) / std  # (C, 1, h, w): no scaling_factor on this path
     frames = latent_frames(rec["frames"], vae)
     mask = torch.zeros(frames, *z.shape[2:])
     mask[0] = 1.0
-    return {"init_latents": z.repeat(1, frames, 1, 1), "conditioning_mask": mask.flatten()}
+    return {"init_latents": pack_ltx2_latents(z.repeat(1, frames, 1, 1)), "conditioning_mask": mask.flatten()}

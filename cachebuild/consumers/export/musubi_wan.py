@@ -35,12 +35,12 @@ import torch
 
 from cachebuild.consumers.export.files import Progress, safetensors_bytes, same_safetensors, write_checked
 from cachebuild.consumers.export.kohya import ExportSummary
-from cachebuild.consumers.export.musubi import (
+from cachebuild.consumers.export.musubi_images import (
     FORMAT_VERSION,
-    _bucket_rule,
-    _centre_crop,
-    _image_root,
-    _refusal,
+    bucket_rule,
+    centre_crop,
+    image_refusal,
+    image_root,
     musubi_latent_name,
 )
 from cachebuild.consumers.reader import CacheReader, open_cache
@@ -71,13 +71,13 @@ def export_musubi_wan(cache, to, overwrite: bool = False, images=None, progress:
     text = _text_reader(cache, reader, summary)
     keys = reader.keys()
     clips = any(split_clip_key(k) for k in keys)
-    stills = None if clips else (_image_root(reader, images), _bucket_rule(reader.fingerprint))
+    stills = None if clips else (image_root(reader, images), bucket_rule(reader.fingerprint))
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()} if stills else {}
     stems: dict[str, str] = {}
     texts: set[str] = set()
     for done, key in enumerate(keys, 1):
         if stills:
-            reason = _refusal(reader, key, paths.get(key), stills[0], stills[1], stems)
+            reason = image_refusal(reader, key, paths.get(key), stills[0], stills[1], stems)
         else:
             reason = _clip_refusal(reader, key, stems)
         if reason:
@@ -168,7 +168,7 @@ def _clip_refusal(reader: CacheReader, key: str, stems: dict[str, str]) -> str |
             f"encoded at bucket {bucket[0]}x{bucket[1]}, musubi's video caching picks {want[0]}x{want[1]} for a "
             f"{original[0]}x{original[1]} video; rebuild the latents with --buckets musubi (no --bucket-no-upscale)"
         )
-    if tuple(info.get("crop", (0, 0))) != _centre_crop(original, bucket):
+    if tuple(info.get("crop", (0, 0))) != centre_crop(original, bucket):
         return "random crop: musubi crops at the centre; rebuild without --random-crop"
     return None
 
