@@ -62,8 +62,7 @@ def plan_conditions(cfg: LatentsConfig, vae: ResolvedVae, family: VaeFamily) -> 
         ConfigError: naming the fix (a model without conditions given --last-frame, conditions with --engine ray
             or --flip-aug, a VAE that is not the pipeline's).
     """
-    root, index = _pipeline(cfg)
-    kind = i2v.detect_kind(cfg.model.preset, index)
+    kind = _model_kind(cfg, family)
     if kind is None:
         check_control(cfg, vae, family)  # FLUX.1 Kontext's --control, or its refusal
         if cfg.last_frame:
@@ -81,9 +80,9 @@ def plan_conditions(cfg: LatentsConfig, vae: ResolvedVae, family: VaeFamily) -> 
         raise ConfigError(f"{kind.name} conditions are made for the clip as it is, not mirrored; drop --flip-aug")
     if cfg.last_frame and not kind.last_frame:
         raise ConfigError(f"--last-frame is for Wan's image-to-video models; {kind.name} has no last frame: drop it")
+    root, index = _pipeline_files(cfg, kind)
     encoder = None
     if i2v.uses_encoder(kind, index):
-        root = _with_encoder(cfg, root, kind)
         folders = (root / kind.encoder, root / kind.processor)
         if not all(f.is_dir() for f in folders):
             raise ConfigError(f"{root} names an {kind.encoder} but has no {kind.encoder}/ and {kind.processor}/ "
@@ -221,24 +220,38 @@ def _done_infos(manifest: Manifest, keys: list[str]) -> dict[str, dict]:
     return {k: json.loads(info) for k, info in rows}
 
 
-def _pipeline(cfg: LatentsConfig) -> tuple[Path | None, dict | None]:
-    """The pipeline folder ``--model`` names and its ``model_index.json`` (fetched alone from the hub), or Nones
-    for a run given only ``--vae``."""
-    if cfg.model.model is None:
-        return None, None
-    source = cfg.model.pipeline
-    path = Path(source).expanduser()
-    root = path if path.is_dir() else fetch_hub_folder(source, ["model_index.json"], cfg.model.revision)
+def _model_kind(cfg: LatentsConfig, family: VaeFamily) -> i2v.ConditionKind | None:
+    """The kind of conditions of the model ``cfg`` names: a preset says it with no file read; a pipeline folder or
+    hub id of a video VAE by its ``model_index.json`` (from the hub, that file alone); None for an image model, a
+    text-to-video one, or a run given only ``--vae``."""
+    preset = cfg.model.preset
+    if preset is not None:
+        return i2v.KINDS[i2v.PRESET_KINDS[preset]] if preset in i2v.PRESET_KINDS else None
+    if cfg.model.model is None or not family.video:
+        return None
+    path = Path(cfg.model.pipeline).expanduser()
+    root = path if path.is_dir() else fetch_hub_folder(cfg.model.pipeline, ["model_index.json"], cfg.model.revision)
+    return i2v.detect_kind(None, _read_index(root))
+
+
+def _pipeline_files(cfg: LatentsConfig, kind: i2v.ConditionKind) -> tuple[Path, dict | None]:
+    """The pipeline folder and its ``model_index.json``, with what the kind's conditions read (its image encoder
+    and processor; LTX-2's text encoder config, which says the CRF): the local folder, or fetched from the hub."""
+    path = Path(cfg.model.pipeline).expanduser()
+    if path.is_dir():
+        return path, _read_index(path)
+    patterns = ["model_index.json"]
+    if kind.encoder is not None:
+        patterns += [f"{kind.encoder}/*.json", f"{kind.encoder}/*.safetensors", f"{kind.processor}/*.json"]
+    if kind.name == "ltx-2-i2v":
+        patterns.append("text_encoder/config.json")
+    root = fetch_hub_folder(cfg.model.pipeline, patterns, cfg.model.revision)
+    return root, _read_index(root)
+
+
+def _read_index(root: Path) -> dict | None:
     index = root / "model_index.json"
-    return root, (json.loads(index.read_text()) if index.is_file() else None)
-
-
-def _with_encoder(cfg: LatentsConfig, root: Path, kind: i2v.ConditionKind) -> Path:
-    """The pipeline folder with its image encoder and processor (fetched from the hub where not local)."""
-    if Path(cfg.model.pipeline).expanduser().is_dir():
-        return root
-    patterns = [f"{kind.encoder}/*.json", f"{kind.encoder}/*.safetensors", f"{kind.processor}/*.json"]
-    return fetch_hub_folder(cfg.model.pipeline, ["model_index.json", *patterns], cfg.model.revision)
+    return json.loads(index.read_text()) if index.is_file() else None
 
 
 def _files_hash(files: list[Path]) -> str:
