@@ -125,6 +125,9 @@ def test_wan21_first_frame_conditions_equal_the_pipelines(data, wan21):
         assert got["latents"].shape == (4, f, 8, 8)
     report = json.loads(CliRunner().invoke(cli, ["verify", str(out), "--json"]).output)
     assert report["ok"] and "control" in report["stores"], report
+    loader = torch.utils.data.DataLoader(cache.dataset(), batch_sampler=cache.bucket_sampler(batch_size=4))
+    for batch in loader:  # a bucket's conditions stack as its latents do
+        assert batch["condition_latents"].shape[:2] == (len(batch["key"]), 4) and batch["image_embeds"].ndim == 4
 
 
 def test_grey_frames_the_mask_the_layer_the_frame_and_the_normalisation_are_each_checked(data, wan21):
@@ -202,3 +205,18 @@ def test_wan22_i2v_and_ti2v(data, name):
     fingerprint = cache.control_fingerprint
     assert fingerprint["condition"] == {"kind": "wan-ti2v" if ti2v else "wan-i2v", "image": "first-frame"}
     assert "image_encoder" not in fingerprint
+
+
+@pytest.mark.gpu
+def test_conditions_on_cuda_equal_the_cpus(data, wan21):
+    """The same conditions built on a CUDA device (the VAE and CLIP there) as on the CPU, within fp32's kernel noise."""
+    pipe, cpu = wan21
+    out = data / "cache-cuda"
+    args = ["latents", str(data / "data"), "--model", str(pipe), "--out", str(out), *CLIP_ARGS, "--latents", "mean"]
+    args += ["--workers", "0", "--device", "cuda", "--dtype", "fp32", "--dtype-out", "fp32", "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    a, b = open_cache(cpu), open_cache(out)
+    for key in a:
+        for name in ("condition", "image_embeds"):
+            got, want = b.pipeline_inputs(key, family="wan")[name], a.pipeline_inputs(key, family="wan")[name]
+            assert relative_difference(got, want) <= 1e-4, (key, name)

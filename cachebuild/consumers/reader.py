@@ -207,7 +207,8 @@ class CacheReader:
         """The item's tensors exactly as the family's diffusers pipeline hands them to its denoiser, under the
         pipeline's own names and without the batch dimension: ``latents`` normalised as the pipeline normalises
         them (in its layout before any packing), and what ``encode_prompt`` returns (``prompt_embeds``,
-        ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
+        ``pooled_prompt_embeds``, ...); for a clip of an image-to-video cache, its conditions too (``condition``,
+        ``image_embeds``, ...: ``families.i2v``). See docs/format.md for each family.
 
         Args:
             family: one of ``cachebuild.families.MODULES`` (``sdxl``, ``flux``, ``qwen-image``, ``flux2``,

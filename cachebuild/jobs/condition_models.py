@@ -27,7 +27,7 @@ class ConditionModels:
     """Makes each clip's stored conditions; ``close`` frees the models and counts the guards' work."""
 
     def __init__(self, manifest: Manifest, conditions, sources: tuple[ResolvedVae, VaeFamily], run: tuple, cfg):
-        dtype, device = run  # the compute dtype and the device
+        dtype, device, self.tiling = run  # the compute dtype, the device, the tiles of a whole condition clip
         self.manifest, self.conditions, (self.vae, self.family) = manifest, conditions, sources
         self.dtype, self.device, self.cfg = dtype.torch, device, cfg  # cfg: the run's LatentsConfig
         self.module = i2v.kind_module(conditions.kind)
@@ -110,10 +110,10 @@ class ConditionModels:
             model = load_vae(self.vae, self.family, self.dtype, self.device)
             release_decoder(model)  # conditions only encode
             self.loads += 1
-            channels, device, family = self.family.latent_channels, self.device, self.family
+            channels, device, family, tiling = self.family.latent_channels, self.device, self.family, self.tiling
 
             def forward(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> list[torch.Tensor]:
-                moments = encode_clip_raw(model, family, inputs[0].to(device, dtype))  # (B, 2C, F_c, h, w)
+                moments = encode_clip_raw(model, family, inputs[0].to(device, dtype), tiling)  # (B, 2C, F_c, h, w)
                 return list(moments[:, :channels].cpu())  # the mean: sample_mode="argmax"
 
             self.vae_guard = GuardedForward(model, device, self.dtype, forward, "VAE")

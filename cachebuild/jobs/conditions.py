@@ -34,6 +34,7 @@ from cachebuild.config import DType, EngineKind, LatentsConfig
 from cachebuild.errors import ConfigError
 from cachebuild.families import i2v
 from cachebuild.families.vae import VaeFamily
+from cachebuild.families.video_tiling import tiling_of_fingerprint
 from cachebuild.hub import ResolvedVae, fetch_hub_folder, weight_files
 from cachebuild.jobs.condition_models import ConditionModels
 from cachebuild.jobs.control import check_control
@@ -112,6 +113,8 @@ def conditions_fingerprint(conditions: Conditions, latents_fp: dict, cfg: Latent
         "format": cfg.format.value,
         "loader_version": CONDITION_LOADER_VERSION,
     }
+    if conditions.kind.clip_frames and "tiling" in latents_fp:  # a whole condition clip, in the clips' own tiles
+        fp["tiling"] = latents_fp["tiling"]
     if conditions.encoder is not None:
         cls, folder, processor_cls, processor = conditions.encoder
         config = json.loads((folder / "config.json").read_text())
@@ -160,7 +163,8 @@ def encode_conditions(
             "condition": conditions.kind.name,
             "dtype": cfg.dtype_out.value,
         }
-        models = ConditionModels(manifest, conditions, (vae, family), (dtype, device), cfg)
+        tiling = tiling_of_fingerprint(fingerprint)  # Wan I2V's condition clips: the clips' tiles; else whole frames
+        models = ConditionModels(manifest, conditions, (vae, family), (dtype, device, tiling), cfg)
         with ShardSink(manifest, CONTROL, cfg.format.value, cfg.shard_bytes, header, part) as sink:
             _encode_pending(manifest, models, fingerprint, paths, sink)
         models.close(part)
