@@ -43,7 +43,9 @@ def i2v_cache(tmp_path_factory) -> Path:
     for i, (key, (n, size)) in enumerate(VIDEOS.items()):
         write_video(data / f"{key}.mkv", clip_frames(n, size, seed=i))
         (data / f"{key}.txt").write_text(f"caption of {key}")
-    pipe = make_tiny_i2v_pipeline(root / "pipe", "wan2.1-i2v", wan_channels=16)  # musubi's Wan: 16 channels
+    write_video(data / "turned.mkv", clip_frames(5, (32, 32), seed=9), rotation=90)  # shown rotated
+    (data / "turned.txt").write_text("caption of turned")
+    pipe = make_tiny_i2v_pipeline(root / "pipe", "wan2.1-i2v", channels=16)  # musubi's Wan: 16 channels
     text = make_tiny_text_pipeline(root / "text", "wan")
     out = root / "cache"
     invoke("latents", str(data), "--model", str(pipe), "--out", str(out), "--frames", "5,9", *ARGS)
@@ -88,7 +90,8 @@ def test_clips_conditions_and_text_load_by_musubi_rules(i2v_cache, tmp_path):
     summary = json.loads(invoke("export", str(i2v_cache), "--format", "musubi", "--to", str(folder), "--json"))
     assert summary["family"] == "wan"  # told from the cache
     refused = {s["key"]: s["reason"] for s in summary["skipped"]}
-    assert sorted(refused) == ["walk@00000-005", "walk@00000-009"] and "same file stem" in refused["walk@00000-005"]
+    assert sorted(refused) == ["turned@00000-005", "walk@00000-005", "walk@00000-009"]
+    assert "same file stem" in refused["walk@00000-005"] and "rotated" in refused["turned@00000-005"]
     assert any("centre 224 crop" in w for w in summary["warnings"])
     cache = open_cache(i2v_cache)
     buckets = musubi_video_load(folder)
@@ -129,7 +132,7 @@ def test_stills_t2v_and_refusals(tmp_path):
     for i, size in enumerate([(32, 32), (48, 32)]):
         write_image(data / f"img{i}.png", size, seed=i)
     out = tmp_path / "t2v"
-    vae = make_tiny_i2v_pipeline(tmp_path / "t2v-pipe", "wan2.2-i2v", wan_channels=16) / "vae"  # its VAE alone
+    vae = make_tiny_i2v_pipeline(tmp_path / "t2v-pipe", "wan2.2-i2v", channels=16) / "vae"  # its VAE alone
     invoke("latents", str(data), "--vae", str(vae), "--out", str(out), *ARGS)
     folder = tmp_path / "musubi"
     summary = json.loads(invoke("export", str(out), "--format", "musubi", "--to", str(folder), "--json"))

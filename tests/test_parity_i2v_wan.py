@@ -70,13 +70,15 @@ def frames_of(root: Path, key: str) -> np.ndarray:
     return clip_frames(VIDEOS[video], SIZE, seed=list(VIDEOS).index(video))[start : start + n]
 
 
-def reference(pipe_folder: Path, image, frames: int, last_image=None, **config):
+def reference(pipe_folder: Path, image, frames: int, last_image=None, tiles=None, **config):
     """What ``WanImageToVideoPipeline.__call__`` hands its transformer for ``image``: (prepare_latents' outputs
-    after the noise, encode_image's output or None)."""
+    after the noise, encode_image's output or None); ``tiles`` (tile, stride) turns the VAE's own tiling on."""
     import diffusers
     import transformers
 
     vae = diffusers.AutoencoderKLWan.from_pretrained(pipe_folder / "vae").eval()
+    if tiles is not None:
+        vae.enable_tiling(tiles[0], tiles[0], tiles[1], tiles[1])
     encoder = processor = None
     if (pipe_folder / "image_encoder").is_dir():
         encoder = transformers.CLIPVisionModel.from_pretrained(pipe_folder / "image_encoder").eval()
@@ -205,6 +207,20 @@ def test_wan22_i2v_and_ti2v(data, name):
     fingerprint = cache.control_fingerprint
     assert fingerprint["condition"] == {"kind": "wan-ti2v" if ti2v else "wan-i2v", "image": "first-frame"}
     assert "image_encoder" not in fingerprint
+
+
+def test_tiled_clips_get_their_conditions_in_the_same_tiles(data, wan21):
+    """A cache whose clips were encoded in tiles encodes each condition clip in those tiles, as the pipeline does with
+    its VAE's tiling on; recorded in the conditions' fingerprint."""
+    pipe, _ = wan21
+    _, out = build(data, "wan2.1-i2v", "--tiling", "on", "--tile-size", "16", "--tile-stride", "8")
+    cache = open_cache(out)
+    assert cache.control_fingerprint["tiling"] == {"tile": 16, "stride": 8} == cache.fingerprint["tiling"]
+    image = Image.fromarray(frames_of(data, "walk@00000-009")[0])
+    got = cache.pipeline_inputs("walk@00000-009", family="wan")["condition"]
+    (tiled,), _ = reference(pipe, image, 9, tiles=(16, 8))
+    (whole,), _ = reference(pipe, image, 9)
+    assert relative_difference(got, tiled[0]) <= TOLERANCE < WRONG < relative_difference(got, whole[0])
 
 
 @pytest.mark.gpu

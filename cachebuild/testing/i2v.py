@@ -53,17 +53,17 @@ def make_tiny_siglip(encoder: Path, processor: Path, seed: int = 0, init_scale: 
     return encoder
 
 
-def make_tiny_i2v_pipeline(path: Path, name: str, seed: int = 0, wan_channels: int | None = None) -> Path:
+def make_tiny_i2v_pipeline(path: Path, name: str, seed: int = 0, channels: int | None = None) -> Path:
     """A pipeline folder of :data:`TINY_I2V` ``name`` holding what its conditions need: ``vae/`` and the image
     encoder (``image_encoder/`` with ``image_processor/`` for Wan 2.1, ``feature_extractor/`` for HunyuanVideo 1.5).
-    No text encoders: ``make_tiny_text_pipeline`` makes those. ``wan_channels``: a Wan 2.1 VAE of that many latent
-    channels (the real 16, for the musubi export) in place of the tiny one's 4."""
+    No text encoders: ``make_tiny_text_pipeline`` makes those. ``channels``: a Wan or HunyuanVideo 1.5 VAE with that
+    many latent channels (the real 16 or 32, which musubi's trainers take) in place of the tiny ones' 4."""
     cls, vae_kind, encoder, extra = TINY_I2V[name]
     path.mkdir(parents=True, exist_ok=True)
-    if wan_channels is not None:
-        _make_wan_vae(path / "vae", wan_channels, seed)
+    if channels is not None and vae_kind.startswith("wan"):
+        _make_wan_vae(path / "vae", channels, seed)
     else:
-        make_tiny_video_vae(path / "vae", vae_kind, seed)
+        make_tiny_video_vae(path / "vae", vae_kind, seed, **({"latent_channels": channels} if channels else {}))
     index: dict = {"_class_name": cls, "vae": ["diffusers", _vae_class(path / "vae")]} | extra
     if vae_kind == "ltx-2":
         config_file = path / "vae" / "config.json"

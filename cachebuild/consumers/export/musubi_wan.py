@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cachebuild.cache.manifest import Manifest
 from cachebuild.consumers.export.files import Progress, safetensors_bytes, same_safetensors, write_checked
 from cachebuild.consumers.export.kohya import ExportSummary
 from cachebuild.consumers.export.musubi_images import (
@@ -47,6 +48,7 @@ from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
 from cachebuild.images.musubi_buckets import musubi_bucket
 from cachebuild.keys import fs_path, split_clip_key
+from cachebuild.video.probe import HEADER_META
 
 ARCH, FULL = "wan", "wan"  # musubi's ARCHITECTURE_WAN and ARCHITECTURE_WAN_FULL
 CHANNELS = 16  # Wan 2.1 / 2.2 A14B's VAE; TI2V-5B's 48 have no musubi architecture
@@ -72,14 +74,16 @@ def export_musubi_wan(cache, to, overwrite: bool = False, images=None, progress:
     keys = reader.keys()
     clips = any(split_clip_key(k) for k in keys)
     stills = None if clips else (image_root(reader, images), bucket_rule(reader.fingerprint))
-    paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()} if stills else {}
+    sources = reader.source_paths()
+    paths = {key: fs_path(rel) for key, rel in sources.items()} if stills else {}
+    rotated = {} if stills else _rotations(reader, set(sources.values()))
     stems: dict[str, str] = {}
     texts: set[str] = set()
     for done, key in enumerate(keys, 1):
         if stills:
             reason = image_refusal(reader, key, paths.get(key), stills[0], stills[1], stems)
         else:
-            reason = _clip_refusal(reader, key, stems)
+            reason = _clip_refusal(reader, key, stems) or _rotated(rotated.get(sources.get(key, ""), 0))
         if reason:
             summary.skipped.append({"key": key, "reason": reason})
         else:
@@ -171,6 +175,22 @@ def _clip_refusal(reader: CacheReader, key: str, stems: dict[str, str]) -> str |
     if tuple(info.get("crop", (0, 0))) != centre_crop(original, bucket):
         return "random crop: musubi crops at the centre; rebuild without --random-crop"
     return None
+
+
+def _rotations(reader: CacheReader, videos: set[str]) -> dict[str, int]:
+    """{video path: degrees its display matrix turns it} from the headers the manifest remembers."""
+    with Manifest.open(reader.root, read_only=True) as m:
+        entries = {path: (m.get_meta(HEADER_META + path) or {}).get("header") or {} for path in videos}
+    return {path: int(entry.get("rotation", 0)) for path, entry in entries.items()}
+
+
+def _rotated(degrees: int) -> str | None:
+    if not degrees:
+        return None
+    return (
+        f"the video is shown rotated ({degrees} degrees): musubi decodes its frames unrotated, so its own caching "
+        "would cut other buckets and pixels; rotate the file itself to export it"
+    )
 
 
 def _check(reader: CacheReader) -> list[str]:
