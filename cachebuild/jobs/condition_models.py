@@ -45,8 +45,8 @@ class ConditionModels:
             options = {"crf": self.conditions.crf} if self.conditions.crf is not None else {}
             pixels, seen = self.module.prepare(self.conditions.kind.name, images, shape, **options)
             encoder_pixels = self._encoder_pixels(seen)
-        except ItemError as exc:
-            return f"the condition image cannot be read: {exc}"
+        except ItemError as exc:  # a frame that no longer decodes, a one-frame item with --last-frame: the reason
+            return str(exc)
         except Exception as exc:  # per-item boundary: Pillow, PyAV and the processors raise many types
             return f"the condition image ({_name(control)}) cannot be used: {type(exc).__name__}: {exc}"
         out_dtype = self.cfg.dtype_out.torch

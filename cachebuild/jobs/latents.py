@@ -129,9 +129,9 @@ def build_latents(
                 engine.run(itertools.chain([first], batches), stages, run)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
-        if conditions is not None:
-            run = (dtype, device, controls if cfg.control is not None else {})
-            encode_conditions(manifest, cfg, conditions, (vae, family, conditions_fp), run, summary)
+        if conditions is not None:  # after the clips: each made from its clip's record
+            images = controls if cfg.control is not None else {}
+            encode_conditions(manifest, cfg, conditions, (vae, family, conditions_fp), (dtype, device, images), summary)
         return finish_run(manifest, summary, start)
 
 
