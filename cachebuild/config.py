@@ -196,9 +196,11 @@ PRESETS |= {  # the video families' diffusers repositories, as their pipelines' 
     "hunyuanvideo-1.5-i2v": HUNYUANVIDEO15_REPO.format("480p_i2v"),
     "hunyuanvideo-1.5-720p-i2v": HUNYUANVIDEO15_REPO.format("720p_i2v"),
     "ltx-2": "Lightricks/LTX-2",  # LTX2Pipeline's and LTX2ImageToVideoPipeline's docstrings: one repository
+    "ltx-2-i2v": "Lightricks/LTX-2",  # the same repository, its image-to-video pipeline (families.i2v)
     "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",  # FluxKontextPipeline's docstring
 }
 PRESET_FAMILY |= {name: "wan" for name in PRESETS if name.startswith("wan2.")}
+PRESET_FAMILY["ltx-2-i2v"] = "ltx-2"
 PRESET_FAMILY |= {
     name: "hunyuanvideo-1.5" for name in ("hunyuanvideo-1.5-720p", "hunyuanvideo-1.5-i2v", "hunyuanvideo-1.5-720p-i2v")
 }
@@ -329,7 +331,9 @@ class LatentsConfig:
     alpha_mask: bool = False  # also store each image's alpha channel at bucket size (sd-scripts' --alpha_mask)
     clips: ClipConfig = field(default_factory=ClipConfig)  # how videos become clips (video families only)
     read_timeout: float = READ_TIMEOUT_SECONDS  # one file's read (header or bytes) may take this long, then fails
-    control: Path | None = None  # flux-kontext: the folder of condition images, one per image key (jobs.control)
+    control: Path | None = None  # flux-kontext: the folder of condition images, one per image key (jobs.control);
+    # image-to-video models: one per video (or image) key, instead of each clip's first frame (jobs.conditions)
+    last_frame: bool = False  # Wan I2V: condition on each clip's last frame too (the pipeline's last_image)
     tiling: TilingMode = TilingMode.AUTO  # video VAEs: spatial tiles (families.video_vae.resolve_tiling)
     tile_size: int | None = None  # tiled: tile side in image pixels; None: the VAE's own (256; LTX-2 512)
     tile_stride: int | None = None  # tiled: pixels between tile starts; None: the VAE's own (192; LTX-2 448)

@@ -186,6 +186,8 @@ def test_wrong_arch_and_missing_images_are_refused(zimage, tmp_path):
     with pytest.raises(ConfigError, match="AutoencoderKLQwenImage"):
         export_musubi(zimage, tmp_path, arch="qi")
     with pytest.raises(ConfigError, match="--arch must be one of"):
+        export_musubi(zimage, tmp_path, arch="fp")  # FramePack: not exported
+    with pytest.raises(ConfigError, match="AutoencoderKLWan"):
         export_musubi(zimage, tmp_path, arch="wan")
     with pytest.raises(ConfigError, match="--images"):
         export_musubi(zimage, tmp_path, arch="zi", images=tmp_path / "nope")

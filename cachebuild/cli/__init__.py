@@ -318,7 +318,7 @@ def rebuild_manifest(cache, as_json):
 @click.option("--family", type=click.Choice(["sd", "sdxl", "flux", "sd3", "lumina"]), help="kohya: model family.")
 @click.option(
     "--arch",
-    type=click.Choice(["qi", "qie", "zi", "fk", "f2d", "f2k4b", "f2k9b", "hv15"]),
+    type=click.Choice(["qi", "qie", "zi", "fk", "f2d", "f2k4b", "f2k9b", "hv15", "wan"]),
     help="musubi: architecture.",
 )
 @click.option("--images", type=click.Path(path_type=Path), help="musubi: image folder (default: the one cached).")

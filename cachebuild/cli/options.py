@@ -89,7 +89,7 @@ vae_options = option_group(  # where the VAE comes from: latents and preview
         help="Preset (sd15, sd2, sdxl, sd3, sd35-large, sd35-medium, flux, chroma, z-image, qwen-image, flux2-dev, "
         "flux2-klein-4b, flux2-klein-9b, hidream, lumina2, sana, flux-kontext; video: wan2.1-t2v-1.3b, wan2.1-t2v-14b, "
         "wan2.2-t2v-a14b, wan2.1-i2v-14b-480p|-720p, wan2.2-i2v-a14b, wan2.2-ti2v-5b, hunyuanvideo-1.5[-720p][-i2v], "
-        "ltx-2), pipeline hub id or local pipeline folder.",
+        "ltx-2[-i2v]), pipeline hub id or local pipeline folder.",
     ),
     click.option("--vae", help="VAE hub id, local diffusers folder, or a single .safetensors file."),
     click.option("--vae-config", help="Config folder or hub id for a single-file --vae (default: --model's)."),
@@ -189,8 +189,10 @@ latents_options = option_group(  # what is stored per image and how the encoder 
         "--control",
         type=click.Path(path_type=Path, file_okay=False),
         help="flux-kontext: folder of condition images, one per image, keyed alike; encoded as the pipeline "
-        "encodes its reference image.",
+        "encodes its reference image. Image-to-video models: one per video, keyed like it (default: each clip's "
+        "first frame).",
     ),
+    click.option("--last-frame", is_flag=True, help="Wan I2V: condition on each clip's last frame too (last_image)."),
     click.option("--hash", "hash_files", is_flag=True, help="Fingerprint files by content too (slower scan)."),
     click.option(
         "--read-timeout",
@@ -357,6 +359,7 @@ def latents_config(dataset: Path, o: dict):
         clips=clip_config(o),  # cli.clips
         read_timeout=o["read_timeout"],
         control=o.get("control"),
+        last_frame=bool(o.get("last_frame")),
         tiling=TilingMode(o.get("tiling") or "auto"),
         tile_size=o.get("tile_size"),
         tile_stride=o.get("tile_stride"),

@@ -118,6 +118,7 @@ class CacheReader:
                 )
             text_rows = _text_rows(conn) if joined else []
             self._control = {k: (shard, size) for k, shard, size in _control_rows(conn)}  # flux-kontext pairs
+            self.control_fingerprint = manifest.fingerprint(CONTROL)  # or image-to-video conditions (families.i2v)
         self._text: dict[str, tuple[str, str, str]] = {k: (shard, tid, tokens) for k, shard, tid, tokens in text_rows}
         self._clips = "clips" in self.fingerprint  # a video cache: a clip's caption is its video's
         self.unmatched: dict[str, list[str]] = {"latents_only": [], "text_only": []}
@@ -175,11 +176,23 @@ class CacheReader:
             record |= {"source": info["source"], "start": info["start"], "frames": info["frames"], "fps": info["fps"]}
         if self.text_key(key) in self._text:
             record |= self.text_tensors(key, t5_max_length)
-        if key in self._control:  # the condition image's raw latents, (C, h, w) at its own (W, H)
-            shard, size = self._control[key]
-            record |= self._read(self._control_handles, CONTROL, key, shard, key, ["control_latents"])
-            record["control_size"] = tuple(int(v) for v in size.split("x"))
+        if key in self._control:
+            record |= self._conditions(key)
         return record
+
+    def _conditions(self, key: str) -> dict:
+        """FLUX.1 Kontext's condition image's raw latents, (C, h, w) at its own (W, H); or a clip's image-to-video
+        conditions (``condition_latents``, ``image_embeds``) with their kind (``condition_kind``)."""
+        from cachebuild.families.i2v import stored_names
+
+        shard, size = self._control[key]
+        fingerprint = self.control_fingerprint or {}
+        condition = fingerprint.get("condition", {})
+        if "kind" not in condition:
+            found = self._read(self._control_handles, CONTROL, key, shard, key, ["control_latents"])
+            return found | {"control_size": tuple(int(v) for v in size.split("x"))}
+        found = self._read(self._control_handles, CONTROL, key, shard, key, stored_names(fingerprint))
+        return found | {"condition_kind": condition["kind"], "condition_last_frame": bool(condition.get("last_frame"))}
 
     def text_key(self, key: str) -> str:
         """The key an item's text outputs are stored under: its own, or for a clip its video's (a clip's caption is
@@ -194,7 +207,8 @@ class CacheReader:
         """The item's tensors exactly as the family's diffusers pipeline hands them to its denoiser, under the
         pipeline's own names and without the batch dimension: ``latents`` normalised as the pipeline normalises
         them (in its layout before any packing), and what ``encode_prompt`` returns (``prompt_embeds``,
-        ``pooled_prompt_embeds``, ...). See docs/format.md for each family.
+        ``pooled_prompt_embeds``, ...); for a clip of an image-to-video cache, its conditions too (``condition``,
+        ``image_embeds``, ...: ``families.i2v``). See docs/format.md for each family.
 
         Args:
             family: one of ``cachebuild.families.MODULES`` (``sdxl``, ``flux``, ``qwen-image``, ``flux2``,
@@ -213,7 +227,10 @@ class CacheReader:
                 + (f"has {family!r}" if family else "has no text outputs to tell it")
                 + ": pass family=..."
             )
-        return pipeline_inputs_for(family)(self.record(key), self.fingerprint.get("vae", {}))
+        from cachebuild.families.i2v import condition_inputs
+
+        record, vae = self.record(key), self.fingerprint.get("vae", {})
+        return pipeline_inputs_for(family)(record, vae) | condition_inputs(record, vae)
 
     def text_tensors(self, key: str, max_length: int | None = None) -> dict[str, torch.Tensor]:
         """The item's text-encoder outputs by name, trimmed ones padded back with an attention mask."""

@@ -37,7 +37,7 @@ def cache_status(out: Path) -> dict:
         if m.fingerprint("textenc") is not None:
             status["textenc"] = store_status(m, "textenc")
             status["textenc"]["unique"] = m.distinct_done("textenc", "text_id")  # embeddings stored
-        if m.fingerprint("control") is not None:  # flux-kontext's condition images (latents --control)
+        if m.fingerprint("control") is not None:  # condition images (latents --control), an I2V model's conditions
             status["control"] = store_status(m, "control")
     return status
 

@@ -30,6 +30,7 @@ from cachebuild.cache.manifest import DONE, Manifest
 from cachebuild.cache.shards import ShardFile
 from cachebuild.config import DType
 from cachebuild.errors import ConfigError
+from cachebuild.families.i2v import expected_shapes
 from cachebuild.families.rows import stored_rows
 from cachebuild.storage import is_url
 
@@ -207,6 +208,8 @@ def _expected(store: str, fingerprint: dict, info: dict) -> dict[str, tuple | No
         shape = (c, h // f, w // f) if c and f else None
         if shape is not None and "frames" in info:  # a clip of a video VAE: (C, F', h, w), F' = 1 + (F - 1) / t
             shape = (c, 1 + (info["frames"] - 1) // vae.get("temporal_downsample", 1), *shape[1:])
+        if store == "control" and "kind" in fingerprint.get("condition", {}):  # image-to-video conditions
+            return expected_shapes(fingerprint, info)
         if store == "control":
             return {"control_latents": shape}
         # raw latents as the VAE returns them, (C, H/f, W/f) for every class (a 3D VAE's one frame squeezed out;

@@ -36,7 +36,7 @@ from cachebuild.errors import ConfigError
 from cachebuild.families import flux_kontext
 from cachebuild.families.vae import VaeFamily, load_vae
 from cachebuild.hub import ResolvedVae
-from cachebuild.keys import fs_path
+from cachebuild.keys import fs_path, split_clip_key
 from cachebuild.sources.scan import scan_files
 
 log = logging.getLogger(__name__)
@@ -57,20 +57,25 @@ def check_control(cfg: LatentsConfig, vae: ResolvedVae, family: VaeFamily) -> No
     cls = json.loads(index.read_text()).get("_class_name") if index is not None and index.is_file() else None
     if cfg.model.preset != "flux-kontext" and cls not in flux_kontext.PIPELINES:
         raise ConfigError(
-            "--control encodes FLUX.1 Kontext's condition images: pass --model flux-kontext (or a local "
-            "FluxKontextPipeline folder), or drop --control"
+            "--control gives condition images to FLUX.1 Kontext and the image-to-video models: pass --model "
+            "flux-kontext or an I2V model (wan2.1-i2v-14b-480p, ltx-2-i2v, ... or a local pipeline folder), or drop "
+            "--control"
         )
     if family.latent_channels != 16 or not family.has_posterior:
         raise ConfigError(f"--control needs Flux.1's 16-channel VAE; {vae.source} has {family.cls}")
 
 
-def paired_scan(scan: ScanResult, folder: Path, content_hash: bool) -> tuple[ScanResult, dict[str, Path]]:
+def paired_scan(
+    scan: ScanResult, folder: Path, content_hash: bool, clips: bool = False
+) -> tuple[ScanResult, dict[str, Path]]:
     """The scan with each item's source fingerprint over its image and its condition image under ``folder`` (an
-    item without one carries the reason it fails with), and each usable condition image's path by key."""
+    item without one carries the reason it fails with), and each usable condition image's path by key. With
+    ``clips``, a clip's condition image is the one under its video's key."""
     controls = {f.key: f for f in scan_files(folder, content_hash=content_hash).files}
     files, paths = [], {}
     for f in scan.files:
-        c = controls.get(f.key)
+        span = split_clip_key(f.key) if clips else None
+        c = controls.get(span[0] if span is not None else f.key)
         if f.reason is not None:
             files.append(f)
         elif c is None:

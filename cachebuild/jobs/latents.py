@@ -44,7 +44,8 @@ from cachebuild.images.pixels import Pixels, run_pixels
 from cachebuild.images.plan import BucketPlan, ItemPlan, batch_by_bucket, plan_item
 from cachebuild.images.reads import TimedReads
 from cachebuild.jobs import latents_clips as clips
-from cachebuild.jobs.control import check_control, encode_controls, paired_scan
+from cachebuild.jobs.conditions import encode_conditions, plan_conditions, sync_conditions
+from cachebuild.jobs.control import encode_controls, paired_scan
 from cachebuild.jobs.latents_tiling import RunTiling, run_budget
 from cachebuild.keys import fs_path
 from cachebuild.sources.scan import scan_files
@@ -83,7 +84,7 @@ def build_latents(
     vae = resolve_vae(cfg.model)
     family = family_of(vae, cfg.model.preset)
     _check_against_family(cfg, family)
-    check_control(cfg, vae, family)
+    conditions = plan_conditions(cfg, vae, family)  # image-to-video models' (jobs.conditions); Kontext's --control
     prefer_expandable_segments()  # before anything starts CUDA (resolve_dtype asks it about bf16)
     device = pick_device(cfg.devices[0] if cfg.devices else cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -104,9 +105,11 @@ def build_latents(
                 fingerprint = latents_fingerprint(cfg, family, dtype.value, weights, pixel_fields, tiles.size_for(
                     manifest, scan))  # fmt: skip
         if cfg.control is not None:  # items are (image, condition image) pairs: jobs.control
-            scan, controls = paired_scan(scan, cfg.control, cfg.hash_files)
+            scan, controls = paired_scan(scan, cfg.control, cfg.hash_files, clips=family.video)
         sync = open_store(manifest, LATENTS, fingerprint, scan, cfg.retry_failed, cfg.rebuild, cfg.prune)
-        if cfg.control is not None:  # before the targets: a pair whose condition fails is not encoded
+        if conditions is not None:  # encoded after the clips, from their records
+            conditions_fp = sync_conditions(manifest, cfg, conditions, fingerprint, scan)
+        elif cfg.control is not None:  # before the targets: a pair whose condition fails is not encoded
             encode_controls(manifest, cfg, (vae, family, fingerprint), dtype, device, (scan, controls), summary)
         del scan  # one SourceFile per file: the index has it now, and the model loads into the freed memory
         summary.new, summary.changed, summary.removed = sync.new, sync.changed, sync.removed
@@ -126,6 +129,9 @@ def build_latents(
                 engine.run(itertools.chain([first], batches), stages, run)
         else:
             summary.nothing_to_do = not (sync.new or sync.changed or sync.removed)
+        if conditions is not None:  # after the clips: each made from its clip's record
+            images = controls if cfg.control is not None else {}
+            encode_conditions(manifest, cfg, conditions, (vae, family, conditions_fp), (dtype, device, images), summary)
         return finish_run(manifest, summary, start)
 
 

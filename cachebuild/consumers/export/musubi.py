@@ -32,25 +32,28 @@ from pathlib import Path
 
 import torch
 
-from cachebuild.config import ExifMode
 from cachebuild.consumers.export.files import (
     PixelCheck,
     Progress,
     safetensors_bytes,
     same_safetensors,
-    stored_image_problem,
     write_checked,
 )
 from cachebuild.consumers.export.kohya import ExportSummary
+from cachebuild.consumers.export.musubi_images import (
+    FORMAT_VERSION,
+    bucket_rule,
+    image_refusal,
+    image_root,
+    musubi_latent_name,
+    musubi_text_name,
+)
 from cachebuild.consumers.export.musubi_pairs import PAIRS, check_pairs, control_tensors, kontext_text_tensors
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
-from cachebuild.images.musubi_buckets import musubi_bucket, musubi_buckets
 from cachebuild.keys import fs_path
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = "1.0.1"  # musubi-tuner's cache format_version
 
 
 @dataclass(frozen=True)
@@ -140,18 +143,7 @@ ARCHS = {
 }
 
 
-CLIP_ARCHS = ("hv15",)  # video architectures, exported by modules of their own (musubi_hv15)
-
-
-def musubi_latent_name(path: str, original_size: tuple[int, int], arch: str) -> str:
-    """``<stem>_<W:04d>x<H:04d>_<arch>.safetensors``: the latent cache musubi names after image ``path``."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return f"{stem}_{original_size[0]:04d}x{original_size[1]:04d}_{arch}.safetensors"
-
-
-def musubi_text_name(path: str, arch: str) -> str:
-    """``<stem>_<arch>_te.safetensors``: the text-encoder cache musubi names after image ``path``."""
-    return f"{os.path.splitext(os.path.basename(path))[0]}_{arch}_te.safetensors"
+CLIP_ARCHS = ("hv15", "wan")  # video architectures, exported by modules of their own (musubi_hv15, musubi_wan)
 
 
 def export_musubi(
@@ -167,7 +159,8 @@ def export_musubi(
     Args:
         cache: the cache folder.
         to: musubi's cache directory for this dataset (created if missing; flat, as musubi reads it).
-        arch: qi, zi, f2d, f2k4b, f2k9b, qie, fk or hv15; None tells it from the cache where it can.
+        arch: qi, zi, f2d, f2k4b, f2k9b, qie, fk, hv15 or wan (clips: modules of their own); None tells it from
+            the cache where it can.
         overwrite: replace existing files whose contents differ.
         images: the image folder, to read each image's EXIF orientation and size as musubi will; default the
             folder the cache was built from.
@@ -187,27 +180,31 @@ def export_musubi(
         from cachebuild.consumers.export.musubi_hv15 import export_hv15
 
         return export_hv15(cache, to, overwrite=overwrite, progress=progress)
+    if name == "wan":  # Wan's clips: a module of their own
+        from cachebuild.consumers.export.musubi_wan import export_musubi_wan
+
+        return export_musubi_wan(cache, to, overwrite, images, progress)
     arch_ = ARCHS[name]
     _check_vae(arch_, reader.fingerprint)
     pair_warnings = check_pairs(arch_, reader) if arch_.name in PAIRS else []  # refusals before any file
     root = Path(to)
     root.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(arch_.name, str(root))
-    image_root = _image_root(reader, images)
+    root_of_images = image_root(reader, images)
     text = _text_reader(cache, reader, arch_, summary)
     _warn_settings(reader.fingerprint, summary, arch_)
     summary.warnings += pair_warnings
     paths = {key: fs_path(rel) for key, rel in reader.source_paths().items()}
-    bucket_rule = _bucket_rule(reader.fingerprint)
+    rule = bucket_rule(reader.fingerprint)
     stems: dict[str, str] = {}
     keys = reader.keys()
     pixels = PixelCheck(reader.fingerprint)
     for done, key in enumerate(keys, 1):
-        reason = _refusal(reader, key, paths.get(key), image_root, bucket_rule, stems)
+        reason = image_refusal(reader, key, paths.get(key), root_of_images, rule, stems)
         if reason:
             summary.skipped.append({"key": key, "reason": reason})
         else:
-            pixels.check(key, image_root / paths[key])
+            pixels.check(key, root_of_images / paths[key])
             _export_item(reader, text, key, paths[key], arch_, root, overwrite, summary)
         if progress:
             progress(done, len(keys))
@@ -287,55 +284,6 @@ def _write(target: Path, tensors: dict, meta: dict, root: Path, overwrite: bool,
     write_checked(target, data, root, overwrite, s, lambda old: same_safetensors(old, tensors, meta))
 
 
-def _refusal(reader, key, rel, image_root, bucket_rule, stems) -> str | None:
-    """Why this item cannot be handed to musubi, or None."""
-    info = reader.info(key)
-    original, bucket = tuple(info["original_size"]), tuple(info["bucket"])
-    if rel is None:
-        return "no source path recorded"
-    stem = os.path.splitext(os.path.basename(rel))[0]
-    if stem in stems:
-        return f"same file stem as {stems[stem]}: musubi's flat cache folder holds one file per stem"
-    stems[stem] = key
-    why = _image_problem(image_root / rel, original, ExifMode.recorded(reader.fingerprint))
-    if why:
-        return why
-    resolution, no_upscale, buckets = bucket_rule
-    want = musubi_bucket(original, resolution, no_upscale, buckets)
-    if want != bucket:
-        return (
-            f"encoded at bucket {bucket[0]}x{bucket[1]}, musubi recomputes {want[0]}x{want[1]} for a "
-            f"{original[0]}x{original[1]} image; rebuild the latents with --buckets musubi"
-        )
-    if info.get("crop") is not None and tuple(info["crop"]) != _centre_crop(original, bucket):
-        return "random crop: musubi crops at the centre; rebuild without --random-crop"
-    return None
-
-
-def _centre_crop(original: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
-    """(left, top) of musubi's centre crop (``resize_image_to_bucket``)."""
-    if original == bucket:
-        return 0, 0
-    scale = max(bucket[0] / original[0], bucket[1] / original[1])
-    w, h = int(original[0] * scale + 0.5), int(original[1] * scale + 0.5)
-    return (w - bucket[0]) // 2, (h - bucket[1]) // 2
-
-
-def _image_problem(image: Path, original: tuple[int, int], exif: ExifMode = ExifMode.APPLY) -> str | None:
-    """Why musubi's own caching run would not keep a file made for this image, or None. musubi reads the size
-    and pixels as stored (``Image.open``, no EXIF transpose): a rotated image fits only an ``--exif ignore`` cache."""
-    if not image.is_file():
-        return f"image {image} not found: its size and EXIF orientation cannot be checked"
-    return stored_image_problem(
-        image,
-        original,
-        exif,
-        "EXIF-rotated image: musubi reads the pixels unrotated, so its caching run would name and encode it "
-        "differently (and delete this file as not in the dataset); rebuild the latents with --exif ignore to "
-        "export it",
-    )
-
-
 def _pick_arch(arch: str | None, reader: CacheReader) -> str:
     if arch is not None:
         if arch not in ARCHS and arch not in CLIP_ARCHS:
@@ -353,6 +301,8 @@ def _pick_arch(arch: str | None, reader: CacheReader) -> str:
         return "qi"
     if cls == "AutoencoderKLHunyuanVideo15":
         return "hv15"
+    if cls == "AutoencoderKLWan":
+        return "wan"
     if text_family == "z-image":
         return "zi"
     for a in ARCHS.values():  # a Flux.2 text cache names its variant
@@ -372,22 +322,6 @@ def _check_vae(arch: MusubiArch, fingerprint: dict) -> None:
         )
 
 
-def _image_root(reader: CacheReader, images) -> Path:
-    if images is None:
-        from cachebuild.consumers.preview import _recorded_dataset
-
-        found = _recorded_dataset(reader.root)
-        if found is None:
-            raise ConfigError(
-                "the image folder the cache was built from is gone; pass --images DIR (musubi export reads each "
-                "image's size and EXIF orientation as musubi will)"
-            )
-        return found
-    if not Path(images).is_dir():
-        raise ConfigError(f"--images {images} is not a folder; pass the folder the cache was built from")
-    return Path(images)
-
-
 def _text_reader(cache, reader: CacheReader, arch: MusubiArch, s: ExportSummary) -> CacheReader | None:
     """The text side to export, or None with the reason in the summary's warnings."""
     family = (reader.text_fingerprint or {}).get("family")
@@ -401,12 +335,6 @@ def _text_reader(cache, reader: CacheReader, arch: MusubiArch, s: ExportSummary)
         s.warnings.append(f"text outputs of {family} not exported: {arch.name} takes {' or '.join(arch.text_families)}")
         return None
     return open_cache(cache, text=True)
-
-
-def _bucket_rule(fingerprint: dict) -> tuple[tuple[int, int], bool, list[tuple[int, int]]]:
-    b = fingerprint.get("buckets", {})
-    resolution = tuple(b.get("resolution", (1024, 1024)))
-    return resolution, bool(b.get("no_upscale")), musubi_buckets(resolution)
 
 
 def _warn_settings(fingerprint: dict, s: ExportSummary, arch: MusubiArch) -> None:

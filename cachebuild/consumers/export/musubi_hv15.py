@@ -14,6 +14,14 @@ musubi-tuner v0.3.4 writes (``hv_1_5_cache_latents.py``, ``hv_1_5_cache_text_enc
     trainer pads a batch to its longest and masks the rest (``pad_varlen``); metadata ``architecture``,
     ``caption1``, ``format_version``.
 
+  image-to-video (a cache of ``hunyuanvideo-1.5-i2v``, :mod:`cachebuild.families.hunyuanvideo15_i2v`), in the
+    latents file: ``latents_image_<F'>x<h>x<w>_float32`` (33, F', h, w): the first frame's posterior mode at latent
+    frame 0, **unscaled** (``hv_1_5_cache_latents`` saves it "in VAE latent space directly" and its trainer
+    concatenates it to the noisy latents as it is; the diffusers pipeline and musubi's own sampler scale it by
+    1.03682), zeros at the other frames, and the mask channel, 1 at frame 0; ``siglip_float16`` (729, 1152): SigLIP's
+    last hidden state of the condition image (the pipeline's ``image_encoder``; musubi's caching takes the one its
+    ``--image_encoder`` names).
+
 musubi's loader splits a latent file's name on "_": W x H from the second-last token, start and frame count from the
 third-last, the video's name from the rest (so a name may hold "_"); it recomputes the bucket from W x H with its
 ``BucketSelector`` (steps of 16) and pairs the text file by name, skipping a clip without one.
@@ -76,7 +84,7 @@ def export_hv15(
     root.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(ARCH, str(root))
     text = _text_reader(cache, reader, summary)
-    summary.warnings += _setting_warnings(reader.fingerprint)
+    summary.warnings += _setting_warnings(reader.fingerprint) + _condition_warnings(reader)
     names, refused = _video_names(reader)
     written_text: set[str] = set()
     long_quotes = 0
@@ -139,6 +147,23 @@ def hv15_latent_tensors(reader: CacheReader, key: str) -> dict[str, torch.Tensor
     return {f"latents_{frames}x{h}x{w}_{_dtype_name(z.dtype)}": z}
 
 
+def hv15_condition_tensors(reader: CacheReader, key: str) -> dict[str, torch.Tensor]:
+    """The image-to-video parts of a clip's latents file (none for a text-to-video cache): ``latents_image``
+    (33, F', h, w) float32 and ``siglip`` (729, 1152) float16, as ``hv_1_5_cache_latents --i2v`` writes them."""
+    rec = reader.record(key)
+    if rec.get("condition_kind") != "hunyuanvideo-1.5-i2v":
+        return {}
+    z = rec["condition_latents"].float()  # (32, 1, h, w): the raw mode, as musubi saves it
+    frames = rec["latents"].shape[1]
+    image = torch.zeros(z.shape[0] + 1, frames, *z.shape[2:], dtype=torch.float32)
+    image[: z.shape[0], 0] = z[:, 0]
+    image[z.shape[0], 0] = 1.0  # the mask channel: latent frame 0 is given
+    out = {f"latents_image_{frames}x{z.shape[2]}x{z.shape[3]}_float32": image}
+    if "image_embeds" in rec:
+        out["siglip_float16"] = rec["image_embeds"][0].to(torch.float16).contiguous()
+    return out
+
+
 def hv15_text_tensors(text: CacheReader, key: str) -> dict[str, torch.Tensor]:
     """``varlen_vl_embed_<dtype>`` (T, 3584) and ``varlen_byt5_embed_<dtype>`` (T2, 1472): the real rows of the
     item's video's text (zero rows of ByT5 when the caption quotes nothing)."""
@@ -156,7 +181,8 @@ def _write_latents(reader: CacheReader, key: str, name: str, root: Path, overwri
     meta = {"architecture": FULL_NAME, "width": str(bucket[0]), "height": str(bucket[1])}
     meta |= {"format_version": FORMAT_VERSION, "frame_count": str(info["frames"])}
     target = root / hv15_latent_name(name, info["start"], info["frames"], bucket)
-    _write(target, hv15_latent_tensors(reader, key), meta, root, overwrite, s)
+    tensors = hv15_latent_tensors(reader, key) | hv15_condition_tensors(reader, key)
+    _write(target, tensors, meta, root, overwrite, s)
 
 
 def _write_text(text: CacheReader, key: str, name: str, root: Path, overwrite: bool, s: ExportSummary) -> int:
@@ -259,6 +285,20 @@ def _setting_warnings(fingerprint: dict) -> list[str]:
     if "tiling" in fingerprint:
         tiles = fingerprint["tiling"]
         out.append(f"latents encoded in {tiles['tile']} px tiles (musubi's own caching tiles at 128 px by default)")
+    return out
+
+
+def _condition_warnings(reader: CacheReader) -> list[str]:
+    """What the image-to-video parts hold where musubi's own caching would differ."""
+    condition = (reader.control_fingerprint or {}).get("condition", {})
+    if condition.get("kind") != "hunyuanvideo-1.5-i2v":
+        return []
+    out = [
+        "latents_image holds the first frame's latents unscaled, as musubi's caching saves them and its trainer reads "
+        "them (the diffusers pipeline and musubi's sampler scale them by 1.03682)"
+    ]
+    if condition.get("image") == "control":
+        out.append("conditions from --control images: musubi's own caching conditions each clip on its first frame")
     return out
 
 
