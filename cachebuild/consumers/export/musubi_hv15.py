@@ -49,6 +49,7 @@ import torch
 from cachebuild.cache.manifest import Manifest
 from cachebuild.consumers.export.files import Progress, safetensors_bytes, same_safetensors, write_checked
 from cachebuild.consumers.export.kohya import ExportSummary
+from cachebuild.consumers.export.musubi_images import FORMAT_VERSION, centre_crop
 from cachebuild.consumers.reader import CacheReader, open_cache
 from cachebuild.errors import ConfigError
 from cachebuild.images.musubi_buckets import musubi_bucket, musubi_buckets
@@ -56,7 +57,6 @@ from cachebuild.keys import fs_path, split_clip_key
 from cachebuild.video.probe import HEADER_META
 
 ARCH, FULL_NAME = "hv15", "hunyuan_video_1_5"  # ARCHITECTURE_HUNYUAN_VIDEO_1_5(_FULL)
-FORMAT_VERSION = "1.0.1"  # musubi-tuner's cache format_version (as musubi.FORMAT_VERSION)
 VAE_CLASS = "AutoencoderKLHunyuanVideo15"
 CHANNELS, SCALING = 32, 1.03682  # hunyuan_video_1_5_vae.VAE_LATENT_CHANNELS and VAE_SCALING_FACTOR, which its
 # trainer assumes whatever the cache holds
@@ -245,18 +245,9 @@ def _refusal(reader: CacheReader, key: str) -> str | None:
             f"encoded at bucket {bucket[0]}x{bucket[1]}, which musubi's trainer recomputes as {want[0]}x{want[1]} "
             "from the file's name; rebuild the latents with --buckets musubi"
         )
-    if tuple(info.get("crop", (0, 0))) != _centre_crop(tuple(info["original_size"]), bucket):
+    if tuple(info.get("crop", (0, 0))) != centre_crop(tuple(info["original_size"]), bucket):
         return "random crop: musubi crops at the centre; rebuild without --random-crop"
     return None
-
-
-def _centre_crop(original: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
-    """(left, top) of musubi's centre crop (``resize_image_to_bucket``: cover-resize with rounding, then centre)."""
-    if original == bucket:
-        return 0, 0
-    scale = max(bucket[0] / original[0], bucket[1] / original[1])
-    w, h = int(original[0] * scale + 0.5), int(original[1] * scale + 0.5)
-    return (w - bucket[0]) // 2, (h - bucket[1]) // 2
 
 
 def _text_reader(cache, reader: CacheReader, s: ExportSummary) -> CacheReader | None:
