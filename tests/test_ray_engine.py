@@ -188,3 +188,25 @@ def test_textenc_on_ray_gives_the_tensors_of_one_process_once_each_caption(tmp_p
     assert summary.model_loads == 2 and summary.shards_written > 4  # CLIP-L and T5 once, for every task
     assert_same_text_cache(tmp_path / "ray", tmp_path / "one")
     assert stored_captions(tmp_path / "ray") == 13  # 15 items, 13 captions
+
+
+@pytest.mark.slow
+def test_clips_on_ray_give_the_tensors_of_one_process(tmp_path, tiny_wan_vae, cluster):
+    """A video dataset on the cluster: its clips decode in Ray tasks (a clip's plan decodes itself) and encode in
+    the actor, equal to one process."""
+    from cachebuild.config import BucketConfig, ClipConfig, ExtractMode, LatentsMode
+    from cachebuild.testing.videos import clip_frames, write_video
+
+    ds = tmp_path / "clips"
+    write_video(ds / "a.mkv", clip_frames(14, (32, 16), seed=3))
+    write_video(ds / "b.mkv", clip_frames(9, (32, 32), seed=4))
+    video = dict(
+        clips=ClipConfig(frames=(5,), extract=ExtractMode.CHUNK),
+        buckets=BucketConfig(resolution=(32, 32), min_reso=16, steps=16, no_upscale=True),
+        latents=LatentsMode.MEAN,
+    )
+    summary = build_latents(_ray_cfg(ds, tmp_path / "ray", tiny_wan_vae, cluster.address, **video))
+    assert summary.done == 3 and summary.failed == 0
+    with _one_thread():
+        build_latents(make_cfg(ds, tmp_path / "one", tiny_wan_vae, batch_size=2, **video))
+    assert_same_cache(read_cache(tmp_path / "ray"), read_cache(tmp_path / "one"))

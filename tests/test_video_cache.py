@@ -144,3 +144,23 @@ def test_a_rebuilt_manifest_keeps_the_clip_shapes(video_cache, tmp_path):
     assert CliRunner().invoke(cli, ["rebuild-manifest", str(copy)]).exit_code == 0
     before, after = open_cache(video_cache), open_cache(copy)
     assert [after.bucket(k) for k in after] == [before.bucket(k) for k in before]
+
+
+@pytest.mark.slow  # two spawned device processes each import torch and diffusers
+def test_two_cpu_devices_give_the_clips_of_one(tmp_path, tiny_wan_vae):
+    """Clips go through --devices as images do: the same tensors as one device (at its thread count), one
+    manifest writer, striped shard names."""
+    from tests.conftest import torch_threads
+
+    data = tmp_path / "data"
+    write_video(data / "a.mkv", clip_frames(14, (32, 16), seed=3))
+    write_video(data / "b.mkv", clip_frames(9, (32, 32), seed=4))
+    base = ["latents", str(data), "--vae", str(tiny_wan_vae), "--latents", "mean", "--frames", "5", "--workers", "0"]
+    base += ["--resolution", "32", "--min-bucket-reso", "16", "--bucket-reso-steps", "16", "--bucket-no-upscale"]
+    base += ["--extract", "chunk", "--dtype", "fp32", "--batch-size", "1", "--quiet"]
+    with torch_threads(1):  # what each of two CPU device processes gets on two cores
+        one = CliRunner().invoke(cli, [*base, "--device", "cpu", "--out", str(tmp_path / "one")])
+    two = CliRunner().invoke(cli, [*base, "--devices", "cpu,cpu", "--out", str(tmp_path / "two")])
+    assert one.exit_code == two.exit_code == 0, (one.output, two.output)
+    assert sorted(read_cache(tmp_path / "one")) == ["a@00000-005", "a@00005-005", "b@00000-005"]  # whole clips
+    assert_same_cache(read_cache(tmp_path / "two"), read_cache(tmp_path / "one"))
