@@ -38,10 +38,6 @@ from cachebuild.families.vae_family import (  # noqa: F401 (the class table is i
 from cachebuild.hub import ResolvedVae
 
 
-def is_video_vae(cls: str) -> bool:
-    return cls in VIDEO_CLASSES
-
-
 def video_family(vae: ResolvedVae) -> VaeFamily:
     """Channels, spatial and temporal downsampling, frame rule, rate and normalisation of a video VAE, from its
     config and (LTX-2) the statistics buffers in its weights, without building the model.
