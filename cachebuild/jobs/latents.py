@@ -398,10 +398,5 @@ def _check_against_family(cfg: LatentsConfig, family: VaeFamily) -> None:
             "latent), so pass --latents mean"
         )
     clips.check_clip_options(cfg, family)
-    if family.video and (cfg.color or cfg.alpha or cfg.alpha_mask):  # clips: FFmpeg's RGB; images: convert("RGB")
-        raise ConfigError(
-            "--color, --alpha and --alpha-mask are for image families; a video family reads frames as FFmpeg "
-            "converts them to RGB and images as convert('RGB') does: drop them"
-        )
     if cfg.latents is LatentsMode.MOMENTS and not family.has_posterior:
         raise ConfigError(f"--latents moments needs a VAE with a posterior; {family.cls} has none; use mean")

@@ -42,7 +42,8 @@ def media_extensions(family: VaeFamily) -> frozenset[str]:
 
 
 def check_clip_options(cfg: LatentsConfig, family: VaeFamily) -> None:
-    """Clip options only for video families, and every frame count within the family's frame rule.
+    """Clip options only for video families, pixel options only for image ones, and every frame count within the
+    family's frame rule.
 
     Raises:
         ConfigError: in one line naming the fix (for a count: the nearest valid counts).
@@ -57,6 +58,11 @@ def check_clip_options(cfg: LatentsConfig, family: VaeFamily) -> None:
         return
     if is_url(cfg.dataset):
         raise ConfigError("video datasets are read from a local folder; copy the videos to disk first")
+    if cfg.color or cfg.alpha or cfg.alpha_mask:  # clips: FFmpeg's RGB; a video dataset's images: convert("RGB")
+        raise ConfigError(
+            "--color, --alpha and --alpha-mask are for image families; a video family reads frames as FFmpeg "
+            "converts them to RGB and images as convert('RGB') does: drop them"
+        )
     check_frame_rule(clips.frames or (), family.frame_modulus, "--frames", family.cls)
     if clips.max_frames is not None:
         check_frame_rule((clips.max_frames,), family.frame_modulus, "--max-frames", family.cls)
