@@ -150,7 +150,7 @@ def section_sdxl(s: Section) -> None:
     summary = build_latents(cfg, progress)
     wall = time.perf_counter() - start
     left = device_memory_bytes(s.device)
-    steady = (ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]) if len(ticks) > 1 else float("nan")
+    steady = steady_rate(ticks)
     bare_images, bare_seconds = time_bare_model(cfg, bucket_counts(cfg.out), s.device, cfg.dtype)
     bare = bare_images / bare_seconds
     what = "SDXL VAE config, random weights" if not s.smoke else "tiny VAE (smoke)"
@@ -161,7 +161,7 @@ def section_sdxl(s: Section) -> None:
     s.row("bare model, same shapes and batches", f"{bare:.2f} img/s", "", "bare_img_s", bare)
     s.row("ratio cachebuild / bare", f"{steady / bare:.3f}", ">= 0.95", "ratio", steady / bare)
     s.row("fp32 redos / OOM splits / trims", f"{summary.fp32_redos} / {summary.oom_splits} / "
-          f"{getattr(summary, 'allocator_trims', '-')}")  # fmt: skip
+          f"{summary.allocator_trims}")  # fmt: skip
     if not s.cuda:
         s.row("device peak per third of the run", NO_GPU, "flat within 2%")
         s.row("device memory left after the run", NO_GPU, "0")
@@ -227,8 +227,14 @@ def section_auto(s: Section) -> None:
     s.row("batch sizes found", shown or f"{NO_GPU}: a fixed 4 on the CPU", "", "sizes", sizes)
     s.row("images done / seconds", f"{summary.done} / {seconds:.1f} s (searches included)")
     s.row("OOM splits", summary.oom_splits, "0", "oom_splits", summary.oom_splits)
-    trims = getattr(summary, "allocator_trims", None)
-    s.row("allocator trims", trims, "<= shapes", "allocator_trims", trims)
+    s.row("allocator trims", summary.allocator_trims, "<= shapes", "allocator_trims", summary.allocator_trims)
+
+
+def steady_rate(ticks: list[tuple[float, int]]) -> float:
+    """Items per second between the first and the last progress report: (seconds, items done) pairs."""
+    if len(ticks) < 2:
+        return float("nan")
+    return (ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0])
 
 
 def section_textenc(s: Section) -> None:

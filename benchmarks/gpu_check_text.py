@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gpu_check_sections import NO_GPU, Section
+from gpu_check_sections import NO_GPU, Section, steady_rate
 
 # -- textenc ------------------------------------------------------------------------------------------------------
 
@@ -37,7 +37,7 @@ def section_textenc(s: Section) -> None:
     summary = build_textenc(cfg, lambda p: ticks.append((time.perf_counter(), p.processed)))
     wall = time.perf_counter() - start
     moving = [t for t in ticks if t[1] > 0]
-    steady = (moving[-1][1] - moving[0][1]) / (moving[-1][0] - moving[0][0]) if len(moving) > 1 else float("nan")
+    steady = steady_rate(moving)
     bare = len(captions) / bare_s
     what = "T5-XXL config, random weights, bf16" if not s.smoke else "tiny T5 (smoke)"
     s.row("model / captions / batch", f"{what} ({weights / 2**30:.1f} GiB) / {summary.done} / {cfg.batch_size}")
@@ -46,8 +46,7 @@ def section_textenc(s: Section) -> None:
           "", "textenc_wall_captions_s", summary.done / wall)  # fmt: skip
     s.row("bare tokenize + forward", f"{bare:.1f} captions/s", "", "bare_captions_s", bare)
     s.row("ratio textenc / bare", f"{steady / bare:.3f}", ">= 0.9", "ratio", steady / bare)
-    own = getattr(summary, "loads", None) or getattr(summary, "model_loads", None)
-    s.row("encoder loads (from_pretrained calls)", f"{loads[0]}" + (f", summary: {own}" if own else "") +
+    s.row("encoder loads (from_pretrained calls)", f"{loads[0]}, summary: {summary.model_loads}" +
           f" (--chunk-mb {chunk_mb:.2f}: about two chunks)", "1", "loads", loads[0])  # fmt: skip
 
 
